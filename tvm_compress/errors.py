@@ -1,0 +1,9 @@
+"""The one error type users see: a clear, one-line message; the CLI maps it to exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user: says what failed, on which input, and what to do.
+
+    The CLI prints ``error: <message>`` and exits with code 2; Python callers catch it like any
+    exception. Everything else that escapes is a bug in tvm-compress.
+    """
