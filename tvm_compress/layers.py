@@ -1,0 +1,244 @@
+"""LayerTable: one row per conv / linear layer of a Relax module, under stable names.
+
+A layer's name is the name of the Relax variable its conv2d / matmul is bound to. The frontends set
+it from the layer's weight (``features.3.conv.1.0``) with :func:`name_layers`; Relax mutators keep
+variable names, so a rewritten module still reports the same names. Unnamed layers (modules built
+by hand) get ``conv_<i>`` / ``linear_<i>`` in graph order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+_CONV = "relax.nn.conv2d"
+_MATMUL = "relax.matmul"
+# Ops a weight passes through between its parameter and the layer (transposes of linear weights).
+_WEIGHT_VIEWS = ("relax.permute_dims", "relax.reshape", "relax.astype")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One conv2d / linear layer; shapes are NCHW / OIHW for convs, (K, M) weights for linear."""
+
+    name: str
+    kind: str  # "conv" | "depthwise" | "grouped" | "linear"
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    groups: int
+    stride: tuple[int, ...]
+    macs: int
+    params: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[1] if self.kind != "linear" else self.input_shape[-1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.output_shape[1] if self.kind != "linear" else self.output_shape[-1]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:]) if self.kind != "linear" else (1, 1)
+
+
+class LayerTable:
+    """Ordered, name-indexed collection of :class:`Layer` rows."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self._layers = list(layers)
+        self._by_name = {layer.name: layer for layer in self._layers}
+
+    @classmethod
+    def from_module(cls, mod: tvm.IRModule, func_name: str = "main") -> LayerTable:
+        return cls(list(_scan(mod[func_name])))
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, name: str) -> Layer:
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self._layers)
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.params for layer in self._layers)
+
+    def count(self, kind: str) -> int:
+        return sum(layer.kind == kind for layer in self._layers)
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(layer) for layer in self._layers])
+
+    def to_markdown(self) -> str:
+        rows = ["| layer | kind | in | out | kernel | groups | MACs | params |",
+                "|---|---|---|---|---|---|---:|---:|"]
+        for x in self._layers:
+            rows.append(f"| {x.name} | {x.kind} | {x.in_channels} | {x.out_channels} | "
+                        f"{'x'.join(map(str, x.kernel))} | {x.groups} | {x.macs:,} | {x.params:,} |")
+        return "\n".join(rows)
+
+
+def _bindings(func: relax.Function) -> list[relax.VarBinding]:
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return []
+    return [b for block in body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+
+
+def _op_name(expr: relax.Expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return str(expr.op.name)
+    return None
+
+
+def _shape(expr: relax.Expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def _resolve(expr: relax.Expr, values: dict[relax.Var, relax.Expr]) -> relax.Expr:
+    """Follow a weight through bound views (transposes) to its origin (constant or parameter)."""
+    while True:
+        if isinstance(expr, relax.Var) and expr in values:
+            expr = values[expr]
+        elif _op_name(expr) in _WEIGHT_VIEWS:
+            expr = expr.args[0]
+        else:
+            return expr
+
+
+def _is_const(expr: relax.Expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.Constant)
+
+
+def _bias_params(var: relax.Var, users: dict[relax.Var, list[relax.Expr]], channels: int) -> int:
+    """Size of a constant bias added right after the layer (0 if none)."""
+    for use in users.get(var, []):
+        if _op_name(use) == "relax.add":
+            for arg in use.args:
+                if _is_const(arg) and int(np.prod(_shape(arg))) == channels:
+                    return channels
+    return 0
+
+
+def _scan(func: relax.Function) -> Iterator[Layer]:
+    bindings = _bindings(func)
+    values = {b.var: b.value for b in bindings}
+    users: dict[relax.Var, list[relax.Expr]] = {}
+    for b in bindings:
+        if isinstance(b.value, relax.Call):
+            for arg in b.value.args:
+                if isinstance(arg, relax.Var):
+                    users.setdefault(arg, []).append(b.value)
+    counters = {"conv": 0, "linear": 0}
+    for b in bindings:
+        op = _op_name(b.value)
+        if op not in (_CONV, _MATMUL):
+            continue
+        weight = _resolve(b.value.args[1], values)
+        if not _is_const(weight):
+            continue
+        layer = _conv_row(b) if op == _CONV else _linear_row(b)
+        if layer is None:
+            continue
+        family = "linear" if layer.kind == "linear" else "conv"
+        name = b.var.name if b.var.name and not b.var.name.startswith(("lv", "gv")) else \
+            f"{family}_{counters[family]}"
+        counters[family] += 1
+        params = layer.params + _bias_params(b.var, users, layer.out_channels)
+        yield Layer(**{**asdict(layer), "name": name, "params": params})
+
+
+def _conv_row(binding: relax.VarBinding) -> Layer | None:
+    call = binding.value
+    attrs = call.attrs
+    if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+        return None
+    x, w, y = _shape(call.args[0]), _shape(call.args[1]), _shape(binding.var)
+    groups = int(attrs.groups)
+    cin = x[1]
+    if groups == 1:
+        kind = "conv"
+    elif groups == cin and w[1] == 1:
+        kind = "depthwise"
+    else:
+        kind = "grouped"
+    macs = int(np.prod(y)) * w[1] * w[2] * w[3]
+    return Layer(name="", kind=kind, input_shape=x, output_shape=y, weight_shape=w, groups=groups,
+                 stride=tuple(int(s) for s in attrs.strides), macs=macs, params=int(np.prod(w)))
+
+
+def _linear_row(binding: relax.VarBinding) -> Layer | None:
+    call = binding.value
+    x, w, y = _shape(call.args[0]), _shape(call.args[1]), _shape(binding.var)
+    if len(w) != 2:
+        return None
+    macs = int(np.prod(y)) * w[0]
+    return Layer(name="", kind="linear", input_shape=x, output_shape=y, weight_shape=w, groups=1,
+                 stride=(1,), macs=macs, params=int(np.prod(w)))
+
+
+# ------------------------------------------------------------------------------- naming at import
+
+
+@relax.expr_functor.mutator
+class _LayerRenamer(relax.PyExprMutator):
+    def __init__(self, names: dict[relax.Var, str], mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.names = names
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        name = self.names.get(binding.var)
+        if name is None:
+            super().visit_var_binding_(binding)
+            return
+        value = self.visit_expr(binding.value)
+        # Built by hand: BlockBuilder.emit would sanitize the dots out of the name.
+        var_type = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) else relax.Var
+        new_var = var_type(name, value.ty)
+        self.builder_.emit_normalized(relax.VarBinding(new_var, value))
+        self.set_var_remap(binding.var, new_var)
+
+
+def name_layers(mod: tvm.IRModule, param_to_layer: dict[str, str]) -> tvm.IRModule:
+    """Rename the vars bound to conv2d / matmul calls after their weight parameter.
+
+    ``param_to_layer`` maps a parameter name of ``main`` (weights still as parameters) to the
+    layer's stable name. Calls whose weight is not such a parameter keep their names.
+    """
+    func = mod["main"]
+    params = {p: param_to_layer[p.name] for p in func.params if p.name in param_to_layer}
+    bindings = _bindings(func)
+    values = {b.var: b.value for b in bindings}
+    names: dict[relax.Var, str] = {}
+    for b in bindings:
+        if _op_name(b.value) in (_CONV, _MATMUL):
+            origin = _resolve(b.value.args[1], values)
+            if isinstance(origin, relax.Var) and origin in params:
+                names[b.var] = params[origin]
+    if not names:
+        return mod
+    new_mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    renamer = _LayerRenamer(names, new_mod)
+    new_mod["main"] = renamer.visit_expr(func)
+    return new_mod

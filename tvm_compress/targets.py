@@ -1,0 +1,74 @@
+"""Target presets: short names -> TVM 0.27 target dicts (CLI-style target strings are rejected)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import tvm
+
+from tvm_compress.errors import UserError
+
+_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def register_preset(name: str, factory: Callable[[], dict[str, Any]]) -> None:
+    """Add a preset; names are unique."""
+    if name in _PRESETS:
+        raise ValueError(f"target preset {name!r} is already registered")
+    _PRESETS[name] = factory
+
+
+def _host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _host_x86() -> dict[str, Any]:
+    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "num-cores": _host_cores()}
+
+
+def _x86(mcpu: str) -> Callable[[], dict[str, Any]]:
+    return lambda: {"kind": "llvm", "mcpu": mcpu, "num-cores": _host_cores()}
+
+
+def _aarch64(*mattr: str) -> Callable[[], dict[str, Any]]:
+    return lambda: {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(mattr)}
+
+
+def _cuda(arch: str) -> Callable[[], dict[str, Any]]:
+    return lambda: {"kind": "cuda", "arch": arch}
+
+
+register_preset("x86", _host_x86)                      # this machine's CPU, all its cores
+register_preset("x86-avx2", _x86("core-avx2"))         # reference target of the shipped databases
+register_preset("x86-avx512", _x86("skylake-avx512"))
+register_preset("x86-vnni", _x86("cascadelake"))
+register_preset("aarch64", _aarch64("+neon"))
+register_preset("aarch64-dotprod", _aarch64("+neon", "+v8.2a", "+dotprod"))
+register_preset("cuda-sm80", _cuda("sm_80"))
+register_preset("cuda-sm90", _cuda("sm_90"))
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def resolve_target(target: str | dict[str, Any] | tvm.target.Target) -> tvm.target.Target:
+    """A preset name, a target dict, or a Target -> Target (unknown names list the presets)."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if target not in _PRESETS:
+        raise UserError(f"unknown target {target!r}; valid presets: {', '.join(preset_names())}")
+    return tvm.target.Target(_PRESETS[target]())
+
+
+def is_host_runnable(target: tvm.target.Target) -> bool:
+    """Whether a module built for ``target`` runs on this machine's CPU."""
+    if target.kind.name != "llvm":
+        return False
+    mtriple = str(target.attrs.get("mtriple", ""))
+    return not mtriple or mtriple.startswith("x86_64")
