@@ -242,3 +242,37 @@ def name_layers(mod: tvm.IRModule, param_to_layer: dict[str, str]) -> tvm.IRModu
     renamer = _LayerRenamer(names, new_mod)
     new_mod["main"] = renamer.visit_expr(func)
     return new_mod
+
+
+def _layer_vars(func: relax.Function) -> list[tuple[relax.Var, tuple[str, tuple[int, ...]]]]:
+    """(var, (op, weight shape)) of every conv / linear call with a constant weight, in order."""
+    bindings = _bindings(func)
+    values = {b.var: b.value for b in bindings}
+    found = []
+    for b in bindings:
+        op = _op_name(b.value)
+        if op in (_CONV, _MATMUL):
+            weight = _resolve(b.value.args[1], values)
+            if _is_const(weight) or isinstance(weight, relax.Var):
+                found.append((b.var, (op, _shape(weight))))
+    return found
+
+
+def restore_layer_names(before: tvm.IRModule, after: tvm.IRModule) -> tvm.IRModule:
+    """Give ``after``'s layers the names they had in ``before``.
+
+    For third-party passes that re-create bindings (TVM's pattern-rewrite passes do, dropping
+    variable names) but keep the layers: the i-th conv / linear of ``after`` gets the i-th name of
+    ``before``. Raises ValueError if the layer sequence (op and weight shape) changed.
+    """
+    old, new = _layer_vars(before["main"]), _layer_vars(after["main"])
+    if [sig for _, sig in old] != [sig for _, sig in new]:
+        raise ValueError("restore_layer_names: the pass changed the layers; names cannot be "
+                         "carried over by position")
+    names = {var: old_var.name for (var, _), (old_var, _) in zip(new, old)
+             if var.name != old_var.name}
+    if not names:
+        return after
+    out = tvm.IRModule(dict(after.functions), attrs=after.attrs)
+    out["main"] = _LayerRenamer(names, out).visit_expr(after["main"])
+    return out

@@ -36,7 +36,7 @@ def weight_bytes(mod: tvm.IRModule) -> int:
     seen: set[relax.Expr] = set()
 
     def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, tvm.ir.expr.Constant):
+        if isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
             seen.add(expr)
 
     for _, func in mod.functions.items():

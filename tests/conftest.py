@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny CNN for fast checks and the real MobileNetV2 (imported once)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu, depthwise, a residual add, global pool, linear: every layer kind we name."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                                nn.BatchNorm2d(16), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.pw(self.dw(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _randomize_bn(module: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return module.eval()
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(TinyCNN(), 0)
+
+
+@pytest.fixture
+def tiny_input() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype("float32")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_torch() -> nn.Module:
+    from tvm_compress.zoo.mobilenet_v2 import mobilenet_v2_imagenet
+
+    return mobilenet_v2_imagenet()
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_model(mobilenet_v2_torch):  # noqa: ANN001, ANN201
+    from tvm_compress.frontend import from_torch
+
+    return from_torch(mobilenet_v2_torch, torch.zeros(1, 3, 224, 224), name="mobilenet_v2",
+                      task="imagenet")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_onnx_path(mobilenet_v2_torch, tmp_path_factory):  # noqa: ANN001, ANN201
+    from tvm_compress.frontend import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "mobilenet_v2.onnx"
+    return export_onnx(mobilenet_v2_torch, torch.zeros(1, 3, 224, 224), path)
+
+
+@pytest.fixture(scope="session")
+def imagenet_photos():  # noqa: ANN201
+    from tvm_compress.data import imagenet_photos
+
+    return imagenet_photos()

@@ -1,0 +1,305 @@
+"""``tvm-compress`` command line: one subcommand per job, ``--json`` for machine-readable output.
+
+Errors caused by input print one line ``error: ...`` on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvm_compress.errors import UserError
+
+MODEL_HELP = "an ONNX file path or zoo:NAME (see `tvm-compress inspect --list`)"
+
+
+class Console:
+    """Human output on stderr/stdout via rich; silent when --json is given (JSON goes to stdout)."""
+
+    def __init__(self, json_mode: bool) -> None:
+        from rich.console import Console as RichConsole
+
+        self.json_mode = json_mode
+        self.out = RichConsole(stderr=json_mode, quiet=json_mode)
+        self.err = RichConsole(stderr=True)
+
+    @contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.err.status(text):
+            yield
+        if not self.json_mode:
+            self.err.print(f"[green]done[/green] {text} ({time.perf_counter() - start:.1f} s)")
+
+    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*[_fmt(v) for v in row])
+        self.out.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    print(json.dumps(obj, default=default, allow_nan=True))
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from tvm_compress import load
+
+    return load(args.model, batch=getattr(args, "batch", 1))
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.zoo import ZOO
+
+    if args.list:
+        rows = [[f"zoo:{e.name}", e.task, "x".join(map(str, e.sample_shape)), e.description]
+                for e in ZOO.values()]
+        con.table("model zoo", ["name", "task", "input", "description"], rows)
+        return {"zoo": {e.name: {"task": e.task, "input": list(e.sample_shape),
+                                 "description": e.description} for e in ZOO.values()}}
+    if not args.model:
+        raise UserError("inspect needs a MODEL (" + MODEL_HELP + ") or --list")
+    with con.step(f"importing {args.model}"):
+        model = _load(args)
+    layers = model.layers
+    con.out.print(f"[bold]{model.name}[/bold]: input {model.input_name} "
+                  f"{list(model.input_shape)} {model.input_dtype}")
+    for note in model.notes:
+        con.err.print(f"[yellow]note:[/yellow] {note}")
+    con.table("layers", ["layer", "kind", "in", "out", "kernel", "groups", "MACs", "params"],
+              [[x.name, x.kind, x.in_channels, x.out_channels, "x".join(map(str, x.kernel)),
+                x.groups, x.macs, x.params] for x in layers])
+    wbytes = weight_bytes(model.mod)
+    con.out.print(f"{len(layers)} layers ({layers.count('conv')} conv, "
+                  f"{layers.count('depthwise')} depthwise, {layers.count('grouped')} grouped, "
+                  f"{layers.count('linear')} linear); {layers.total_macs:,} MACs; "
+                  f"{layers.total_params:,} layer params; {wbytes:,} weight bytes")
+    return {"model": model.name, "input": {"name": model.input_name,
+                                           "shape": list(model.input_shape),
+                                           "dtype": model.input_dtype},
+            "layers": json.loads(layers.to_json()), "total_macs": layers.total_macs,
+            "total_params": layers.total_params, "weight_bytes": wbytes, "notes": model.notes}
+
+
+def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.compiler import build
+    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.targets import resolve_target
+
+    target = resolve_target(args.target)
+    with con.step(f"importing {args.model}"):
+        model = _load(args)
+    with con.step(f"compiling for {args.target}"):
+        compiled = build(model, target=target)
+    out = Path(args.output)
+    kwargs: dict[str, Any] = {}
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        from tvm.support import cc
+
+        kwargs["fcompile"] = cc.cross_compiler("aarch64-linux-gnu-g++")
+    with con.step(f"writing {out}"):
+        compiled.export(out, **kwargs)
+    meta = {"model": model.name, "target": args.target, "library": str(out),
+            "input": {"name": model.input_name, "shape": list(model.input_shape),
+                      "dtype": model.input_dtype},
+            "weight_bytes": weight_bytes(model.mod), "library_bytes": out.stat().st_size}
+    meta_path = out.with_suffix(".json")
+    meta_path.write_text(json.dumps(meta, indent=2))
+    con.out.print(f"wrote {out} ({meta['library_bytes']:,} bytes) and {meta_path}")
+    return meta
+
+
+def _eval_data(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    from tvm_compress.evaluation import task_data
+
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            raise UserError(f"data file not found: {path} (an .npz with 'images' [and 'labels'])")
+        with np.load(path) as npz:
+            if "images" not in npz:
+                raise UserError(f"{path} has no 'images' array; save with "
+                                "np.savez(path, images=..., labels=...)")
+            images = npz["images"].astype(model.input_dtype)
+            labels = npz["labels"] if "labels" in npz else None
+    else:
+        images, labels = task_data(model.task, args.split)
+    if args.limit:
+        images = images[: args.limit]
+        labels = None if labels is None else labels[: args.limit]
+    return images, labels
+
+
+def reference_outputs(model: Any, images: np.ndarray) -> tuple[str, np.ndarray]:
+    """Outputs of the source framework (PyTorch, else ONNX Runtime) for fidelity checks."""
+    if model.torch_module is not None:
+        import torch
+
+        with torch.inference_mode():
+            outs = [model.torch_module(torch.from_numpy(images[i:i + 256])).numpy()
+                    for i in range(0, len(images), 256)]
+        return "pytorch", np.concatenate(outs)
+    from tvm_compress.bench import onnxruntime_session
+
+    session = onnxruntime_session(model.onnx_model, threads=2)
+    name = session.get_inputs()[0].name
+    batch = model.input_shape[0]
+    outs = []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(session.run(None, {name: chunk})[0][:n])
+    return "onnxruntime", np.concatenate(outs)
+
+
+def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.compiler import build
+    from tvm_compress.evaluation import evaluate
+    from tvm_compress.metrics import weight_bytes
+
+    with con.step(f"importing {args.model} (batch {args.batch})"):
+        model = _load(args)
+    images, labels = _eval_data(args, model)
+    with con.step(f"compiling for {args.target}"):
+        compiled = build(model, target=args.target)
+    with con.step(f"evaluating {len(images)} samples"):
+        ref_name, reference = reference_outputs(model, images)
+        report = evaluate(compiled, images, labels=labels, reference=reference,
+                          weight_bytes=weight_bytes(model.mod), latency_repeat=args.repeat)
+    report.pop("logits")
+    report.update(model=model.name, target=args.target, reference=ref_name)
+    rows = [[k, v] for k, v in report.items() if not isinstance(v, dict)]
+    if "latency" in report:
+        rows.append(["latency median ms (batch %d)" % args.batch, report["latency"]["median_ms"]])
+    con.table(f"evaluation of {model.name}", ["metric", "value"], rows)
+    return report
+
+
+def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.bench import benchmark
+
+    with con.step(f"importing {args.model}"):
+        model = _load(args)
+    with con.step(f"benchmarking TVM ({args.target}), ONNX Runtime, PyTorch"):
+        result = benchmark(model, target=args.target, repeat=args.repeat)
+    _print_bench(con, result)
+    return result
+
+
+def _print_bench(con: Console, result: dict[str, Any]) -> None:
+    rows = []
+    for runtime in ("tvm", "onnxruntime", "pytorch"):
+        if runtime in result:
+            rows.append([runtime, result[runtime]["median_ms"],
+                         result["ratio_to_onnxruntime"][runtime]])
+    con.table(f"latency of {result['model']} {result['input_shape']} on {result['threads']} "
+              "threads", ["runtime", "median ms", "x ONNX Runtime"], rows)
+
+
+def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.demo import run_demo
+
+    return run_demo(con, model_ref=args.model, repeat=args.repeat)
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def _add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool = False) -> None:
+    if model:
+        p.add_argument("model", help=MODEL_HELP)
+    if target:
+        p.add_argument("--target", default="x86",
+                       help="target preset (x86, x86-avx2, aarch64, cuda-sm80, ...)")
+    p.add_argument("--batch", type=int, default=1, help="batch size to import with (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvm-compress", description="Compress CNNs inside Apache TVM and measure them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
+        "inspect": (cmd_inspect, "show the LayerTable (layers, MACs, params) of a model"),
+        "compile": (cmd_compile, "compile a model for a target and write the library"),
+        "eval": (cmd_eval, "accuracy / fidelity / size / latency of the compiled model"),
+        "bench": (cmd_bench, "latency of TVM vs ONNX Runtime vs PyTorch in one run"),
+        "demo": (cmd_demo, "the showcase: a zoo model end to end, no arguments needed"),
+    }
+    for name, (func, text) in commands.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        if name == "inspect":
+            p.add_argument("model", nargs="?", help=MODEL_HELP)
+            p.add_argument("--list", action="store_true", help="list the zoo models")
+            _add_common(p, model=False)
+        elif name == "demo":
+            p.add_argument("--model", default="zoo:mobilenet_v2", help=MODEL_HELP)
+            p.add_argument("--repeat", type=int, default=20, help="timed runs per runtime")
+            p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        else:
+            _add_common(p, target=True)
+        if name == "compile":
+            p.add_argument("-o", "--output", required=True, help="library path to write (.so)")
+        if name == "eval":
+            p.add_argument("--data", help=".npz with 'images' (and 'labels'); default: the zoo "
+                                          "model's own test data")
+            p.add_argument("--split", default="test", help="zoo data split (default test)")
+            p.add_argument("--limit", type=int, default=0, help="evaluate only the first N")
+            p.add_argument("--repeat", type=int, default=20, help="timed runs (0: no latency)")
+        if name == "bench":
+            p.add_argument("--repeat", type=int, default=50, help="timed runs per runtime")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    con = Console(getattr(args, "json", False))
+    try:
+        result = args.func(args, con)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        _emit_json(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
