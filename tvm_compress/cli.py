@@ -155,6 +155,9 @@ def _eval_data(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, np.nda
             labels = npz["labels"] if "labels" in npz else None
     else:
         images, labels = task_data(model.task, args.split)
+    if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
+        raise UserError(f"data samples have shape {tuple(images.shape[1:])} but the model expects "
+                        f"{tuple(model.input_shape[1:])} per sample; resize or preprocess the data")
     if args.limit:
         images = images[: args.limit]
         labels = None if labels is None else labels[: args.limit]

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tvm_compress.errors import UserError
+from tvm_compress.frontend import from_torch
+from tvm_compress.metrics import accuracy, sqnr_db, top1_agreement, weight_bytes
+from tvm_compress.targets import preset_names, resolve_target
+
+
+def test_accuracy_and_agreement():
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert accuracy(logits, np.array([1, 0, 0])) == pytest.approx(2 / 3)
+    assert top1_agreement(logits, np.array([[0, 1], [0, 1], [0, 1]])) == pytest.approx(2 / 3)
+
+
+def test_sqnr():
+    ref = np.ones(100)
+    assert sqnr_db(ref, ref) == float("inf")
+    assert sqnr_db(ref + 0.1, ref) == pytest.approx(20.0)  # signal 1, noise 0.01 -> 100x
+
+
+def test_weight_bytes_counts_every_constant_once(tiny_cnn, tiny_input):
+    model = from_torch(tiny_cnn, tiny_input)
+    n_params = sum(p.numel() for p in tiny_cnn.parameters())
+    n_buffers = sum(b.numel() for n, b in tiny_cnn.named_buffers() if "running" in n)
+    # conv weights + BN (4 per channel) + linear weight/bias, all fp32; scalar clip bounds excluded.
+    assert weight_bytes(model.mod) == 4 * (n_params + n_buffers)
+
+
+def test_target_presets():
+    assert {"x86", "x86-avx2", "aarch64", "aarch64-dotprod", "cuda-sm80"} <= set(preset_names())
+    assert resolve_target("aarch64").attrs["mtriple"] == "aarch64-linux-gnu"
+    assert resolve_target({"kind": "llvm"}).kind.name == "llvm"
+    with pytest.raises(UserError, match="valid presets"):
+        resolve_target("llvm -mcpu=haswell")
