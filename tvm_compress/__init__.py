@@ -1,4 +1,4 @@
-"""tvm-compress: compression for Apache TVM (Relax) - cropping, quantization search, integer kernels.
+"""tvm-compress: compression for Apache TVM (Relax): cropping, quantization search, int kernels.
 
 Entry points: :func:`load` (ONNX path / ``zoo:NAME``), :func:`from_torch`, :func:`build`,
 :func:`evaluate`, :func:`benchmark`. Heavy modules are imported lazily.

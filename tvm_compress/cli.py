@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     report.update(model=model.name, target=args.target, reference=ref_name)
     rows = [[k, v] for k, v in report.items() if not isinstance(v, dict)]
     if "latency" in report:
-        rows.append(["latency median ms (batch %d)" % args.batch, report["latency"]["median_ms"]])
+        rows.append([f"latency median ms (batch {args.batch})", report["latency"]["median_ms"]])
     con.table(f"evaluation of {model.name}", ["metric", "value"], rows)
     return report
 

@@ -102,7 +102,7 @@ class CompiledModel:
         return latency_stats(list(timer(arg).results))
 
     def export(self, path: str | Path, **kwargs: Any) -> Path:
-        """Write the compiled library (``.so``); kwargs go to ``export_library`` (cross compilers)."""
+        """Write the compiled library (``.so``); kwargs go to ``export_library``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.executable.export_library(str(path), **kwargs)

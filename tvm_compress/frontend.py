@@ -66,7 +66,7 @@ def finalize(mod: tvm.IRModule, layer_names: dict[str, str]) -> tvm.IRModule:
         func = mod["main"]
         n_inputs = len(func.params) - len(weights)
         mod = relax.transform.BindParams(
-            "main", {p.name: w for p, w in zip(func.params[n_inputs:], weights)})(mod)
+            "main", {p.name: w for p, w in zip(func.params[n_inputs:], weights, strict=True)})(mod)
     return relax.transform.FoldConstant()(_unwrap_tuple_return(mod))
 
 
@@ -121,7 +121,7 @@ def _check_onnx_ops(model: onnx.ModelProto, where: str) -> None:
         if node.op_type not in supported:
             raise UserError(
                 f"{where}: operator {node.op_type} (node '{node.name or '?'}') is not supported "
-                "by the TVM ONNX importer; replace it in the exporter or open an issue with this op")
+                "by the TVM ONNX importer; replace it in the exporter or report this op")
 
 
 def _onnx_input(model: onnx.ModelProto, where: str, batch: int

@@ -16,10 +16,21 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvm_compress.graph import WEIGHT_VIEWS, bindings, is_const, op_name, shape_of
+
 _CONV = "relax.nn.conv2d"
 _MATMUL = "relax.matmul"
-# Ops a weight passes through between its parameter and the layer (transposes of linear weights).
-_WEIGHT_VIEWS = ("relax.permute_dims", "relax.reshape", "relax.astype")
+
+
+def _resolve(expr: relax.Expr, values: dict[relax.Var, relax.Expr]) -> relax.Expr:
+    """Follow a weight through bound views (transposes) to its origin (constant or parameter)."""
+    while True:
+        if isinstance(expr, relax.Var) and expr in values:
+            expr = values[expr]
+        elif op_name(expr) in WEIGHT_VIEWS:
+            expr = expr.args[0]
+        else:
+            return expr
 
 
 @dataclass(frozen=True)
@@ -94,69 +105,38 @@ class LayerTable:
         rows = ["| layer | kind | in | out | kernel | groups | MACs | params |",
                 "|---|---|---|---|---|---|---:|---:|"]
         for x in self._layers:
+            kernel = "x".join(map(str, x.kernel))
             rows.append(f"| {x.name} | {x.kind} | {x.in_channels} | {x.out_channels} | "
-                        f"{'x'.join(map(str, x.kernel))} | {x.groups} | {x.macs:,} | {x.params:,} |")
+                        f"{kernel} | {x.groups} | {x.macs:,} | {x.params:,} |")
         return "\n".join(rows)
-
-
-def _bindings(func: relax.Function) -> list[relax.VarBinding]:
-    body = func.body
-    if not isinstance(body, relax.SeqExpr):
-        return []
-    return [b for block in body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
-
-
-def _op_name(expr: relax.Expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return str(expr.op.name)
-    return None
-
-
-def _shape(expr: relax.Expr) -> tuple[int, ...]:
-    return tuple(int(d) for d in expr.ty.shape)
-
-
-def _resolve(expr: relax.Expr, values: dict[relax.Var, relax.Expr]) -> relax.Expr:
-    """Follow a weight through bound views (transposes) to its origin (constant or parameter)."""
-    while True:
-        if isinstance(expr, relax.Var) and expr in values:
-            expr = values[expr]
-        elif _op_name(expr) in _WEIGHT_VIEWS:
-            expr = expr.args[0]
-        else:
-            return expr
-
-
-def _is_const(expr: relax.Expr) -> bool:
-    return isinstance(expr, tvm.ir.expr.Constant)
 
 
 def _bias_params(var: relax.Var, users: dict[relax.Var, list[relax.Expr]], channels: int) -> int:
     """Size of a constant bias added right after the layer (0 if none)."""
     for use in users.get(var, []):
-        if _op_name(use) == "relax.add":
+        if op_name(use) == "relax.add":
             for arg in use.args:
-                if _is_const(arg) and int(np.prod(_shape(arg))) == channels:
+                if is_const(arg) and int(np.prod(shape_of(arg))) == channels:
                     return channels
     return 0
 
 
 def _scan(func: relax.Function) -> Iterator[Layer]:
-    bindings = _bindings(func)
-    values = {b.var: b.value for b in bindings}
+    bs = bindings(func)
+    values = {b.var: b.value for b in bs}
     users: dict[relax.Var, list[relax.Expr]] = {}
-    for b in bindings:
+    for b in bs:
         if isinstance(b.value, relax.Call):
             for arg in b.value.args:
                 if isinstance(arg, relax.Var):
                     users.setdefault(arg, []).append(b.value)
     counters = {"conv": 0, "linear": 0}
-    for b in bindings:
-        op = _op_name(b.value)
+    for b in bs:
+        op = op_name(b.value)
         if op not in (_CONV, _MATMUL):
             continue
         weight = _resolve(b.value.args[1], values)
-        if not _is_const(weight):
+        if not is_const(weight):
             continue
         layer = _conv_row(b) if op == _CONV else _linear_row(b)
         if layer is None:
@@ -174,7 +154,7 @@ def _conv_row(binding: relax.VarBinding) -> Layer | None:
     attrs = call.attrs
     if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
         return None
-    x, w, y = _shape(call.args[0]), _shape(call.args[1]), _shape(binding.var)
+    x, w, y = shape_of(call.args[0]), shape_of(call.args[1]), shape_of(binding.var)
     groups = int(attrs.groups)
     cin = x[1]
     if groups == 1:
@@ -190,7 +170,7 @@ def _conv_row(binding: relax.VarBinding) -> Layer | None:
 
 def _linear_row(binding: relax.VarBinding) -> Layer | None:
     call = binding.value
-    x, w, y = _shape(call.args[0]), _shape(call.args[1]), _shape(binding.var)
+    x, w, y = shape_of(call.args[0]), shape_of(call.args[1]), shape_of(binding.var)
     if len(w) != 2:
         return None
     macs = int(np.prod(y)) * w[0]
@@ -228,11 +208,11 @@ def name_layers(mod: tvm.IRModule, param_to_layer: dict[str, str]) -> tvm.IRModu
     """
     func = mod["main"]
     params = {p: param_to_layer[p.name] for p in func.params if p.name in param_to_layer}
-    bindings = _bindings(func)
-    values = {b.var: b.value for b in bindings}
+    bs = bindings(func)
+    values = {b.var: b.value for b in bs}
     names: dict[relax.Var, str] = {}
-    for b in bindings:
-        if _op_name(b.value) in (_CONV, _MATMUL):
+    for b in bs:
+        if op_name(b.value) in (_CONV, _MATMUL):
             origin = _resolve(b.value.args[1], values)
             if isinstance(origin, relax.Var) and origin in params:
                 names[b.var] = params[origin]
@@ -246,15 +226,15 @@ def name_layers(mod: tvm.IRModule, param_to_layer: dict[str, str]) -> tvm.IRModu
 
 def _layer_vars(func: relax.Function) -> list[tuple[relax.Var, tuple[str, tuple[int, ...]]]]:
     """(var, (op, weight shape)) of every conv / linear call with a constant weight, in order."""
-    bindings = _bindings(func)
-    values = {b.var: b.value for b in bindings}
+    bs = bindings(func)
+    values = {b.var: b.value for b in bs}
     found = []
-    for b in bindings:
-        op = _op_name(b.value)
+    for b in bs:
+        op = op_name(b.value)
         if op in (_CONV, _MATMUL):
             weight = _resolve(b.value.args[1], values)
-            if _is_const(weight) or isinstance(weight, relax.Var):
-                found.append((b.var, (op, _shape(weight))))
+            if is_const(weight) or isinstance(weight, relax.Var):
+                found.append((b.var, (op, shape_of(weight))))
     return found
 
 
@@ -269,7 +249,7 @@ def restore_layer_names(before: tvm.IRModule, after: tvm.IRModule) -> tvm.IRModu
     if [sig for _, sig in old] != [sig for _, sig in new]:
         raise ValueError("restore_layer_names: the pass changed the layers; names cannot be "
                          "carried over by position")
-    names = {var: old_var.name for (var, _), (old_var, _) in zip(new, old)
+    names = {var: old_var.name for (var, _), (old_var, _) in zip(new, old, strict=True)
              if var.name != old_var.name}
     if not names:
         return after

@@ -1,0 +1,90 @@
+"""Small read-only views of a Relax function's dataflow: bindings, producers, users."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+# Ops a weight passes through between its parameter and the layer (transposes of linear weights).
+WEIGHT_VIEWS = ("relax.permute_dims", "relax.reshape", "relax.astype")
+
+
+def bindings(func: relax.Function) -> list[relax.VarBinding]:
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return []
+    return [b for block in body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+
+
+def op_name(expr: relax.Expr) -> str | None:
+    """``relax.nn.conv2d`` etc. for a call to a Relax op, else None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return str(expr.op.name)
+    return None
+
+
+def is_const(expr: relax.Expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, tvm.runtime.Tensor)
+
+
+def shape_of(expr: relax.Expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def call_args(expr: relax.Expr) -> list[relax.Expr]:
+    """Arguments of a call, with a tuple argument (concat) flattened."""
+    if not isinstance(expr, relax.Call):
+        return []
+    out: list[relax.Expr] = []
+    for arg in expr.args:
+        out.extend(arg.fields if isinstance(arg, relax.Tuple) else [arg])
+    return out
+
+
+@dataclass
+class DataflowView:
+    """Bindings of ``main`` with producer (var -> value) and user (var -> binding vars) maps."""
+
+    func: relax.Function
+    bindings: list[relax.VarBinding]
+    values: dict[relax.Var, relax.Expr]
+    users: dict[relax.Var, list[relax.Var]]
+    outputs: set[relax.Var]
+
+    @classmethod
+    def of(cls, func: relax.Function) -> DataflowView:
+        bs = bindings(func)
+        values = {b.var: b.value for b in bs}
+        users: dict[relax.Var, list[relax.Var]] = {}
+        for b in bs:
+            for arg in call_args(b.value):
+                if isinstance(arg, relax.Var):
+                    users.setdefault(arg, []).append(b.var)
+            if isinstance(b.value, relax.Var):
+                users.setdefault(b.value, []).append(b.var)
+        result = func.body.body if isinstance(func.body, relax.SeqExpr) else None
+        outputs = set()
+        if isinstance(result, relax.Var):
+            outputs.add(result)
+        elif isinstance(result, relax.Tuple):
+            outputs.update(f for f in result.fields if isinstance(f, relax.Var))
+        return cls(func, bs, values, users, outputs)
+
+    def resolve(self, expr: relax.Expr) -> relax.Expr:
+        """Follow a value through bound views (transposes, reshapes) to its origin."""
+        while True:
+            if isinstance(expr, relax.Var) and expr in self.values:
+                expr = self.values[expr]
+            elif op_name(expr) in WEIGHT_VIEWS:
+                expr = expr.args[0]
+            else:
+                return expr
+
+    def op(self, var: relax.Var) -> str | None:
+        return op_name(self.values.get(var))
+
+    def single_user(self, var: relax.Var) -> relax.Var | None:
+        users = self.users.get(var, [])
+        return users[0] if len(users) == 1 and var not in self.outputs else None
