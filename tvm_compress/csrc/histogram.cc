@@ -22,11 +22,18 @@ namespace tvm_compress {
 namespace {
 
 // Bin of an already scaled value t = (v - lo) * nbins / (hi - lo); out-of-range values clamp into
-// the end bins. `!(t >= 0)` also sends NaN to bin 0 (NaN inputs are counted and discarded).
-inline int64_t BinIndex(double t, int64_t nbins) {
-  if (!(t >= 0.0)) return 0;
-  if (t >= static_cast<double>(nbins)) return nbins - 1;
+// the end bins, NaN goes to bin 0 (NaN inputs are counted and discarded anyway). On x86 the clamp
+// is maxsd/minsd: GCC compiles the ternaries to a branch, which mispredicts on ReLU outputs.
+inline int64_t BinIndex(double t, double last_bin) {
+#if defined(__SSE2__)
+  const __m128d low = _mm_max_sd(_mm_set_sd(t), _mm_setzero_pd());
+  const __m128d clamped = _mm_min_sd(low, _mm_set_sd(last_bin));
+  return static_cast<int64_t>(_mm_cvtsd_f64(clamped));
+#else
+  t = t > 0.0 ? t : 0.0;
+  t = t < last_bin ? t : last_bin;
   return static_cast<int64_t>(t);
+#endif
 }
 
 inline bool NonFinite(float v) {
@@ -45,6 +52,7 @@ int64_t Accumulate(const float* data, int64_t n, double lo, double scale, int64_
   constexpr int64_t kFlushEvery = int64_t{1} << 31;
   std::vector<uint32_t> lanes(kLanes * nbins, 0);
   std::vector<int64_t> totals(nbins, 0);
+  const double last_bin = static_cast<double>(nbins - 1);
   int64_t nonfinite = 0;
   for (int64_t begin = 0; begin < n; begin += kFlushEvery) {
     const int64_t end = std::min(n, begin + kFlushEvery);
@@ -53,13 +61,13 @@ int64_t Accumulate(const float* data, int64_t n, double lo, double scale, int64_
       for (int l = 0; l < kLanes; ++l) {
         const float v = kAbs ? std::fabs(data[i + l]) : data[i + l];
         nonfinite += NonFinite(v);
-        lanes[l * nbins + BinIndex((static_cast<double>(v) - lo) * scale, nbins)] += 1;
+        lanes[l * nbins + BinIndex((static_cast<double>(v) - lo) * scale, last_bin)] += 1;
       }
     }
     for (; i < end; ++i) {
       const float v = kAbs ? std::fabs(data[i]) : data[i];
       nonfinite += NonFinite(v);
-      lanes[BinIndex((static_cast<double>(v) - lo) * scale, nbins)] += 1;
+      lanes[BinIndex((static_cast<double>(v) - lo) * scale, last_bin)] += 1;
     }
     for (int l = 0; l < kLanes; ++l) {
       for (int64_t k = 0; k < nbins; ++k) totals[k] += lanes[l * nbins + k];
@@ -115,8 +123,10 @@ int64_t RowMinMax(const float* row, int64_t len, float* lo, float* hi) {
     mn1 = _mm_min_ps(mn1, b);
     mx0 = _mm_max_ps(mx0, a);
     mx1 = _mm_max_ps(mx1, b);
-    bad = _mm_add_epi32(bad, _mm_cmpeq_epi32(_mm_and_si128(_mm_castps_si128(a), exponent), exponent));
-    bad = _mm_add_epi32(bad, _mm_cmpeq_epi32(_mm_and_si128(_mm_castps_si128(b), exponent), exponent));
+    const __m128i a_exp = _mm_and_si128(_mm_castps_si128(a), exponent);
+    const __m128i b_exp = _mm_and_si128(_mm_castps_si128(b), exponent);
+    bad = _mm_add_epi32(bad, _mm_cmpeq_epi32(a_exp, exponent));
+    bad = _mm_add_epi32(bad, _mm_cmpeq_epi32(b_exp, exponent));
   }
   alignas(16) float lanes_mn[4], lanes_mx[4];
   alignas(16) int32_t lanes_bad[4];
