@@ -137,7 +137,10 @@ double FastKl(const int64_t* hist, const KlTables& t, int64_t n, int64_t i, int6
   const double e_p = kSmoothEps * static_cast<double>(z_p) / static_cast<double>(nz_p);
   if (e_p > kMaxTaylorShift) return std::nan("");
   long double p_log_p = ShiftedEntropySum(t, i - 1, e_p);
-  if (last != 0) p_log_p += (last - e_p) * std::log(static_cast<long double>(last - e_p));
+  if (last != 0) {
+    const long double shifted = static_cast<long double>(last) - e_p;
+    p_log_p += shifted * std::log(shifted);
+  }
 
   const int64_t width = i / nq;
   auto group = [&](int64_t j, int64_t* sum, int64_t* nz) {
@@ -171,7 +174,9 @@ double FastKl(const int64_t* hist, const KlTables& t, int64_t n, int64_t i, int6
     p_log_q += p_mass * std::log(q);
     q_sum += static_cast<double>(nz) * q;
   }
-  const long double p_sum = t.count[n] - e_p * nz_p + kSmoothEps * static_cast<long double>(z_p);
+  const long double p_sum = static_cast<long double>(t.count[n]) -
+                            e_p * static_cast<long double>(nz_p) +
+                            kSmoothEps * static_cast<long double>(z_p);
   return static_cast<double>((p_log_p - p_log_q) / p_sum + std::log(q_sum / p_sum));
 }
 
