@@ -69,7 +69,7 @@ class LayerTable:
 
     @classmethod
     def from_module(cls, mod: tvm.IRModule, func_name: str = "main") -> LayerTable:
-        return cls(list(_scan(mod[func_name])))
+        return cls([layer for _, layer in _scan(mod[func_name])])
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self._layers)
@@ -121,7 +121,12 @@ def _bias_params(var: relax.Var, users: dict[relax.Var, list[relax.Expr]], chann
     return 0
 
 
-def _scan(func: relax.Function) -> Iterator[Layer]:
+def scan_layers(func: relax.Function) -> list[tuple[relax.Var, Layer]]:
+    """Every conv / linear layer with a constant weight, in graph order, with its bound var."""
+    return list(_scan(func))
+
+
+def _scan(func: relax.Function) -> Iterator[tuple[relax.Var, Layer]]:
     bs = bindings(func)
     values = {b.var: b.value for b in bs}
     users: dict[relax.Var, list[relax.Expr]] = {}
@@ -146,7 +151,7 @@ def _scan(func: relax.Function) -> Iterator[Layer]:
             f"{family}_{counters[family]}"
         counters[family] += 1
         params = layer.params + _bias_params(b.var, users, layer.out_channels)
-        yield Layer(**{**asdict(layer), "name": name, "params": params})
+        yield b.var, Layer(**{**asdict(layer), "name": name, "params": params})
 
 
 def _conv_row(binding: relax.VarBinding) -> Layer | None:
