@@ -1,0 +1,9 @@
+"""Default (untuned) CPU schedules for CNN operators: conv2d (regular, grouped, depthwise) in
+channel-blocked layouts, dense/matmul, pooling and element-wise functions.
+
+Entry point: :func:`default_schedule_pipeline`.
+"""
+
+from tvm_compress.schedules.pipeline import default_schedule_pipeline
+
+__all__ = ["default_schedule_pipeline"]

@@ -1,0 +1,104 @@
+"""Schedule for regular and grouped conv2d in NCHW[x]c (see ``compute.conv2d_nchwc``).
+
+Register tile: ``t_oc`` output-channel blocks x ``t_y * t_x`` output pixels, one SIMD register
+each; the reduction over input channels and kernel window runs around it, so every input scalar
+is broadcast once per tile and every weight vector loaded once per tile. The element-wise
+epilogue is computed per tile while it is still in cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir
+
+from tvm_compress.schedules.blocks import (
+    extent,
+    fuse_epilogue,
+    parallelize,
+    producers_and_consumers,
+    schedule_spatial,
+)
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """Register tile of a blocked convolution: output-channel blocks x rows x columns."""
+
+    oc: int
+    y: int
+    x: int
+
+    @property
+    def accumulators(self) -> int:
+        return self.oc * self.y * self.x
+
+    @property
+    def fma_per_load(self) -> float:
+        return self.accumulators / (self.oc + self.y * self.x)
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def pick_tile(oc_chunks: int, out_h: int, out_w: int, registers: int) -> ConvTile:
+    """Largest register tile that leaves room for the weight and broadcast registers.
+
+    Candidates are exact divisors (no tail loops); rows are tiled only when a whole output row
+    is too short to fill the registers (late 7x7 layers).
+    """
+    budget = registers - 2
+    best = ConvTile(1, 1, 1)
+    for t_oc in _divisors(oc_chunks, 4):
+        for t_x in _divisors(out_w, budget):
+            for t_y in _divisors(out_h, budget) if t_x == out_w else [1]:
+                tile = ConvTile(t_oc, t_y, t_x)
+                if tile.accumulators + t_oc > budget:
+                    continue
+                key = (min(tile.accumulators, 12), tile.fma_per_load, tile.accumulators)
+                if key > (min(best.accumulators, 12), best.fma_per_load, best.accumulators):
+                    best = tile
+    return best
+
+
+def schedule_conv2d_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
+                          lanes: int, registers: int, cores: int) -> None:
+    """Tile, reorder, vectorize and parallelize one ``conv2d_nchwc`` block with its epilogue."""
+    producers, _ = producers_and_consumers(sch, block)  # the padding, if any
+    n, oc, y, x, oi, ico, ry, rx, ici = sch.get_loops(block)
+    tile = pick_tile(extent(sch, oc), extent(sch, y), extent(sch, x), registers)
+    oc_o, oc_i = sch.split(oc, [None, tile.oc])
+    y_o, y_i = sch.split(y, [None, tile.y])
+    x_o, x_i = sch.split(x, [None, tile.x])
+    # Weights larger than the input: stream each weight tile once (output channels outside);
+    # otherwise keep an input row hot while all output channels pass over it.
+    sizes = {len(r.source.shape): _buffer_bytes(r.source) for r in sch.get(block).reads}
+    data_bytes, weight_bytes = sizes.get(5, 0), sizes.get(6, 0)
+    outer = [n, oc_o, y_o, x_o] if weight_bytes > data_bytes else [n, y_o, oc_o, x_o]
+    sch.reorder(*outer, ico, ry, rx, ici, oc_i, y_i, x_i, oi)
+    tail = fuse_epilogue(sch, block, x_o)
+    parallelize(sch, outer[:-1], cores)
+    for loop in (oc_i, y_i, x_i):
+        sch.unroll(loop)
+    sch.vectorize(oi)
+    init = sch.decompose_reduction(block, ico)
+    _vectorize_tile(sch, init, lanes)
+    _vectorize_tile(sch, tail, lanes)
+    for producer in producers:
+        schedule_spatial(sch, producer, lanes, cores)
+
+
+def _buffer_bytes(buffer) -> int:
+    size = 1
+    for dim in buffer.shape:
+        size *= int(dim)
+    return size * buffer.dtype.bits // 8
+
+
+def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Unroll a per-tile block (init or epilogue) and vectorize its channel-block loop."""
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    if extent(sch, inner) <= 4 * lanes:
+        sch.vectorize(inner)

@@ -1,0 +1,232 @@
+"""Relax pass: rewrite NCHW convolutions and the ops around them to channel-blocked NCHW[x]c.
+
+In NCHW[x]c the innermost axis holds ``x`` consecutive channels, one SIMD register of them, so a
+convolution can keep ``x`` output channels in one register and stride/padding never touch the
+vectorized axis. Every rewritten binding keeps its NCHW meaning: it becomes
+``layout_transform(packed)`` and consumers that understand the packed layout read ``packed``
+directly; unpacks nobody reads are removed by ``DeadCodeElimination`` afterwards. Ops that are
+not understood therefore always see NCHW tensors, which keeps the pass safe on any graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+# Element-wise ops: the packed layout passes straight through them.
+_UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
+          "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.exp",
+          "relax.negative", "relax.abs", "relax.sqrt", "relax.rsqrt", "relax.square",
+          "relax.astype", "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus"}
+_BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+           "relax.minimum", "relax.power"}
+_POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"}
+_SPATIAL_REDUCE = {"relax.mean", "relax.sum", "relax.max", "relax.min"}
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def _pack_map(block: int) -> Callable:
+    return lambda n, c, h, w: (n, c // block, h, w, c % block)
+
+
+def _unpack_map(block: int) -> Callable:
+    return lambda n, c, h, w, cb: (n, c * block + cb, h, w)
+
+
+def _conv_blocks(call: relax.Call, lanes: int) -> tuple[int, int] | None:
+    """(input block, output block) for a conv2d that can be packed, else None."""
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    dshape, wshape = _static_shape(call.args[0]), _static_shape(call.args[1])
+    if dshape is None or wshape is None or len(dshape) != 4:
+        return None
+    if call.args[0].ty.dtype != "float32":
+        return None
+    groups, cin, cout = int(attrs.groups), dshape[1], wshape[0]
+    if cout % lanes:
+        return None
+    if groups == 1:
+        # The input block is a reduction axis, so any divisor of cin works.
+        return math.gcd(cin, lanes), lanes
+    if groups == cin == cout:
+        return lanes, lanes  # depthwise
+    if (cin // groups) % lanes == 0 and (cout // groups) % lanes == 0:
+        return lanes, lanes  # grouped, every group a whole number of blocks
+    return None
+
+
+@mutator
+class _Packer(PyExprMutator):
+    """Rewrites calls bottom-up; ``packed`` maps each packed var to its channel block."""
+
+    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+        super().__init__(mod)
+        self.lanes = lanes
+        self.packed: dict[relax.Var, int] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _packed_source(self, expr: relax.Expr) -> tuple[relax.Var, int] | None:
+        """If ``expr`` is the unpack of a packed var, that var and its block."""
+        if not isinstance(expr, relax.Var):
+            return None
+        value = self.lookup_binding(expr)
+        if (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.layout_transform")
+                and value.args[0] in self.packed):
+            return value.args[0], self.packed[value.args[0]]
+        return None
+
+    def _pack(self, expr: relax.Expr, block: int) -> relax.Expr:
+        source = self._packed_source(expr)
+        if source is not None and source[1] == block:
+            return source[0]
+        return self.builder_.emit(relax.op.layout_transform(expr, _pack_map(block)))
+
+    def _emit_packed(self, call: relax.Expr, block: int) -> relax.Expr:
+        packed = self.builder_.emit(call)
+        self.packed[packed] = block
+        return relax.op.layout_transform(packed, _unpack_map(block))
+
+    def _broadcast_operand(self, expr: relax.Expr, shape: tuple[int, ...],
+                           block: int) -> relax.Expr | None:
+        """``expr`` as an operand of a packed op of NCHW ``shape``, or None if impossible."""
+        other = _static_shape(expr)
+        if other is None:
+            return None
+        if other == shape or (len(other) == 4 and other[0] == 1 and other[2:] == (1, 1)
+                              and other[1] == shape[1]):
+            return self._pack(expr, block)
+        if len(other) == 3 and other[0] == shape[1] and other[1:] == (1, 1):
+            return self._pack(relax.op.reshape(expr, (1, shape[1], 1, 1)), block)
+        if math.prod(other) == 1 and len(other) <= 4:
+            return relax.op.reshape(expr, (1,) * 5) if other else expr
+        return None
+
+    # -- rewrites ----------------------------------------------------------------------------
+    def _conv2d(self, call: relax.Call) -> relax.Expr | None:
+        blocks = _conv_blocks(call, self.lanes)
+        if blocks is None:
+            return None
+        ib, ob = blocks
+        attrs = call.attrs
+        depthwise = int(attrs.groups) > 1 and int(attrs.groups) == _static_shape(call.args[0])[1]
+        wib = 1 if depthwise else ib
+        weight = relax.op.layout_transform(
+            call.args[1], lambda o, i, h, w: (o // ob, i // wib, h, w, i % wib, o % ob))
+        conv = relax.op.nn.conv2d(
+            self._pack(call.args[0], ib), self.builder_.emit(weight), strides=attrs.strides,
+            padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
+            data_layout=f"NCHW{ib}c", kernel_layout=f"OIHW{wib}i{ob}o",
+            out_layout=f"NCHW{ob}c", out_dtype=attrs.out_dtype or "float32")
+        return self._emit_packed(conv, ob)
+
+    def _elementwise(self, call: relax.Call) -> relax.Expr | None:
+        shape = _static_shape(call)
+        if shape is None or len(shape) != 4:
+            return None
+        sources = [self._packed_source(a) for a in call.args]
+        packed = [s for s in sources if s is not None and _static_shape(call.args[0]) is not None]
+        if not packed:
+            return None
+        block = packed[0][1]
+        if shape[1] % block:
+            return None
+        args = []
+        for arg in call.args:
+            if not isinstance(arg.ty, relax.TensorType):
+                args.append(arg)
+                continue
+            new = self._broadcast_operand(arg, shape, block)
+            if new is None:
+                return None
+            args.append(new)
+        return self._emit_packed(relax.Call(call.op, args, call.attrs, call.ty_args), block)
+
+    def _pool(self, call: relax.Call) -> relax.Expr | None:
+        source = self._packed_source(call.args[0])
+        attrs = call.attrs
+        if source is None or attrs.layout != "NCHW" or attrs.out_layout != "NCHW":
+            return None
+        data, block = source
+        layout = f"NCHW{block}c"
+        if call.op.name == "relax.nn.adaptive_avg_pool2d":
+            new = relax.op.nn.adaptive_avg_pool2d(data, attrs.output_size, layout, layout)
+        else:
+            make = (relax.op.nn.max_pool2d if call.op.name == "relax.nn.max_pool2d"
+                    else relax.op.nn.avg_pool2d)
+            new = make(data, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation,
+                       attrs.ceil_mode, attrs.count_include_pad, layout, layout)
+        return self._emit_packed(new, block)
+
+    def _spatial_reduce(self, call: relax.Call) -> relax.Expr | None:
+        source = self._packed_source(call.args[0])
+        attrs = call.attrs
+        if source is None or not attrs.keepdims or attrs.axis is None:
+            return None
+        if sorted(int(a) % 4 for a in attrs.axis) != [2, 3]:
+            return None
+        data, block = source
+        return self._emit_packed(self._reduce_call(call.op.name, data), block)
+
+    @staticmethod
+    def _reduce_call(name: str, data: relax.Expr) -> relax.Expr:
+        make = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum,
+                "relax.max": relax.op.max, "relax.min": relax.op.min}[name]
+        return make(data, axis=[2, 3], keepdims=True)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        name = call.op.name
+        if name == "relax.nn.conv2d":
+            new = self._conv2d(call)
+        elif name in _UNARY or name in _BINARY:
+            new = self._elementwise(call)
+        elif name in _POOL:
+            new = self._pool(call)
+        elif name in _SPATIAL_REDUCE:
+            new = self._spatial_reduce(call)
+        else:
+            new = None
+        return call if new is None else new
+
+
+def PackChannels(*, lanes: int) -> tvm.ir.transform.Pass:  # noqa: N802 (TVM pass naming)
+    """Pass: convert float32 NCHW conv2d (regular, grouped, depthwise) to NCHW[lanes]c.
+
+    Parameters
+    ----------
+    lanes : int
+        Channel block, normally the target's fp32 SIMD lanes (8 for AVX2, 16 for AVX-512,
+        4 for NEON). Convolutions whose output channels are not a multiple of it stay NCHW.
+
+    Notes
+    -----
+    Requires static shapes to rewrite a call; anything else is left untouched. Follow with
+    ``DeadCodeElimination`` and ``FoldConstant`` (weights are transformed by relax
+    ``layout_transform`` calls on constants).
+    """
+
+    @tvm.ir.transform.module_pass(opt_level=0, name="PackChannels")
+    def _transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        packer = _Packer(mod, lanes)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                packer.builder_.update_func(gv, packer.visit_expr(func))
+        return packer.builder_.get()
+
+    return _transform

@@ -1,0 +1,53 @@
+"""The default (untuned) CPU pipeline: blocked layouts, legalization, fusion, hand schedules."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from tvm_compress.schedules.compute import legalize_conv2d
+from tvm_compress.schedules.hardware import vector_lanes
+from tvm_compress.schedules.layout import PackChannels
+
+
+def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir.transform.Pass]:
+    """Relax passes up to fused, legalized PrimFuncs (no schedule applied yet)."""
+    layout = [PackChannels(lanes=vector_lanes(target)), relax.transform.DeadCodeElimination()]
+    return [
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+        *(layout if pack else []),
+        relax.transform.FoldConstant(),
+        relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def default_schedule_pipeline(target: tvm.target.Target) -> tvm.ir.transform.Pass:
+    """Relax module (weights bound as constants, fp32 NCHW) -> module with scheduled PrimFuncs.
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+        An ``llvm`` target; its features pick the SIMD width (AVX2, AVX-512, NEON) and its
+        ``num-cores`` the parallelism.
+
+    Returns
+    -------
+    tvm.ir.transform.Pass
+        ``tvm.compile(pass(mod), target)`` then builds the module with the same outputs.
+    """
+    from tvm_compress.schedules.rules import apply_default_schedules
+
+    @tvm.ir.transform.module_pass(opt_level=0, name="DefaultSchedulePipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            mod = tvm.transform.Sequential(lower_passes(target))(mod)
+            return apply_default_schedules(mod, target)
+
+    return _pipeline

@@ -1,0 +1,89 @@
+"""Dispatch: try each hand-written schedule on each PrimFunc, keep the first that applies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tvm
+from tvm import s_tir, tirx
+
+from tvm_compress.schedules.blocks import find_kernel
+from tvm_compress.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
+from tvm_compress.schedules.conv2d import schedule_conv2d_nchwc
+from tvm_compress.schedules.dense import find_matmul, schedule_matmul
+from tvm_compress.schedules.depthwise import schedule_depthwise_nchwc
+from tvm_compress.schedules.generic import schedule_injective_func, schedule_reduction_func
+from tvm_compress.schedules.hardware import num_cores, vector_lanes, vector_registers
+
+logger = logging.getLogger(__name__)
+
+Rule = Callable[[s_tir.Schedule, tvm.target.Target], bool]
+
+
+def _machine(target: tvm.target.Target) -> dict[str, int]:
+    return {"lanes": vector_lanes(target), "registers": vector_registers(target),
+            "cores": num_cores(target)}
+
+
+def _kernel_rule(kind: str, schedule: Callable) -> Rule:
+    def rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+        block = find_kernel(sch, kind)
+        if block is None:
+            return False
+        schedule(sch, block, **_machine(target))
+        return True
+
+    return rule
+
+
+def _matmul_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    block = find_matmul(sch)
+    if block is None:
+        return False
+    schedule_matmul(sch, block, **_machine(target))
+    return True
+
+
+def _reduction_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    return schedule_reduction_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
+
+
+def _injective_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    return schedule_injective_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
+
+
+# Most specific first: a function is scheduled by the first rule that applies cleanly.
+RULES: list[tuple[str, Rule]] = [
+    ("conv2d_nchwc", _kernel_rule(CONV_NCHWC, schedule_conv2d_nchwc)),
+    ("depthwise_nchwc", _kernel_rule(DEPTHWISE_NCHWC, schedule_depthwise_nchwc)),
+    ("matmul", _matmul_rule),
+    ("reduction", _reduction_rule),
+    ("injective", _injective_rule),
+]
+
+
+def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc | None:
+    """The first rule's schedule of ``func``, or None when no rule applies cleanly."""
+    for name, rule in RULES:
+        sch = s_tir.Schedule(func)
+        try:
+            applied = rule(sch, target)
+        except (RuntimeError, ValueError, IndexError) as err:
+            logger.debug("schedule rule %s failed: %s", name, err)
+            continue
+        if applied:
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return None
+
+
+def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every unscheduled PrimFunc of ``mod`` that a rule recognizes."""
+    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions, mod.attrs)
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        scheduled = schedule_func(func, target)
+        if scheduled is not None:
+            mod[gv] = scheduled
+    return mod
