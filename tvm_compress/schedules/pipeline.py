@@ -6,6 +6,7 @@ import tvm
 from tvm import relax
 
 from tvm_compress.schedules.compute import legalize_conv2d
+from tvm_compress.schedules.constants import fold_constants_numpy
 from tvm_compress.schedules.hardware import vector_lanes
 from tvm_compress.schedules.layout import PackChannels
 
@@ -16,8 +17,9 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
     return [
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.FoldConstant(),
+        fold_constants_numpy,
         *(layout if pack else []),
+        fold_constants_numpy,
         relax.transform.FoldConstant(),
         relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
         relax.transform.AnnotateTIROpPattern(),
