@@ -85,7 +85,7 @@ def per_layer(mod: tvm.IRModule, target: tvm.target.Target) -> list[dict]:
         func = scheduled[name]
         shapes = [tuple(int(d) for d in p.shape) for p in func.params]
         args = [tvm.runtime.tensor(np.random.rand(*s).astype(p.dtype))
-                for s, p in zip(shapes, func.params)]
+                for s, p in zip(shapes, func.params, strict=True)]
         lib = tvm.compile(func.with_attr("global_symbol", "main"), target)
         timer = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=9, min_repeat_ms=10)
         ms = min(timer(*args).results) * 1e3

@@ -42,9 +42,9 @@ def _eval_index(expr: tirx.PrimExpr, env: dict) -> np.ndarray | int:
 
 def layout_transform_array(array: np.ndarray, index_map: tirx.IndexMap,
                            pad_value: float = 0.0) -> np.ndarray:
-    """Apply a relax ``layout_transform`` index map to a NumPy array (padding with ``pad_value``)."""
+    """Apply a relax ``layout_transform`` index map to a NumPy array, padding with ``pad_value``."""
     grids = np.indices(array.shape, sparse=True)
-    env = dict(zip(index_map.initial_indices, grids))
+    env = dict(zip(index_map.initial_indices, grids, strict=True))
     dst = [np.broadcast_to(_eval_index(e, env), array.shape) for e in index_map.final_indices]
     out_shape = tuple(int(d) for d in index_map.map_shape(list(array.shape)))
     out = np.full(out_shape, pad_value, dtype=array.dtype)
@@ -73,6 +73,10 @@ def _evaluate(call: relax.Call) -> np.ndarray | None:
         return None
     if name == "relax.reshape" and isinstance(call.args[1], relax.ShapeExpr):
         return data.reshape([int(v) for v in call.args[1].values])
+    if name == "relax.expand_dims":
+        return np.expand_dims(data, tuple(int(a) for a in call.attrs.axis))
+    if name == "relax.squeeze" and call.attrs.axis is not None:
+        return np.squeeze(data, tuple(int(a) for a in call.attrs.axis))
     if name == "relax.permute_dims":
         axes = call.attrs.axes
         return np.transpose(data, None if axes is None else [int(a) for a in axes])
@@ -110,7 +114,7 @@ class _NumpyFolder(PyExprMutator):
 
 @tvm.ir.transform.module_pass(opt_level=0, name="FoldConstantsNumpy")
 def fold_constants_numpy(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Fold arithmetic, reshape, transpose and layout_transform calls on constants in NumPy."""
+    """Fold arithmetic, reshape-like, transpose and layout_transform calls on constants in NumPy."""
     folder = _NumpyFolder(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):

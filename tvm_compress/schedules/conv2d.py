@@ -63,11 +63,12 @@ def pick_tile(oc_chunks: int, out_h: int, out_w: int, registers: int) -> ConvTil
 
 
 def schedule_conv2d_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
-                          lanes: int, registers: int, cores: int) -> None:
+                          lanes: int, registers: int, cores: int,
+                          tile: ConvTile | None = None) -> None:
     """Tile, reorder, vectorize and parallelize one ``conv2d_nchwc`` block with its epilogue."""
     producers, _ = producers_and_consumers(sch, block)  # the padding, if any
     n, oc, y, x, oi, ico, ry, rx, ici = sch.get_loops(block)
-    tile = pick_tile(extent(sch, oc), extent(sch, y), extent(sch, x), registers)
+    tile = tile or pick_tile(extent(sch, oc), extent(sch, y), extent(sch, x), registers)
     oc_o, oc_i = sch.split(oc, [None, tile.oc])
     y_o, y_i = sch.split(y, [None, tile.y])
     x_o, x_i = sch.split(x, [None, tile.x])

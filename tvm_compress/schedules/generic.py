@@ -25,8 +25,8 @@ def schedule_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *, l
     iters = sch.get(block).iter_vars
     loops = sch.get_loops(block)
     kinds = [iv.iter_type for iv in iters]
-    spatial = [lp for lp, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
-    reduce = [lp for lp, kind in zip(loops, kinds) if kind == tirx.IterVar.CommReduce]
+    spatial = [lp for lp, kind in zip(loops, kinds, strict=True) if kind == tirx.IterVar.DataPar]
+    reduce = [lp for lp, kind in zip(loops, kinds, strict=True) if kind == tirx.IterVar.CommReduce]
     if len(spatial) + len(reduce) != len(loops) or not reduce:
         raise ValueError("reduction block with unexpected loop structure")
     inner = spatial[-1] if spatial else None

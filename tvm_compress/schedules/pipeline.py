@@ -17,6 +17,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
     return [
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
         fold_constants_numpy,
         *(layout if pack else []),
         fold_constants_numpy,

@@ -1,0 +1,212 @@
+"""Default CPU schedules: scheduled builds equal PyTorch on small conv / dense / pool workloads."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm.relax.frontend.torch  # noqa: F401  (registers the frontend)
+from torch import nn
+from tvm import relax, tirx
+
+from tvm_compress.schedules import default_schedule_pipeline
+from tvm_compress.schedules.constants import fold_constants_numpy, layout_transform_array
+from tvm_compress.schedules.conv2d import pick_tile
+from tvm_compress.schedules.hardware import vector_lanes
+from tvm_compress.schedules.layout import PackChannels
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                          "num-cores": 2})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 4})
+
+
+def _import(module: nn.Module,
+            shape: tuple[int, ...]) -> tuple[tvm.IRModule, np.ndarray, np.ndarray]:
+    torch.manual_seed(0)
+    module = module.eval()
+    x = torch.randn(*shape)
+    for m in module.modules():  # non-trivial BatchNorm statistics, so folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        expected = module(x).numpy()
+        mod = relax.frontend.torch.from_exported_program(torch.export.export(module, (x,)))
+    return mod, x.numpy(), expected
+
+
+def _run(mod: tvm.IRModule, x: np.ndarray, target: tvm.target.Target = HOST) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    return (out if isinstance(out, tvm.runtime.Tensor) else out[0]).numpy()
+
+
+def _kernels(mod: tvm.IRModule) -> dict[str, bool]:
+    """PrimFunc name -> whether a schedule was applied."""
+    return {gv.name_hint: bool(f.attrs.get("tirx.is_scheduled", False))
+            for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
+          dilation: int = 1, act: nn.Module | None = None) -> nn.Module:
+    pad = dilation * (k - 1) // 2
+    layers = [nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, groups=groups),
+              nn.BatchNorm2d(cout), act or nn.ReLU6()]
+    return nn.Sequential(*layers)
+
+
+CONV_CASES = {
+    "3x3_s1": (_conv(16, 16, 3), (1, 16, 14, 14), "conv2d_nchwc"),
+    "3x3_s2_odd_spatial": (_conv(16, 24, 3, stride=2), (1, 16, 15, 15), "conv2d_nchwc"),
+    "1x1_7x7": (_conv(24, 32, 1), (1, 24, 7, 7), "conv2d_nchwc"),
+    "stem_3ch_s2": (_conv(3, 16, 3, stride=2), (1, 3, 16, 16), "conv2d_nchwc"),
+    "5x5": (_conv(8, 16, 5), (1, 8, 9, 9), "conv2d_nchwc"),
+    "7x7_s2_stem": (_conv(3, 8, 7, stride=2), (1, 3, 20, 20), "conv2d_nchwc"),
+    "dilated": (_conv(8, 8, 3, dilation=2), (1, 8, 11, 11), "conv2d_nchwc"),
+    "depthwise_s1": (_conv(16, 16, 3, groups=16), (1, 16, 10, 10), "depthwise"),
+    "depthwise_s2": (_conv(24, 24, 3, stride=2, groups=24), (1, 24, 13, 13), "depthwise"),
+    "depthwise_5x5": (_conv(8, 8, 5, groups=8), (1, 8, 9, 9), "depthwise"),
+    "grouped": (_conv(32, 16, 3, groups=2), (1, 32, 8, 8), "conv2d_nchwc"),
+    "channels_not_multiple_of_8": (_conv(12, 20, 3), (1, 12, 9, 9), "conv2d"),
+    "depthwise_12_channels": (_conv(12, 12, 3, groups=12), (1, 12, 8, 8), "conv2d"),
+    "grouped_odd": (_conv(12, 12, 3, groups=3), (1, 12, 6, 6), "conv2d"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_workloads_match_torch(case: str) -> None:
+    module, shape, kernel = CONV_CASES[case]
+    mod, x, expected = _import(module, shape)
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    kernels = _kernels(scheduled)
+    conv = [name for name in kernels if kernel in name]
+    assert conv, f"no {kernel} kernel in {sorted(kernels)}"
+    assert all(kernels.values()), f"unscheduled kernels: {kernels}"
+    np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
+
+
+class _Head(nn.Module):
+    """Conv -> max/avg pool -> global pool -> linear (with N not a multiple of 8)."""
+
+    def __init__(self, pool: str, classes: int) -> None:
+        super().__init__()
+        self.conv = _conv(8, 16, 3)
+        self.pool = {"max": nn.MaxPool2d(3, 2, 1), "avg": nn.AvgPool2d(2, 2),
+                     "none": nn.Identity()}[pool]
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.conv(x))
+        return self.fc(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize(("pool", "classes"), [("max", 10), ("avg", 24), ("none", 7)])
+def test_pool_and_dense_match_torch(pool: str, classes: int) -> None:
+    mod, x, expected = _import(_Head(pool, classes), (1, 8, 12, 12))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    assert all(_kernels(scheduled).values())
+    assert any("matmul" in name for name in _kernels(scheduled))
+    np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_dense_matches_torch() -> None:
+    mod, x, expected = _import(nn.Sequential(nn.Linear(40, 24), nn.ReLU()), (3, 40))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    assert all(_kernels(scheduled).values())
+    np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
+
+
+class _TinyMobileNet(nn.Module):
+    """Stem, an inverted residual block with a skip, a stride-2 block, pooling head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv(3, 16, 3, stride=2)
+        self.block = nn.Sequential(_conv(16, 48, 1), _conv(48, 48, 3, groups=48),
+                                   nn.Conv2d(48, 16, 1), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(_conv(16, 32, 1), _conv(32, 32, 3, stride=2, groups=32),
+                                  _conv(32, 24, 1, act=nn.ReLU()))
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = self.down(y + self.block(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_small_cnn_matches_torch_and_stays_packed() -> None:
+    mod, x, expected = _import(_TinyMobileNet(), (1, 3, 32, 32))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    kernels = _kernels(scheduled)
+    assert all(kernels.values()), kernels
+    # Only the network input is packed and only the pooled features unpacked: the blocked
+    # layout flows through every conv, BN, activation and the residual add.
+    assert sum("layout_transform" in name for name in kernels) <= 2
+    np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_channels_rewrites_conv_and_elementwise() -> None:
+    conv_bn = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                            nn.ReLU6())
+    mod, _, _ = _import(conv_bn, (1, 16, 8, 8))
+    packed = tvm.transform.Sequential([
+        relax.transform.FoldBatchnormToConv2D(), PackChannels(lanes=8),
+        relax.transform.DeadCodeElimination(), fold_constants_numpy])(mod)
+    ops = []
+    relax.analysis.post_order_visit(
+        packed["main"], lambda e: ops.append(e) if isinstance(e, relax.Call) else None)
+    convs = [c for c in ops if c.op.name == "relax.nn.conv2d"]
+    assert [c.attrs.data_layout for c in convs] == ["NCHW8c"]
+    assert [c.attrs.kernel_layout for c in convs] == ["OIHW8i8o"]
+    # weight and bias are folded: only the input and the output are transformed at run time
+    assert sum(c.op.name == "relax.layout_transform" for c in ops) == 2
+    assert all(len(c.ty.shape) == 5 for c in ops if c.op.name in ("relax.add", "relax.clip"))
+
+
+def test_layout_transform_array_matches_tvm() -> None:
+    index_map = tirx.IndexMap.from_func(lambda n, c, h, w: (n, c // 8, h, w, c % 8),
+                                        index_dtype="int64")
+    array = np.random.default_rng(0).standard_normal((1, 12, 3, 2)).astype("float32")
+    ours = layout_transform_array(array, index_map)
+    assert ours.shape == (1, 2, 3, 2, 8)
+    expected = np.zeros_like(ours)
+    for c in range(12):
+        expected[:, c // 8, :, :, c % 8] = array[:, c]
+    np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("registers", [16, 32])
+def test_conv_tile_fits_registers(registers: int) -> None:
+    for oc_chunks, height, width in [(18, 56, 56), (160, 7, 7), (3, 112, 112), (1, 5, 3)]:
+        tile = pick_tile(oc_chunks, height, width, registers)
+        # accumulators + weight vectors + one broadcast register must not spill
+        assert tile.accumulators + tile.oc <= registers - 2
+        assert oc_chunks % tile.oc == 0 and width % tile.x == 0 and height % tile.y == 0
+        # enough independent FMA chains to hide the FMA latency on MobileNetV2's shapes
+        assert tile.accumulators >= 7 or (height, width) == (5, 3)
+
+
+def test_vector_width_follows_target() -> None:
+    assert vector_lanes(HOST) in (4, 8, 16)
+    assert vector_lanes(AARCH64) == 4
+    assert vector_lanes(AVX512) == 16
+
+
+# The stem's output (16 channels, 16x16) in the target's channel block.
+@pytest.mark.parametrize(("target", "stem_out"), [(AARCH64, "(1, 4, 16, 16, 4)"),
+                                                  (AVX512, "(1, 1, 16, 16, 16)")])
+def test_other_isas_compile(target: tvm.target.Target, stem_out: str, tmp_path) -> None:
+    mod, _, _ = _import(_TinyMobileNet(), (1, 3, 32, 32))
+    scheduled = default_schedule_pipeline(target)(mod)
+    assert all(_kernels(scheduled).values())
+    assert f"R.Tensor({stem_out}" in scheduled["main"].script(show_meta=False)
+    executable = tvm.compile(scheduled, target)
+    if target is AARCH64 and shutil.which("aarch64-linux-gnu-g++"):
+        path = tmp_path / "tiny.so"
+        executable.export_library(
+            str(path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+        assert path.stat().st_size > 0
