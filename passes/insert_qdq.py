@@ -21,9 +21,14 @@ from tvm_compress.qparams import QParams, weight_qparams
 _DTYPE_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-def qdq(bb: relax.BlockBuilder, x: relax.Expr, qp: QParams) -> relax.Expr:
+def int_tensor_name(point: str) -> str:
+    """Name of the variable holding a point's integer values (kept by RealizeInteger)."""
+    return "q_" + "".join(c if c.isalnum() else "_" for c in point)
+
+
+def qdq(bb: relax.BlockBuilder, x: relax.Expr, qp: QParams, point: str) -> relax.Expr:
     """Emit ``dequantize(quantize(x))`` (with a clip for narrow or sub-8-bit ranges)."""
-    q = bb.emit(quantize_expr(x, qp))
+    q = bb.emit(quantize_expr(x, qp), name_hint=int_tensor_name(point))
     return bb.emit(dequantize_expr(q, qp))
 
 
@@ -33,6 +38,8 @@ def _scale_zp(qp: QParams) -> tuple[relax.Expr, relax.Expr]:
 
 
 def quantize_expr(x: relax.Expr, qp: QParams) -> relax.Expr:
+    """``quantize`` to the dtype range, clipped when the range is narrower (nested call: the
+    clip reads the quantize directly, so RealizeInteger sees one integer tensor)."""
     scale, zp = _scale_zp(qp)
     q = relax.op.quantize(x, scale, zp, qp.axis, qp.dtype)
     if (qp.qmin, qp.qmax) != _DTYPE_RANGE[qp.dtype]:
@@ -56,6 +63,7 @@ class _Inserter(relax.PyExprMutator):
                  weights: dict[str, QParams]) -> None:
         super().__init__(mod)
         self.sites = {s.var: s for s in graph.layers}
+        self.bias_sites = {s.bias_var: s for s in graph.layers if s.bias_var is not None}
         self.points = {p.var: p for p in graph.points.values()}
         self.act = {p.name: act[p.shares or p.name] for p in graph.points.values()}
         self.weights = weights
@@ -66,31 +74,61 @@ class _Inserter(relax.PyExprMutator):
         for var, point in self.points.items():
             if isinstance(var, relax.Var) and not isinstance(var, relax.DataflowVar) and \
                     point.name == "input":
-                self.set_var_remap(var, qdq(self.builder_, var, self.act[point.name]))
+                self.set_var_remap(var, qdq(self.builder_, var, self.act[point.name],
+                                            point.name))
+
+    def _emit(self, binding: relax.VarBinding, value: relax.Expr) -> None:
+        """Bind ``value`` to a new variable with the old one's name (layer names survive)."""
+        value = self.builder_.normalize(value)
+        var_type = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) else relax.Var
+        new_var = var_type(binding.var.name, value.ty)
+        self.builder_.emit_normalized(relax.VarBinding(new_var, value))
+        self.set_var_remap(binding.var, new_var)
+
+    def _int32_bias(self, binding: relax.VarBinding, site: LayerSite) -> relax.Expr:
+        """``add(layer, dequantize(int32 bias))`` with the bias in accumulator units, as the
+        integer kernel will add it (ONNX QDQ convention: scale = input scale x weight scale)."""
+        add = binding.value
+        const_pos = 0 if isinstance(add.args[0], tvm.ir.expr.Constant) else 1
+        bias = add.args[const_pos].value.numpy()
+        point = self.points[site.data]
+        x_scale = float(self.act[point.name].scale)
+        w_scale = self.weights[site.layer.name].scale.astype(np.float64)
+        scale = (x_scale * w_scale).astype(np.float32)
+        channel_axis = next(i for i, d in enumerate(bias.shape) if d > 1) if bias.size > 1 \
+            else bias.ndim - 1
+        shape = [1] * bias.ndim
+        shape[channel_axis] = -1
+        q = np.round(bias / scale.reshape(shape) if scale.ndim else bias / scale)
+        q = np.clip(q, -(2**31 - 1), 2**31 - 1).astype(np.int32)
+        dq = relax.op.dequantize(relax.const(q, "int32"), relax.const(scale),
+                                 relax.const(np.zeros_like(scale, dtype=np.int32), "int32"),
+                                 channel_axis if scale.ndim else -1, "float32")
+        args = [self.visit_expr(a) for a in add.args]
+        args[const_pos] = dq
+        return relax.op.add(*args)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if not self.params_done:
             self._quantize_params()
         site = self.sites.get(binding.var)
-        if site is None:
+        if binding.var in self.bias_sites:
+            self._emit(binding, self._int32_bias(binding, self.bias_sites[binding.var]))
+        elif site is None:
             super().visit_var_binding_(binding)
         else:
             call = self.visit_expr(binding.value)
             qp = self.weights[site.layer.name]
             wq = relax.const(qp.quantize(site.weight.value.numpy()))
-            new_call = self.builder_.normalize(
-                relax.Call(call.op, [call.args[0], dequantize_expr(wq, qp)], call.attrs))
-            var_type = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) \
-                else relax.Var
-            new_var = var_type(binding.var.name, binding.var.ty)
-            self.builder_.emit_normalized(relax.VarBinding(new_var, new_call))
-            self.set_var_remap(binding.var, new_var)
+            self._emit(binding, relax.Call(call.op, [call.args[0], dequantize_expr(wq, qp)],
+                                           call.attrs))
         point = self.points.get(binding.var)
         if point is not None:
             current = self.get_var_remap(binding.var)
             if current is None:  # the binding was re-emitted unchanged
                 current = binding.var
-            self.set_var_remap(binding.var, qdq(self.builder_, current, self.act[point.name]))
+            self.set_var_remap(binding.var,
+                               qdq(self.builder_, current, self.act[point.name], point.name))
 
 
 def insert_qdq(mod: tvm.IRModule, config: QuantConfig, act_params: dict[str, QParams], *,

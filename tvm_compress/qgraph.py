@@ -41,6 +41,7 @@ class LayerSite:
     weight: tvm.ir.expr.Constant
     weight_axis: int          # output-channel axis of the weight
     block_out: relax.Var      # last var of conv [+ bias] [+ activation]
+    bias_var: relax.Var | None = None  # bound to add(layer, constant bias), if there is one
 
 
 @dataclass
@@ -89,15 +90,16 @@ def _channel_bias(value: relax.Expr, var: relax.Var, channels: int, ndim: int) -
     return shape in allowed
 
 
-def _block_out(view: DataflowView, var: relax.Var, channels: int, ndim: int) -> relax.Var:
-    cur = var
+def _block_out(view: DataflowView, var: relax.Var, channels: int, ndim: int
+               ) -> tuple[relax.Var, relax.Var | None]:
+    cur, bias = var, None
     nxt = view.single_user(cur)
     if nxt is not None and _channel_bias(view.values[nxt], cur, channels, ndim):
-        cur = nxt
+        cur = bias = nxt
         nxt = view.single_user(cur)
     if nxt is not None and _is_activation(view.values[nxt]):
         cur = nxt
-    return cur
+    return cur, bias
 
 
 def _site(view: DataflowView, var: relax.Var, layer: Layer) -> LayerSite | None:
@@ -109,8 +111,8 @@ def _site(view: DataflowView, var: relax.Var, layer: Layer) -> LayerSite | None:
         return None  # a transpose that FoldConstant has not folded yet
     axis = 1 if layer.kind == "linear" else 0
     ndim = len(layer.output_shape)
-    return LayerSite(layer, var, call.args[0], weight, axis,
-                     _block_out(view, var, layer.out_channels, ndim))
+    out, bias = _block_out(view, var, layer.out_channels, ndim)
+    return LayerSite(layer, var, call.args[0], weight, axis, out, bias)
 
 
 def analyze(mod: tvm.IRModule, config: QuantConfig) -> QuantGraph:

@@ -1,0 +1,109 @@
+"""``quantize(model, config, calib_data)``: post-training quantization inside TVM.
+
+Pipeline: FoldBatchNorm -> analyze (layers, activation points) -> calibrate -> InsertQDQ
+(simulated) -> RealizeInteger (integer kernels). Layers the realization cannot handle stay fp32
+and are reported, never silently wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+
+from tvm_compress.calibration import calibrate
+from tvm_compress.compiler import InputSpec
+from tvm_compress.errors import UserError
+from tvm_compress.frontend import Model
+from tvm_compress.graph import bindings, op_name
+from tvm_compress.metrics import weight_bytes
+from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
+from tvm_compress.passes.insert_qdq import InsertQDQ, weight_params
+from tvm_compress.passes.realize_integer import RealizeInteger
+from tvm_compress.qconfig import QuantConfig
+from tvm_compress.qgraph import QuantGraph, analyze
+from tvm_compress.qparams import QParams
+
+_FLOAT_LAYER_OPS = ("relax.nn.conv2d", "relax.matmul")
+
+
+@dataclass
+class QuantizedModel:
+    """Result of :func:`quantize`: the realized model plus everything that defines it."""
+
+    model: Model                 # realized integer module (``model.mod``)
+    simulated: tvm.IRModule      # the QDQ module it was realized from
+    folded: tvm.IRModule         # the fp32 BN-folded module (the reference for accuracy)
+    config: QuantConfig
+    act_params: dict[str, QParams]
+    weight_params: dict[str, QParams]
+    graph: QuantGraph
+    fp32_layers: list[str] = field(default_factory=list)
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.model.mod)
+
+    def summary(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "quantized_layers": len(self.graph.layers),
+                "fp32_layers": self.fp32_layers, "weight_bytes": self.weight_bytes,
+                "activation_points": len(self.graph.points)}
+
+
+def float_layers(mod: tvm.IRModule) -> list[str]:
+    """Conv / matmul calls still computing in fp32 (their variable names)."""
+    return [b.var.name for b in bindings(mod["main"])
+            if op_name(b.value) in _FLOAT_LAYER_OPS and str(b.value.ty.dtype) == "float32"
+            and str(b.value.args[0].ty.dtype) == "float32"]
+
+
+def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, realize: bool = True,
+             progress: bool = True) -> QuantizedModel:
+    """Quantize a model with a configuration and calibration data.
+
+    Parameters
+    ----------
+    model : Model
+        From :func:`tvm_compress.load` / ``from_torch`` / ``from_onnx``.
+    config : QuantConfig
+        Bits, scheme, granularity, calibration method and sample count, per-layer overrides.
+    calib_data : np.ndarray
+        Calibration inputs (N, ...) matching the model's per-sample shape; the first
+        ``config.calib_samples`` are used.
+    realize : bool
+        False keeps the simulated (QDQ) module as ``model.mod``.
+    """
+    calib_data = np.asarray(calib_data)
+    if calib_data.ndim == 0 or len(calib_data) == 0:
+        raise UserError("calibration set is empty: give at least one calibration sample")
+    _check_weights(model.mod)
+    folded = FoldBatchNorm()(model.mod)
+    graph = analyze(folded, config)
+    spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
+    act = calibrate(folded, graph, config, calib_data, spec, progress=progress)
+    weights = {s.layer.name: weight_params(s, config) for s in graph.layers}
+    simulated = InsertQDQ(config, act, weight_overrides=weights)(folded)
+    mod = RealizeInteger()(simulated) if realize else simulated
+    fp32 = sorted(set(graph.fp32_layers) | set(float_layers(mod))) if realize else \
+        list(graph.fp32_layers)
+    return QuantizedModel(model.with_mod(mod), simulated, folded, config, act, weights, graph,
+                          fp32)
+
+
+def _check_weights(mod: tvm.IRModule) -> None:
+    from tvm import relax
+
+    bad: list[str] = []
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
+            arr = expr.value.numpy()
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                bad.append(str(arr.shape))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    if bad:
+        raise UserError(f"the model has NaN/Inf in {len(bad)} weight tensor(s) (shapes "
+                        f"{', '.join(bad[:3])}); fix the checkpoint before quantizing")
