@@ -184,7 +184,7 @@ def test_conv_tile_fits_registers(registers: int) -> None:
     for oc_chunks, height, width in [(18, 56, 56), (160, 7, 7), (3, 112, 112), (1, 5, 3)]:
         tile = pick_tile(oc_chunks, height, width, registers)
         # accumulators + weight vectors + one broadcast register must not spill
-        assert tile.accumulators + tile.oc <= registers - 2
+        assert tile.accumulators + tile.oc + 1 <= registers
         assert oc_chunks % tile.oc == 0 and width % tile.x == 0 and height % tile.y == 0
         # enough independent FMA chains to hide the FMA latency on MobileNetV2's shapes
         assert tile.accumulators >= 7 or (height, width) == (5, 3)
