@@ -1,10 +1,11 @@
 """MobileNetV2 batch 1 on this CPU: TVM unscheduled vs TVM default schedules vs ONNX Runtime fp32
-vs PyTorch eager, plus per-layer GFLOP/s of the scheduled kernels.
+vs PyTorch eager, plus per-kernel GFLOP/s and ResNet-style 3x3 convolutions.
 
-Engines are timed in interleaved rounds (each round runs every engine a few times) so that load
-from other processes on the shared machine hits all of them alike; medians and minima are
-reported, with the load average before and after. Writes
-benchmarks/results/default_schedules.{json,md}.
+Every engine lives in its own worker process (TVM, ONNX Runtime and OpenMP thread pools spin
+after each call and would slow whichever engine runs next in a shared process). The parent
+interleaves them: each round asks every worker for a few timed calls, so load from other
+processes on the shared machine hits all engines alike. Medians and minima are reported with
+the load average. Writes benchmarks/results/default_schedules.{json,md}.
 
     python benchmarks/bench_default_schedules.py [--rounds 12] [--per-round 5]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import tempfile
@@ -22,63 +24,145 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-import tvm
-import tvm.relax.frontend.torch  # noqa: F401  (registers the frontend)
-from tvm import relax
-
-from tvm_compress.schedules import default_schedule_pipeline
-from tvm_compress.schedules.pipeline import lower_passes
-from tvm_compress.schedules.rules import apply_default_schedules
-from tvm_compress.zoo.mobilenet_v2 import mobilenet_v2_imagenet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
-TARGET = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": THREADS}
+# ResNet-style 3x3 convolutions (cin, cout, spatial, stride), batch 1, followed by ReLU.
+RESNET_CONVS = [(64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1), (64, 128, 56, 2)]
+
+
+def _target():
+    import tvm
+
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": THREADS})
+
+
+def _workload(name: str):
+    """(torch module, input) for ``mobilenet_v2`` or ``conv:cin,cout,size,stride``."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "mobilenet_v2":
+        from tvm_compress.zoo.mobilenet_v2 import mobilenet_v2_imagenet
+
+        return mobilenet_v2_imagenet().eval(), torch.randn(1, 3, 224, 224)
+    cin, cout, size, stride = (int(v) for v in name.split(":")[1].split(","))
+    layer = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1), torch.nn.ReLU())
+    return layer.eval(), torch.randn(1, cin, size, size)
+
+
+def _relax(model, x):
+    import torch
+    import tvm.relax.frontend.torch  # noqa: F401  (registers the frontend)
+    from tvm import relax
+
+    with torch.no_grad():
+        return relax.frontend.torch.from_exported_program(torch.export.export(model, (x,)))
+
+
+def _engine(kind: str, workload: str) -> tuple[Callable[[], object], Callable[[], np.ndarray]]:
+    """(run once, output as NumPy) for an engine kind on a workload, built in this process."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    model, x = _workload(workload)
+    if kind in ("tvm_default_schedules", "tvm_unscheduled"):
+        import tvm
+        from tvm import relax
+
+        from tvm_compress.schedules import default_schedule_pipeline
+
+        mod, target = _relax(model, x), _target()
+        if kind == "tvm_default_schedules":
+            mod = default_schedule_pipeline(target)(mod)
+        vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+        data = tvm.runtime.tensor(x.numpy())
+        return (lambda: vm["main"](data)), (lambda: vm["main"](data)[0].numpy())
+    if kind == "onnxruntime_fp32":
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "model.onnx")
+            torch.onnx.export(model, (x,), path, dynamo=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = THREADS
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        return (lambda: session.run(None, feed)), (lambda: session.run(None, feed)[0])
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return run, lambda: run().numpy()
+
+
+def _worker(kind: str, workload: str, conn) -> None:
+    run, output = _engine(kind, workload)
+    run()
+    conn.send(output())
+    while (count := conn.recv()) is not None:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        conn.send(times)
+
+
+def interleaved(kinds: list[str], workload: str, *, rounds: int, per_round: int,
+                slow: frozenset[str] = frozenset()) -> tuple[dict, dict]:
+    """Timings (ms) and outputs of each engine, one worker process each, interleaved rounds."""
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for kind in kinds:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(kind, workload, child), daemon=True)
+        proc.start()
+        workers[kind] = (proc, parent)
+    outputs = {kind: conn.recv() for kind, (_, conn) in workers.items()}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for round_index in range(rounds + 1):  # round 0 is warm-up
+        for kind, (_, conn) in workers.items():
+            if kind in slow and round_index > 3:
+                continue
+            time.sleep(0.05)  # let the previous engine's spinning threads go idle
+            conn.send(1 if kind in slow else per_round)
+            measured = conn.recv()
+            if round_index:
+                times[kind] += measured
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join(timeout=30)
+    stats = {kind: {"median_ms": float(np.median(t) * 1e3), "min_ms": float(np.min(t) * 1e3),
+                    "runs": len(t)} for kind, t in times.items()}
+    return stats, outputs
 
 
 def machine_load() -> dict:
-    """Load average and the busiest other processes (the machine is shared)."""
+    """Load average and the busiest processes (the machine is shared with other agents)."""
     top = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
                          capture_output=True, text=True, check=False).stdout.splitlines()[:4]
     return {"loadavg": [round(v, 2) for v in os.getloadavg()],
             "top_processes": [line.strip() for line in top]}
 
 
-def interleaved(engines: dict[str, Callable[[], object]], *, rounds: int, per_round: int,
-                slow: set[str]) -> dict[str, dict]:
-    """Per-call wall times of each engine over interleaved rounds, after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for round_index in range(rounds + 1):
-        for name, fn in engines.items():
-            if name in slow and round_index > 2:
-                continue
-            for _ in range(1 if name in slow else per_round):
-                start = time.perf_counter()
-                fn()
-                if round_index:
-                    times[name].append(time.perf_counter() - start)
-    return {name: {"median_ms": float(np.median(t) * 1e3), "min_ms": float(np.min(t) * 1e3),
-                   "runs": len(t)} for name, t in times.items()}
+def per_kernel() -> list[dict]:
+    """Each fused MobileNetV2 kernel timed alone (min of repeats), times its call count."""
+    import tvm
+    from tvm import relax
 
+    from tvm_compress.schedules.pipeline import lower_passes
+    from tvm_compress.schedules.rules import apply_default_schedules
 
-def _vm_runner(mod: tvm.IRModule, target: tvm.target.Target, x: np.ndarray):
-    vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
-    data = tvm.runtime.tensor(x)
-    return (lambda: vm["main"](data)), (lambda: vm["main"](data)[0].numpy())
-
-
-def per_layer(mod: tvm.IRModule, target: tvm.target.Target) -> list[dict]:
-    """Each fused kernel timed alone (min of repeats), times its call count in the model."""
+    target = _target()
     with target:
-        lowered = tvm.transform.Sequential(lower_passes(target))(mod)
+        lowered = tvm.transform.Sequential(lower_passes(target))(_relax(*_workload("mobilenet_v2")))
     counts: collections.Counter = collections.Counter()
-
-    def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.call_tir"):
-            counts[expr.args[0].name_hint] += 1
-
-    relax.analysis.post_order_visit(lowered["main"], visit)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    relax.analysis.post_order_visit(lowered["main"], lambda e: counts.update(
+        [e.args[0].name_hint]) if isinstance(e, relax.Call) and e.op == call_tir else None)
     scheduled = apply_default_schedules(lowered, target)
     rows = []
     for name, calls in counts.items():
@@ -98,57 +182,44 @@ def per_layer(mod: tvm.IRModule, target: tvm.target.Target) -> list[dict]:
     return sorted(rows, key=lambda r: -r["total_ms"])
 
 
+def resnet_convs(*, rounds: int) -> list[dict]:
+    """GFLOP/s of single 3x3 conv+ReLU layers: TVM default schedules vs PyTorch."""
+    rows = []
+    for index, (cin, cout, size, stride) in enumerate(RESNET_CONVS):
+        kinds = ["tvm_default_schedules", "pytorch_eager"]
+        if index == 0:  # the untuned baseline is slow; one shape is enough to show it
+            kinds.append("tvm_unscheduled")
+        stats, _ = interleaved(kinds, f"conv:{cin},{cout},{size},{stride}", rounds=rounds,
+                               per_round=5, slow=frozenset({"tvm_unscheduled"}))
+        gflop = 2 * cin * cout * 9 * (size // stride) ** 2 / 1e9
+        rows.append({"conv": f"{cin}->{cout} 3x3 s{stride} @{size}x{size}", "gflop": gflop,
+                     **{f"{k}_min_ms": v["min_ms"] for k, v in stats.items()},
+                     **{f"{k}_gflops": gflop / v["min_ms"] * 1e3 for k, v in stats.items()}})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--per-round", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
     load_before = machine_load()
-    model = mobilenet_v2_imagenet().eval()
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = model(x).numpy()
-        exported = torch.export.export(model, (x,))
-    mod = relax.frontend.torch.from_exported_program(exported)
-    target = tvm.target.Target(TARGET)
-
-    start = time.perf_counter()
-    scheduled = default_schedule_pipeline(target)(mod)
-    pipeline_s = time.perf_counter() - start
-    run_default, out_default = _vm_runner(scheduled, target, x.numpy())
-    run_plain, out_plain = _vm_runner(mod, target, x.numpy())
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "mobilenet_v2.onnx")
-        torch.onnx.export(model, (x,), path, dynamo=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-
-    def run_torch() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    engines = {"tvm_default_schedules": run_default, "onnxruntime_fp32": lambda: session.run(
-        None, feed), "pytorch_eager": run_torch, "tvm_unscheduled": run_plain}
-    timings = interleaved(engines, rounds=args.rounds, per_round=args.per_round,
-                          slow={"tvm_unscheduled"})
-    ort_ms = timings["onnxruntime_fp32"]["median_ms"]
+    kinds = ["tvm_default_schedules", "onnxruntime_fp32", "pytorch_eager", "tvm_unscheduled"]
+    timings, outputs = interleaved(kinds, "mobilenet_v2", rounds=args.rounds,
+                                   per_round=args.per_round,
+                                   slow=frozenset({"tvm_unscheduled"}))
+    ort = timings["onnxruntime_fp32"]
     for entry in timings.values():
-        entry["ratio_to_ort_median"] = entry["median_ms"] / ort_ms
-        entry["ratio_to_ort_min"] = entry["min_ms"] / timings["onnxruntime_fp32"]["min_ms"]
+        entry["ratio_to_ort_median"] = entry["median_ms"] / ort["median_ms"]
+        entry["ratio_to_ort_min"] = entry["min_ms"] / ort["min_ms"]
+    reference = outputs["pytorch_eager"]
     result = {
-        "model": "mobilenet_v2 (ImageNet weights), batch 1, fp32", "target": str(TARGET),
-        "threads": THREADS, "pipeline_seconds": pipeline_s, "timings": timings,
-        "max_abs_diff_vs_torch": {"tvm_default_schedules": float(np.abs(out_default() - reference)
-                                                                 .max()),
-                                  "tvm_unscheduled": float(np.abs(out_plain() - reference).max())},
-        "load_before": load_before, "load_after": machine_load(),
-        "per_layer": per_layer(mod, target),
+        "model": "mobilenet_v2 (ImageNet weights), batch 1, fp32", "target": str(_target()),
+        "threads": THREADS, "timings": timings,
+        "max_abs_diff_vs_torch": {k: float(np.abs(v - reference).max())
+                                  for k, v in outputs.items() if k != "pytorch_eager"},
+        "load_before": load_before, "load_after_engines": machine_load(),
+        "per_kernel": per_kernel(), "resnet_convs": resnet_convs(rounds=max(args.rounds // 2, 3)),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "default_schedules.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -159,27 +230,38 @@ def main() -> None:
 def markdown(result: dict) -> str:
     """The results as a markdown report."""
     lines = ["# Default CPU schedules: MobileNetV2 batch 1 (fp32)", "",
-             f"Target `{result['target']}`, {result['threads']} threads. Load average before "
-             f"{result['load_before']['loadavg']}, after {result['load_after']['loadavg']} "
-             "(shared machine; see JSON for the busiest processes). Interleaved rounds.", "",
+             f"Target `{result['target']}`, {result['threads']} threads, one process per engine, "
+             f"interleaved rounds. Load average before {result['load_before']['loadavg']}, after "
+             f"{result['load_after_engines']['loadavg']} on this 2-core machine (shared with "
+             "other jobs; busiest processes in the JSON).", "",
              "| engine | median ms | min ms | median / ORT | min / ORT |", "|---|---|---|---|---|"]
     for name, t in result["timings"].items():
         lines.append(f"| {name} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | "
                      f"{t['ratio_to_ort_median']:.2f} | {t['ratio_to_ort_min']:.2f} |")
-    diff = result["max_abs_diff_vs_torch"]
-    lines += ["", f"Max abs diff vs PyTorch: scheduled {diff['tvm_default_schedules']:.2e}, "
-              f"unscheduled {diff['tvm_unscheduled']:.2e}. Pipeline (passes + schedules) "
-              f"{result['pipeline_seconds']:.1f} s.", "",
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_diff_vs_torch"].items())
+    lines += ["", f"Max abs output difference vs PyTorch: {diffs}.", "",
               "## Per kernel (each timed alone, min of repeats)", "",
               "| kernel | calls | ms | total ms | GFLOP/s | input -> output |",
               "|---|---|---|---|---|---|"]
-    for row in result["per_layer"]:
+    for row in result["per_kernel"]:
         gflops = f"{row['gflops']:.1f}" if row["gflops"] else "-"
         lines.append(f"| {row['kernel']} | {row['calls']} | {row['ms']:.3f} | "
                      f"{row['total_ms']:.3f} | {gflops} | {row['input']} -> {row['output']} |")
-    total = sum(r["total_ms"] for r in result["per_layer"])
-    lines += ["", f"Sum of kernels: {total:.2f} ms.", ""]
-    return "\n".join(lines)
+    total = sum(r["total_ms"] for r in result["per_kernel"])
+    lines += ["", f"Sum of kernels: {total:.2f} ms.", "",
+              "## ResNet-style 3x3 conv + ReLU (min of interleaved runs)", "",
+              "| conv | GFLOP | TVM ms | TVM GFLOP/s | PyTorch ms | PyTorch GFLOP/s |",
+              "|---|---|---|---|---|---|"]
+    for row in result["resnet_convs"]:
+        lines.append(f"| {row['conv']} | {row['gflop']:.3f} | "
+                     f"{row['tvm_default_schedules_min_ms']:.2f} | "
+                     f"{row['tvm_default_schedules_gflops']:.1f} | "
+                     f"{row['pytorch_eager_min_ms']:.2f} | {row['pytorch_eager_gflops']:.1f} |")
+    first = result["resnet_convs"][0]
+    if "tvm_unscheduled_min_ms" in first:
+        lines += ["", f"Unscheduled TVM on {first['conv']}: "
+                  f"{first['tvm_unscheduled_min_ms']:.1f} ms."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
