@@ -5,7 +5,13 @@ import pytest
 
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import from_torch
-from tvm_compress.metrics import accuracy, sqnr_db, top1_agreement, weight_bytes
+from tvm_compress.metrics import (
+    accuracy,
+    constant_bytes,
+    sqnr_db,
+    top1_agreement,
+    weight_bytes,
+)
 from tvm_compress.targets import preset_names, resolve_target
 
 
@@ -21,12 +27,20 @@ def test_sqnr():
     assert sqnr_db(ref + 0.1, ref) == pytest.approx(20.0)  # signal 1, noise 0.01 -> 100x
 
 
-def test_weight_bytes_counts_every_constant_once(tiny_cnn, tiny_input):
+def test_weight_and_constant_bytes(tiny_cnn, tiny_input):
+    from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
+
     model = from_torch(tiny_cnn, tiny_input)
     n_params = sum(p.numel() for p in tiny_cnn.parameters())
     n_buffers = sum(b.numel() for n, b in tiny_cnn.named_buffers() if "running" in n)
-    # conv weights + BN (4 per channel) + linear weight/bias, all fp32; scalar clip bounds excluded.
-    assert weight_bytes(model.mod) == 4 * (n_params + n_buffers)
+    # every tensor constant: conv weights, BN (4 per channel), linear weight and bias, fp32
+    assert constant_bytes(model.mod) == 4 * (n_params + n_buffers)
+    # layer weights + biases after folding BN: each conv gains a bias of its out channels
+    folded = FoldBatchNorm()(model.mod)
+    expected = 16 * 27 + 16 + 16 * 9 + 16 + 16 * 16 + 16 + 16 * 10 + 10
+    assert weight_bytes(folded) == 4 * expected
+    bits = {"stem.0": 4}  # a 4-bit weight is counted packed: 432 values -> 216 bytes
+    assert weight_bytes(folded, bits) == 4 * expected - 4 * 16 * 27 + 16 * 27 // 2
 
 
 def test_target_presets():

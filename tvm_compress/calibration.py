@@ -110,7 +110,11 @@ def clip_range(st: PointStats, config: QuantConfig, bits: int) -> tuple[float, f
         cdf = np.cumsum(st.hist) / st.hist.sum()
         kept = int(np.searchsorted(cdf, config.percentile / 100.0)) + 1
     elif config.calibration == "kl":
-        kept, _ = native.kl_threshold(st.hist, num_quant_bins=levels + 1)
+        hist = st.hist
+        if nonnegative:  # the ReLU's exact zeros pile up in bin 0 and drag the threshold down
+            hist = hist.copy()
+            hist[0] = 0
+        kept, _ = native.kl_threshold(hist, num_quant_bins=levels + 1)
     else:  # mse
         kept, _ = native.mse_threshold(st.hist, max_abs=st.max_abs, num_levels=levels)
     threshold = min(kept, HISTOGRAM_BINS) * width

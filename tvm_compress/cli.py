@@ -79,7 +79,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
-    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.quantize import folded_weight_bytes
     from tvm_compress.zoo import ZOO
 
     if args.list:
@@ -100,7 +100,7 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     con.table("layers", ["layer", "kind", "in", "out", "kernel", "groups", "MACs", "params"],
               [[x.name, x.kind, x.in_channels, x.out_channels, "x".join(map(str, x.kernel)),
                 x.groups, x.macs, x.params] for x in layers])
-    wbytes = weight_bytes(model.mod)
+    wbytes = folded_weight_bytes(model)
     con.out.print(f"{len(layers)} layers ({layers.count('conv')} conv, "
                   f"{layers.count('depthwise')} depthwise, {layers.count('grouped')} grouped, "
                   f"{layers.count('linear')} linear); {layers.total_macs:,} MACs; "
@@ -114,7 +114,7 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
 def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.compiler import build
-    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.quantize import folded_weight_bytes
     from tvm_compress.targets import resolve_target
 
     target = resolve_target(args.target)
@@ -133,7 +133,7 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     meta = {"model": model.name, "target": args.target, "library": str(out),
             "input": {"name": model.input_name, "shape": list(model.input_shape),
                       "dtype": model.input_dtype},
-            "weight_bytes": weight_bytes(model.mod), "library_bytes": out.stat().st_size}
+            "weight_bytes": folded_weight_bytes(model), "library_bytes": out.stat().st_size}
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2))
     con.out.print(f"wrote {out} ({meta['library_bytes']:,} bytes) and {meta_path}")
@@ -191,7 +191,7 @@ def reference_outputs(model: Any, images: np.ndarray) -> tuple[str, np.ndarray]:
 def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.compiler import build
     from tvm_compress.evaluation import evaluate
-    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.quantize import folded_weight_bytes
 
     with con.step(f"importing {args.model} (batch {args.batch})"):
         model = _load(args)
@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     with con.step(f"evaluating {len(images)} samples"):
         ref_name, reference = reference_outputs(model, images)
         report = evaluate(compiled, images, labels=labels, reference=reference,
-                          weight_bytes=weight_bytes(model.mod), latency_repeat=args.repeat)
+                          weight_bytes=folded_weight_bytes(model), latency_repeat=args.repeat)
     report.pop("logits")
     report.update(model=model.name, target=args.target, reference=ref_name)
     rows = [[k, v] for k, v in report.items() if not isinstance(v, dict)]
@@ -232,6 +232,85 @@ def _print_bench(con: Console, result: dict[str, Any]) -> None:
               "threads", ["runtime", "median ms", "x ONNX Runtime"], rows)
 
 
+def _quant_config(args: argparse.Namespace) -> Any:
+    from tvm_compress.qconfig import LayerOverride, QuantConfig, QuantSpec
+
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (a JSON QuantConfig, see --help)")
+        return QuantConfig.from_json(path.read_text())
+    overrides = {name: LayerOverride(fp32=True) for name in args.fp32 or []}
+    return QuantConfig(weight=QuantSpec(args.wbits, args.wscheme, args.granularity),
+                       activation=QuantSpec(args.abits, args.ascheme),
+                       calibration=args.calibration, calib_samples=args.calib_samples,
+                       percentile=args.percentile, overrides=overrides)
+
+
+def _npz_images(path_text: str, what: str, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path} (an .npz with 'images' [and 'labels'])")
+    with np.load(path) as npz:
+        if "images" not in npz:
+            raise UserError(f"{path} has no 'images' array; save it with "
+                            "np.savez(path, images=..., labels=...)")
+        return npz["images"].astype(dtype), (npz["labels"] if "labels" in npz else None)
+
+
+def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.compiler import build
+    from tvm_compress.evaluation import evaluate, task_data
+    from tvm_compress.quantize import quantize
+
+    config = _quant_config(args)
+    with con.step(f"importing {args.model}"):
+        model = _load(args)
+    if args.calib == "auto":
+        calib, _ = task_data(model.task, "calib")
+    else:
+        calib, _ = _npz_images(args.calib, "calibration", model.input_dtype)
+    images, labels = (_npz_images(args.val, "validation", model.input_dtype) if args.val
+                      else task_data(model.task, "test"))
+    if args.limit:
+        images, labels = images[: args.limit], None if labels is None else labels[: args.limit]
+    with con.step(f"quantizing ({config.short()})"):
+        qmodel = quantize(model, config, calib, progress=not args.json)
+    with con.step(f"compiling fp32 and int8 for {args.target}"):
+        fp32 = build(model, target=args.target)
+        int8 = build(qmodel.model, target=args.target)
+    with con.step(f"evaluating on {len(images)} samples"):
+        ref = evaluate(fp32, images, labels=labels, latency_repeat=args.repeat)
+        got = evaluate(int8, images, labels=labels, reference=ref["logits"],
+                       latency_repeat=args.repeat)
+    result = {"model": model.name, "config": config.to_dict(), "fp32_layers": qmodel.fp32_layers,
+              "fp32": {k: v for k, v in ref.items() if k != "logits"},
+              "quantized": {k: v for k, v in got.items() if k != "logits"},
+              "weight_bytes": {"fp32": qmodel.fp32_weight_bytes, "quantized": qmodel.weight_bytes}}
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json())
+        int8.export(out / "model.so")
+        result["output"] = str(out)
+    _print_quant(con, result)
+    return result
+
+
+def _print_quant(con: Console, r: dict[str, Any]) -> None:
+    rows = []
+    for key, label in (("accuracy", "accuracy"), ("agreement", "top-1 agreement with fp32")):
+        rows.append([label, r["fp32"].get(key, 1.0 if key == "agreement" else "-"),
+                     r["quantized"].get(key, "-")])
+    rows.append(["weight bytes", r["weight_bytes"]["fp32"], r["weight_bytes"]["quantized"]])
+    if "latency" in r["quantized"]:
+        rows.append(["latency ms", r["fp32"]["latency"]["median_ms"],
+                     r["quantized"]["latency"]["median_ms"]])
+    con.table(f"{r['model']}: fp32 vs quantized", ["metric", "fp32", "quantized"], rows)
+    if r["fp32_layers"]:
+        con.err.print(f"[yellow]kept in fp32:[/yellow] {', '.join(r['fp32_layers'])}")
+
+
 def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.demo import run_demo
 
@@ -251,6 +330,28 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool 
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    from tvm_compress.qconfig import CALIBRATIONS, GRANULARITIES, SCHEMES
+
+    p.add_argument("--calib", default="auto", help="calibration .npz ('images'); default: the "
+                                                   "zoo model's calibration split")
+    p.add_argument("--val", help="evaluation .npz ('images', 'labels'); default: zoo test data")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
+    p.add_argument("--config", help="QuantConfig JSON file (overrides the flags below)")
+    p.add_argument("--wbits", type=int, default=8, help="weight bits 2-8 (default 8)")
+    p.add_argument("--abits", type=int, default=8, help="activation bits 2-8 (default 8)")
+    p.add_argument("--wscheme", default="symmetric", choices=SCHEMES)
+    p.add_argument("--ascheme", default="asymmetric", choices=SCHEMES)
+    p.add_argument("--granularity", default="per_channel", choices=GRANULARITIES,
+                   help="weight granularity (activations are per tensor)")
+    p.add_argument("--calibration", default="minmax", choices=CALIBRATIONS)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--fp32", nargs="*", metavar="LAYER", help="layers to keep in fp32")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs (0: no latency)")
+    p.add_argument("-o", "--output", help="directory for config.json and model.so")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-compress", description="Compress CNNs inside Apache TVM and measure them.")
@@ -260,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compile": (cmd_compile, "compile a model for a target and write the library"),
         "eval": (cmd_eval, "accuracy / fidelity / size / latency of the compiled model"),
         "bench": (cmd_bench, "latency of TVM vs ONNX Runtime vs PyTorch in one run"),
+        "quantize": (cmd_quantize, "post-training quantization to integer kernels, measured"),
         "demo": (cmd_demo, "the showcase: a zoo model end to end, no arguments needed"),
     }
     for name, (func, text) in commands.items():
@@ -283,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="test", help="zoo data split (default test)")
             p.add_argument("--limit", type=int, default=0, help="evaluate only the first N")
             p.add_argument("--repeat", type=int, default=20, help="timed runs (0: no latency)")
+        if name == "quantize":
+            _add_quantize_args(p)
         if name == "bench":
             p.add_argument("--repeat", type=int, default=50, help="timed runs per runtime")
     return parser

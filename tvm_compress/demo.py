@@ -17,7 +17,7 @@ def run_demo(con: Any, *, model_ref: str = "zoo:mobilenet_v2", repeat: int = 20)
     from tvm_compress.cli import _print_bench, reference_outputs
     from tvm_compress.compiler import build
     from tvm_compress.evaluation import evaluate, task_data
-    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.quantize import folded_weight_bytes
 
     if not model_ref.startswith("zoo:"):
         raise UserError(f"demo runs on a zoo model (it needs labelled data); got {model_ref!r}")
@@ -29,7 +29,7 @@ def run_demo(con: Any, *, model_ref: str = "zoo:mobilenet_v2", repeat: int = 20)
     with con.step(f"evaluating on {len(images)} labelled real images"):
         ref_name, reference = reference_outputs(model, images)
         report = evaluate(compiled, images, labels=labels, reference=reference,
-                          weight_bytes=weight_bytes(model.mod), latency_repeat=0)
+                          weight_bytes=folded_weight_bytes(model), latency_repeat=0)
     with con.step("timing TVM, ONNX Runtime and PyTorch"):
         bench = benchmark(model, compiled=compiled, repeat=repeat)
     rows = [

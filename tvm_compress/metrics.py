@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from tvm import relax
+
+from tvm_compress.graph import DataflowView, is_const, op_name
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -25,14 +28,8 @@ def sqnr_db(output: np.ndarray, reference: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
 
 
-def weight_bytes(mod: tvm.IRModule) -> int:
-    """Bytes of all constants in the module's Relax functions, each shared constant counted once.
-
-    Sub-8-bit weights are stored packed (several per byte) by the quantizer, so counting the bytes
-    of what is stored gives their real size.
-    """
-    from tvm import relax
-
+def constant_bytes(mod: tvm.IRModule) -> int:
+    """Bytes of all tensor constants in the module's Relax functions (each counted once)."""
     seen: set[relax.Expr] = set()
 
     def visit(expr: relax.Expr) -> None:
@@ -42,5 +39,44 @@ def weight_bytes(mod: tvm.IRModule) -> int:
     for _, func in mod.functions.items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return sum(int(np.prod(c.value.shape)) * tvm.runtime.DataType(c.value.dtype).bits // 8
-               for c in seen)
+    return sum(_nbytes(c, None) for c in seen)
+
+
+def _nbytes(const: tvm.ir.expr.Constant, bits: int | None) -> int:
+    arr = const.value
+    n = int(np.prod(arr.shape))
+    b = bits if bits is not None else tvm.runtime.DataType(arr.dtype).bits
+    return (n * b + 7) // 8
+
+
+def weight_bytes(mod: tvm.IRModule, bits: dict[str, int] | None = None) -> int:
+    """Bytes of the conv / linear weights and biases, at their real bit-widths.
+
+    ``bits`` gives the storage bits of a layer's weight (sub-8-bit weights are stored packed);
+    without it a weight counts at its dtype's size. Weights are found through dequantize /
+    transpose ops, biases as the constant added right after the layer (or its dequantize).
+    For an unfolded fp32 model the BatchNorm parameters are not counted: compare folded models.
+    """
+    view = DataflowView.of(mod["main"])
+    total = 0
+    for b in view.bindings:
+        if op_name(b.value) not in ("relax.nn.conv2d", "relax.matmul"):
+            continue
+        weight = _through_dequantize(view, b.value.args[1])
+        if not is_const(weight):
+            continue
+        total += _nbytes(weight, (bits or {}).get(b.var.name))
+        for user in view.users.get(b.var, []):
+            if op_name(view.values[user]) == "relax.add":
+                for arg in view.values[user].args:
+                    bias = _through_dequantize(view, arg)
+                    if is_const(bias) and not arg.same_as(b.var):
+                        total += _nbytes(bias, None)
+    return total
+
+
+def _through_dequantize(view: DataflowView, expr: relax.Expr) -> relax.Expr:
+    expr = view.resolve(expr)
+    while op_name(expr) in ("relax.dequantize", "relax.astype"):
+        expr = view.resolve(expr.args[0])
+    return expr

@@ -43,12 +43,22 @@ class QuantizedModel:
     fp32_layers: list[str] = field(default_factory=list)
 
     @property
+    def weight_bits(self) -> dict[str, int]:
+        return {s.layer.name: self.config.weight_spec(s.layer.name).bits for s in self.graph.layers}
+
+    @property
     def weight_bytes(self) -> int:
-        return weight_bytes(self.model.mod)
+        """Conv / linear weights at their real bit-widths plus int32 biases."""
+        return weight_bytes(self.model.mod, self.weight_bits)
+
+    @property
+    def fp32_weight_bytes(self) -> int:
+        return weight_bytes(self.folded)
 
     def summary(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "quantized_layers": len(self.graph.layers),
                 "fp32_layers": self.fp32_layers, "weight_bytes": self.weight_bytes,
+                "fp32_weight_bytes": self.fp32_weight_bytes,
                 "activation_points": len(self.graph.points)}
 
 
@@ -57,6 +67,11 @@ def float_layers(mod: tvm.IRModule) -> list[str]:
     return [b.var.name for b in bindings(mod["main"])
             if op_name(b.value) in _FLOAT_LAYER_OPS and str(b.value.ty.dtype) == "float32"
             and str(b.value.args[0].ty.dtype) == "float32"]
+
+
+def folded_weight_bytes(model: Model) -> int:
+    """fp32 weight + bias bytes of a model with its BatchNorms folded (as it is deployed)."""
+    return weight_bytes(FoldBatchNorm()(model.mod))
 
 
 def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, realize: bool = True,
