@@ -149,6 +149,24 @@ def test_small_cnn_matches_torch_and_stays_packed() -> None:
     np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_onnx_import_matches_torch_and_stays_packed(tmp_path) -> None:
+    # The ONNX importer emits Clip (ReLU6) as call_tir(maximum/minimum): still fused and packed.
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    torch.manual_seed(0)
+    model, x = _TinyMobileNet().eval(), torch.randn(1, 3, 32, 32)
+    torch.onnx.export(model, (x,), str(tmp_path / "tiny.onnx"), dynamo=False)
+    mod = from_onnx(onnx.load(str(tmp_path / "tiny.onnx")), keep_params_in_input=False)
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    kernels = _kernels(scheduled)
+    assert all(kernels.values()), kernels
+    assert sum("layout_transform" in name for name in kernels) <= 2
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(_run(scheduled, x.numpy()), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_pack_channels_rewrites_conv_and_elementwise() -> None:
     conv_bn = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
                             nn.ReLU6())

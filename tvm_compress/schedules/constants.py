@@ -21,7 +21,7 @@ _BINARY: dict[str, Callable] = {
     "relax.minimum": np.minimum}
 _UNARY: dict[str, Callable] = {
     "relax.sqrt": np.sqrt, "relax.rsqrt": lambda a: 1.0 / np.sqrt(a), "relax.negative": np.negative,
-    "relax.exp": np.exp, "relax.abs": np.abs}
+    "relax.exp": np.exp, "relax.abs": np.abs, "relax.isnan": np.isnan}
 _INDEX_OPS = {tirx.Add: np.add, tirx.Sub: np.subtract, tirx.Mul: np.multiply,
               tirx.FloorDiv: np.floor_divide, tirx.FloorMod: np.mod}
 
@@ -68,6 +68,9 @@ def _evaluate(call: relax.Call) -> np.ndarray | None:
             return None
         fn = _BINARY.get(name) or _UNARY[name]
         return np.asarray(fn(*args))
+    if name == "relax.where":
+        args = [_value(a) for a in call.args]
+        return None if any(a is None for a in args) else np.where(*args)
     data = _value(call.args[0])
     if not isinstance(data, np.ndarray):
         return None

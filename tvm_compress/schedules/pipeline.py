@@ -7,6 +7,7 @@ from tvm import relax
 
 from tvm_compress.schedules.compute import legalize_conv2d
 from tvm_compress.schedules.constants import fold_constants_numpy
+from tvm_compress.schedules.elementwise import raise_elementwise
 from tvm_compress.schedules.hardware import vector_lanes
 from tvm_compress.schedules.layout import PackChannels
 
@@ -19,6 +20,9 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         fold_constants_numpy,
+        raise_elementwise,
+        fold_constants_numpy,
+        relax.transform.CanonicalizeBindings(),
         *(layout if pack else []),
         fold_constants_numpy,
         relax.transform.FoldConstant(),
