@@ -167,6 +167,36 @@ def test_onnx_import_matches_torch_and_stays_packed(tmp_path) -> None:
     np.testing.assert_allclose(_run(scheduled, x.numpy()), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_conv_softmax_layer_norm_match_unscheduled_build() -> None:
+    # Not packed (int8) or not ours (softmax, layer norm): scheduled by the generic and dlight
+    # rules, and the results must not change.
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 10, 10), "int8"))
+    v = relax.Var("v", relax.TensorType((4, 64), "float32"))
+    weight = relax.const(rng.integers(-8, 8, (16, 16, 3, 3)).astype("int8"))
+    dense = relax.const(rng.standard_normal((32, 64)).astype("float32"))
+    gamma, beta = relax.const(np.ones(32, "float32")), relax.const(np.zeros(32, "float32"))
+    with bb.function("main", [x, v]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, weight, padding=1, out_dtype="int32"))
+            y = bb.emit(relax.op.nn.softmax(relax.op.astype(y, "float32") * relax.const(
+                0.01, "float32"), axis=1))
+            z = bb.emit(relax.op.matmul(v, relax.op.permute_dims(dense)))
+            z = bb.emit(relax.op.nn.layer_norm(z, gamma, beta, axes=[-1]))
+            out = bb.emit_output(relax.Tuple([y, z]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    assert all(_kernels(scheduled).values()), _kernels(scheduled)
+    inputs = [tvm.runtime.tensor(rng.integers(-8, 8, (1, 16, 10, 10)).astype("int8")),
+              tvm.runtime.tensor(rng.standard_normal((4, 64)).astype("float32"))]
+    ours = relax.VirtualMachine(tvm.compile(scheduled, HOST), tvm.cpu())["main"](*inputs)
+    plain = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())["main"](*inputs)
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_pack_channels_rewrites_conv_and_elementwise() -> None:
     conv_bn = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
                             nn.ReLU6())

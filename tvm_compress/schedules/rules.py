@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
 
 from tvm_compress.schedules.blocks import find_kernel
 from tvm_compress.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
@@ -53,13 +54,32 @@ def _injective_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
     return schedule_injective_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
 
 
+def _dlight_rule(rule: dl.ScheduleRule) -> Rule:
+    """A dlight rule as a Rule: its schedule replaces the function held by ``sch``."""
+
+    def apply(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+        result = rule.apply(sch.mod["main"], target, False)
+        if isinstance(result, list):
+            result = result[0] if len(result) == 1 else None
+        if result is None:
+            return False
+        sch.mod["main"] = result.mod["main"]
+        return True
+
+    return apply
+
+
 # Most specific first: a function is scheduled by the first rule that applies cleanly.
+# TVM's dlight CPU rules cover what ours do not (GEMV with the reduction innermost, softmax
+# and norms with several reduction blocks).
 RULES: list[tuple[str, Rule]] = [
     ("conv2d_nchwc", _kernel_rule(CONV_NCHWC, schedule_conv2d_nchwc)),
     ("depthwise_nchwc", _kernel_rule(DEPTHWISE_NCHWC, schedule_depthwise_nchwc)),
     ("matmul", _matmul_rule),
+    ("dlight.cpu.GEMV", _dlight_rule(dl.cpu.GEMV())),
     ("reduction", _reduction_rule),
     ("injective", _injective_rule),
+    ("dlight.cpu.Reduction", _dlight_rule(dl.cpu.Reduction())),
 ]
 
 
@@ -69,7 +89,7 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
         sch = s_tir.Schedule(func)
         try:
             applied = rule(sch, target)
-        except (RuntimeError, ValueError, IndexError) as err:
+        except (RuntimeError, ValueError, IndexError, AssertionError) as err:
             logger.debug("schedule rule %s failed: %s", name, err)
             continue
         if applied:
