@@ -238,6 +238,13 @@ def test_conv_tile_fits_registers(registers: int) -> None:
         assert tile.accumulators >= 7 or (height, width) == (5, 3)
 
 
+def test_non_cpu_target_is_a_user_error() -> None:
+    from tvm_compress.errors import UserError
+
+    with pytest.raises(UserError, match="not a CPU target"):
+        default_schedule_pipeline(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
+
+
 def test_vector_width_follows_target() -> None:
     assert vector_lanes(HOST) in (4, 8, 16)
     assert vector_lanes(AARCH64) == 4

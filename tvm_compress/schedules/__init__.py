@@ -4,6 +4,6 @@ channel-blocked layouts, dense/matmul, pooling and element-wise functions.
 Entry point: :func:`default_schedule_pipeline`.
 """
 
-from tvm_compress.schedules.pipeline import default_schedule_pipeline
+from tvm_compress.schedules.pipeline import default_schedule_pipeline, lower_passes
 
-__all__ = ["default_schedule_pipeline"]
+__all__ = ["default_schedule_pipeline", "lower_passes"]

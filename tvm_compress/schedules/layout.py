@@ -137,8 +137,7 @@ class _Packer(PyExprMutator):
         shape = _static_shape(call)
         if shape is None or len(shape) != 4:
             return None
-        sources = [self._packed_source(a) for a in call.args]
-        packed = [s for s in sources if s is not None and _static_shape(call.args[0]) is not None]
+        packed = [s for s in map(self._packed_source, call.args) if s is not None]
         if not packed:
             return None
         block = packed[0][1]

@@ -5,15 +5,30 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from tvm_compress.errors import UserError
 from tvm_compress.schedules.compute import legalize_conv2d
 from tvm_compress.schedules.constants import fold_constants_numpy
 from tvm_compress.schedules.elementwise import raise_elementwise
 from tvm_compress.schedules.hardware import vector_lanes
 from tvm_compress.schedules.layout import PackChannels
+from tvm_compress.schedules.rules import apply_default_schedules
 
 
 def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir.transform.Pass]:
-    """Relax passes up to fused, legalized PrimFuncs (no schedule applied yet)."""
+    """Relax passes up to fused, legalized, not yet scheduled PrimFuncs.
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+        CPU target; its SIMD width sets the channel block.
+    pack : bool
+        Convert convolutions to NCHW[lanes]c (turn off to compare with plain NCHW).
+
+    Returns
+    -------
+    list of tvm.ir.transform.Pass
+        Also the starting point for meta-schedule tuning of the blocked kernels.
+    """
     layout = [PackChannels(lanes=vector_lanes(target)), relax.transform.DeadCodeElimination()]
     return [
         relax.transform.FoldBatchnormToConv2D(),
@@ -41,15 +56,33 @@ def default_schedule_pipeline(target: tvm.target.Target) -> tvm.ir.transform.Pas
     Parameters
     ----------
     target : tvm.target.Target
-        An ``llvm`` target; its features pick the SIMD width (AVX2, AVX-512, NEON) and its
-        ``num-cores`` the parallelism.
+        An ``llvm`` target (or its dict); its features pick the SIMD width (AVX2, AVX-512,
+        NEON) and its ``num-cores`` the parallelism. Without ``mcpu``/``mattr`` LLVM assumes a
+        baseline CPU (SSE2 on x86), so the schedules use 4 lanes.
 
     Returns
     -------
     tvm.ir.transform.Pass
         ``tvm.compile(pass(mod), target)`` then builds the module with the same outputs.
+
+    Raises
+    ------
+    UserError
+        If ``target`` is not an ``llvm`` (CPU) target.
+
+    Notes
+    -----
+    Steps: fold BatchNorm into conv weights, fold constants (NumPy), raise the ONNX importer's
+    point-wise ``call_tir`` to Relax ops, convert float32 convs and the ops between them to
+    NCHW[lanes]c (:func:`PackChannels`), legalize (blocked convs by ``compute.py``), fuse, and
+    schedule every PrimFunc with the first rule of ``rules.RULES`` that applies; a function no
+    rule handles is left unscheduled (slow but correct).
     """
-    from tvm_compress.schedules.rules import apply_default_schedules
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        raise UserError(f"default_schedule_pipeline: target {target.kind.name!r} is not a CPU "
+                        "target; pass an llvm target such as {'kind': 'llvm', 'mcpu': 'znver3'}")
 
     @tvm.ir.transform.module_pass(opt_level=0, name="DefaultSchedulePipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
