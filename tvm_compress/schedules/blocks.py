@@ -54,7 +54,10 @@ def fuse_epilogue(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> SBlockR
         tail = sch.cache_write(block, 0, "global")
     else:
         for consumer in consumers[:-1]:
-            sch.compute_inline(consumer)
+            try:
+                sch.compute_inline(consumer)
+            except s_tir.schedule.ScheduleError:  # it writes an output of its own
+                sch.reverse_compute_at(consumer, loop, preserve_unit_loops=True)
         tail = consumers[-1]
     sch.reverse_compute_at(tail, loop, preserve_unit_loops=True)
     return tail
