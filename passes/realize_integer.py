@@ -42,6 +42,14 @@ class QTensor:
     axis: int
     dtype: str
 
+    def dequantized_constant(self) -> np.ndarray:
+        """float64 values of a dequantized constant (scale / zero point along ``axis``)."""
+        values = self.expr.value.numpy().astype(np.float64)
+        shape = [1] * values.ndim
+        if self.scale.ndim:
+            shape[self.axis % values.ndim] = -1
+        return (values - self.zero_point.reshape(shape)) * self.scale.reshape(shape)
+
     def same_params(self, scale: np.ndarray, zero_point: np.ndarray) -> bool:
         return self.scale.shape == scale.shape and bool(
             np.all(self.scale == scale) and np.all(self.zero_point == zero_point))
@@ -81,7 +89,7 @@ def _channel_shape(ndim: int, channels: int) -> tuple[int, ...]:
 
 
 def _const(arr: np.ndarray, dtype: str) -> relax.Expr:
-    return relax.const(np.ascontiguousarray(arr).astype(dtype), dtype)
+    return relax.const(np.asarray(arr, order="C").astype(dtype), dtype)  # keeps 0-d shapes
 
 
 def requantize_int32(bb: relax.BlockBuilder, acc: relax.Expr, multiplier: np.ndarray,
@@ -96,7 +104,7 @@ def requantize_int32(bb: relax.BlockBuilder, acc: relax.Expr, multiplier: np.nda
     x = bb.emit(relax.op.right_shift(x, _const(shift.reshape(shape), "int64")))
     x = bb.emit(relax.op.add(x, _const(np.array(zero_point), "int64")))
     x = bb.emit(relax.op.clip(x, lo, hi))
-    return bb.emit(relax.op.astype(x, out_dtype))
+    return relax.op.astype(x, out_dtype)  # unbound: the caller binds it under the tensor's name
 
 
 def _out_range(q_call: relax.Call, act: relax.Expr | None, scale: float, zp: int
@@ -128,8 +136,8 @@ class _Layer:
         return 0 if self.is_conv else 1
 
     def weight_scale(self) -> np.ndarray:
-        return self.w.scale if self.w.scale.ndim else np.full(
-            self.weight.shape[self.out_axis], float(self.w.scale))
+        """Per-output-channel vector, or a 0-d array for per-tensor weights."""
+        return self.w.scale
 
     def weight_zero(self) -> np.ndarray:
         zp = self.w.zero_point
@@ -165,9 +173,18 @@ def _layer_call(layer: _Layer, x: relax.Expr, w: relax.Expr, padding: list[int] 
                               data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
 
 
-def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr
+def _emit_named(bb: relax.BlockBuilder, expr: relax.Expr, name: str) -> relax.Var:
+    """Bind ``expr`` to a variable called exactly ``name`` (``emit`` would rewrite the dots)."""
+    expr = bb.normalize(expr)
+    var = relax.DataflowVar(name, expr.ty)
+    bb.emit_normalized(relax.VarBinding(var, expr))
+    return var
+
+
+def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr, name: str
                      ) -> tuple[relax.Expr, np.ndarray]:
-    """Emit the integer conv / matmul of ``layer`` on the new int input ``x``.
+    """Emit the integer conv / matmul of ``layer`` on the new int input ``x``, bound to the
+    layer's name (so the LayerTable of the integer module keeps its layers).
 
     Returns the int32 accumulator and an int64 per-output-channel correction that must be added
     to it (the activation zero point times the weight sums)."""
@@ -178,7 +195,7 @@ def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr
     if np.any(zw != 0):  # asymmetric weights: exact int16 operands (x - zx) * (w - zw)
         zw_b = zw.reshape((-1, 1, 1, 1) if layer.is_conv else (1, -1))
         xs = bb.emit(relax.op.subtract(relax.op.astype(x, "int16"), _const(np.array(zx), "int16")))
-        acc = bb.emit(_layer_call(layer, xs, _const(weight - zw_b, "int16")))
+        acc = _emit_named(bb, _layer_call(layer, xs, _const(weight - zw_b, "int16")), name)
         return acc, np.zeros(channels, np.int64)
     reduce_axes = (1, 2, 3) if layer.is_conv else (0,)
     correction = -zx * weight.sum(axis=reduce_axes)
@@ -188,7 +205,7 @@ def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right],
                                     pad_value=float(zx)))
         padding = [0, 0, 0, 0]
-    acc = bb.emit(_layer_call(layer, x, layer.w.expr, padding))
+    acc = _emit_named(bb, _layer_call(layer, x, layer.w.expr, padding), name)
     return acc, correction.astype(np.int64)
 
 
@@ -198,7 +215,7 @@ def _bias_values(view: DataflowView, expr: relax.Expr, channels: int) -> np.ndar
         dq = as_dequantize(view, expr)
         if dq is None or not is_const(dq.expr):
             return None
-        arr = (dq.expr.value.numpy().astype(np.float64) - dq.zero_point) * dq.scale
+        arr = dq.dequantized_constant()
     if arr.size != channels or arr.shape not in ((channels,), (1, channels), (channels, 1, 1),
                                                 (1, channels, 1, 1)):
         return None
@@ -252,7 +269,7 @@ def _finish_rescaled(bb: relax.BlockBuilder, total: relax.Expr, zp: int, lo: int
     x = bb.emit(relax.op.add(total, _const(np.array(1 << (REQUANT_SHIFT - 1)), "int64")))
     x = bb.emit(relax.op.right_shift(x, _const(np.array(REQUANT_SHIFT), "int64")))
     x = bb.emit(relax.op.add(x, _const(np.array(zp), "int64")))
-    return bb.emit(relax.op.astype(relax.op.clip(x, lo, hi), dtype))
+    return relax.op.astype(bb.emit(relax.op.clip(x, lo, hi)), dtype)
 
 
 @relax.expr_functor.mutator
@@ -273,7 +290,7 @@ class _Realizer(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value, var = binding.value, binding.var
-        result = None
+        name, result = var.name, None
         if var in self.blocks:
             result = self.int_block(self.blocks[var], value)
         elif op_name(value) == "relax.quantize":
@@ -281,40 +298,44 @@ class _Realizer(relax.PyExprMutator):
         elif op_name(value) in (CONV, MATMUL) and var not in self.fused:
             layer = as_int_layer(self.view, value)
             if layer is not None:
-                result = self.dequantized_layer(layer)
+                result = self.dequantized_layer(layer, var.name)
+                name = var.name + ".dequantized"  # the layer's name is on its int32 kernel
         if result is None:
             super().visit_var_binding_(binding)
             return
         result = self.builder_.normalize(result)
         var_type = relax.DataflowVar if isinstance(var, relax.DataflowVar) else relax.Var
-        new_var = var_type(var.name, result.ty)
+        new_var = var_type(name, result.ty)
         self.builder_.emit_normalized(relax.VarBinding(new_var, result))
         self.set_var_remap(var, new_var)
 
     # -------------------------------------------------------------------------- rewrites
     def int_block(self, block: _Block, q: relax.Call) -> relax.Expr:
         bb, layer = self.builder_, block.layer
-        acc, correction = emit_accumulator(bb, layer, self.new(layer.x.expr))
+        acc, correction = emit_accumulator(bb, layer, self.new(layer.x.expr),
+                                           block.layer_var.name)
         in_scale = float(layer.x.scale) * layer.weight_scale()
         bias = np.round(block.bias / in_scale).astype(np.int64) + correction
         ndim = len(layer.call.ty.shape)
-        acc = bb.emit(relax.op.add(acc, _const(bias.reshape(_channel_shape(ndim, bias.size)),
-                                                "int32")))
+        if np.any(bias):
+            acc = bb.emit(relax.op.add(acc, _const(bias.reshape(_channel_shape(ndim, bias.size)),
+                                                    "int32")))
         out_scale, out_zp = float(_const_array(q.args[1])), int(_const_array(q.args[2]))
         lo, hi = _out_range(q, block.act, out_scale, out_zp)
         return requantize_int32(bb, acc, in_scale / out_scale, out_zp, lo, hi,
                                 str(q.attrs.out_dtype), ndim)
 
-    def dequantized_layer(self, layer: _Layer) -> relax.Expr:
+    def dequantized_layer(self, layer: _Layer, name: str) -> relax.Expr:
         bb = self.builder_
-        acc, correction = emit_accumulator(bb, layer, self.new(layer.x.expr))
+        acc, correction = emit_accumulator(bb, layer, self.new(layer.x.expr), name)
         ndim = len(layer.call.ty.shape)
         shape = _channel_shape(ndim, correction.size)
         if np.any(correction):
             acc = bb.emit(relax.op.add(acc, _const(correction.reshape(shape), "int32")))
-        scale = float(layer.x.scale) * layer.weight_scale()
+        scale = np.asarray(float(layer.x.scale) * layer.weight_scale())
         out = bb.emit(relax.op.astype(acc, "float32"))
-        return relax.op.multiply(out, _const(scale.reshape(shape), "float32"))
+        return relax.op.multiply(out, _const(scale.reshape(shape) if scale.ndim else scale,
+                                             "float32"))
 
     def int_quantize(self, q: relax.Call) -> relax.Expr | None:
         """Integer forms of quantize(add / concat / scale-preserving op / dequantize)."""
@@ -338,7 +359,8 @@ class _Realizer(relax.PyExprMutator):
                      for f in value.args[0].fields]
             if any(p is None for p in parts):
                 return None
-            return relax.op.concat([self.builder_.emit(p) for p in parts],
+            return relax.op.concat([p if isinstance(p, relax.Var) else self.builder_.emit(p)
+                                    for p in parts],
                                    axis=int(value.attrs.axis))
         if op in SCALE_PRESERVING:
             src = as_dequantize(self.view, value.args[0])

@@ -66,13 +66,29 @@ def weight_bytes(mod: tvm.IRModule, bits: dict[str, int] | None = None) -> int:
         if not is_const(weight):
             continue
         total += _nbytes(weight, (bits or {}).get(b.var.name))
-        for user in view.users.get(b.var, []):
-            if op_name(view.values[user]) == "relax.add":
-                for arg in view.values[user].args:
-                    bias = _through_dequantize(view, arg)
-                    if is_const(bias) and not arg.same_as(b.var):
-                        total += _nbytes(bias, None)
+        bias = _bias_after(view, b.var)
+        if bias is not None:
+            total += _nbytes(bias, None)
     return total
+
+
+def _bias_after(view: DataflowView, var: relax.Var) -> tvm.ir.expr.Constant | None:
+    """The constant bias added to a layer's output, possibly after it is dequantized
+    (astype / multiply by the scale) in an integer graph."""
+    for _ in range(4):
+        user = view.single_user(var)
+        if user is None:
+            return None
+        value = view.values[user]
+        if op_name(value) == "relax.add":
+            for arg in value.args:
+                if not arg.same_as(var):
+                    bias = _through_dequantize(view, arg)
+                    return bias if is_const(bias) else None
+        if op_name(value) not in ("relax.astype", "relax.multiply"):
+            return None
+        var = user
+    return None
 
 
 def _through_dequantize(view: DataflowView, expr: relax.Expr) -> relax.Expr:
