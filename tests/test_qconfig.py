@@ -35,7 +35,8 @@ def test_json_round_trip(wbits, abits, scheme, gran, cal, n, fp32):
 def test_quantune_space_is_expressible():
     # 3 sample counts x 4 schemes x 2 clippings x 2 granularities x 2 precisions = 96 configs
     configs = {QuantConfig(weight=QuantSpec(8, s, g), activation=QuantSpec(8, s), calibration=c,
-                           calib_samples=n, overrides={"fc": LayerOverride(fp32=True)} if mixed else {})
+                           calib_samples=n,
+                           overrides={"fc": LayerOverride(fp32=True)} if mixed else {})
                for n in (1, 100, 1000) for s in SCHEMES for c in ("minmax", "kl")
                for g in GRANULARITIES for mixed in (False, True)}
     assert len(configs) == 96
@@ -64,7 +65,8 @@ def test_unknown_override_layer_lists_close_matches():
 
 
 def test_override_accessors():
-    config = QuantConfig(overrides={"a": LayerOverride(weight_bits=4), "b": LayerOverride(fp32=True)})
+    config = QuantConfig(overrides={"a": LayerOverride(weight_bits=4),
+                                    "b": LayerOverride(fp32=True)})
     assert config.weight_spec("a").bits == 4 and config.weight_spec("c").bits == 8
     assert config.is_fp32("b") and not config.is_fp32("a")
     with pytest.raises(UserError, match="either fp32 or new bits"):

@@ -8,15 +8,15 @@ import tvm
 from hypothesis import given
 from hypothesis import strategies as st
 from tvm import relax
+from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
+from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
+from tvm_compress.passes.insert_qdq import InsertQDQ
+from tvm_compress.passes.realize_integer import RealizeInteger, fixed_point
 
 from tvm_compress.compiler import InputSpec, build
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import from_torch
 from tvm_compress.graph import bindings, op_name
-from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
-from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
-from tvm_compress.passes.insert_qdq import InsertQDQ
-from tvm_compress.passes.realize_integer import RealizeInteger, fixed_point
 from tvm_compress.qconfig import LayerOverride, QuantConfig, QuantSpec
 from tvm_compress.qparams import range_qparams
 from tvm_compress.quantize import quantize
@@ -199,7 +199,8 @@ def _teacher_forced(mod: tvm.IRModule, x: np.ndarray, reference: dict[str, np.nd
 
 @pytest.mark.parametrize("config", [
     QuantConfig(),
-    QuantConfig(weight=QuantSpec(8, "symmetric", "per_tensor"), activation=QuantSpec(8, "symmetric")),
+    QuantConfig(weight=QuantSpec(8, "symmetric", "per_tensor"),
+                activation=QuantSpec(8, "symmetric")),
     QuantConfig(weight=QuantSpec(8, "asymmetric", "per_channel"), calibration="kl"),
     QuantConfig(activation=QuantSpec(8, "symmetric_uint8"), calibration="percentile"),
     QuantConfig(weight=QuantSpec(4, "power_of_two", "per_channel"),
@@ -219,7 +220,8 @@ def test_realized_matches_simulated_within_one_lsb(tiny_cnn, tiny_input, config)
         assert np.max(np.abs(sim[name] - real)) <= 1, name
     # every conv now runs on integers, under its layer name
     assert q.model.layers.names == ["stem.0", "dw.0", "pw.0", "head"]
-    convs = [b.value for b in bindings(q.model.mod["main"]) if op_name(b.value) == "relax.nn.conv2d"]
+    convs = [b.value for b in bindings(q.model.mod["main"])
+             if op_name(b.value) == "relax.nn.conv2d"]
     assert convs and all(str(c.args[0].ty.dtype) in ("int8", "uint8", "int16") for c in convs)
 
 
