@@ -109,8 +109,11 @@ class CompiledModel:
         return path
 
 
+SCHEDULES = ("default", "none")
+
+
 def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
-          input_spec: InputSpec | None = None) -> CompiledModel:
+          input_spec: InputSpec | None = None, schedule: str = "default") -> CompiledModel:
     """Compile a model for a target preset.
 
     Parameters
@@ -119,7 +122,12 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
         An IRModule needs ``input_spec`` (its single input's name, shape, dtype).
     target : str or dict
         A preset name (``tvm_compress.targets.preset_names()``) or a TVM target dict.
+    schedule : {"default", "none"}
+        ``"default"``: our untuned CPU schedules (``tvm_compress.schedules``) on CPU targets;
+        GPU targets get TVM's dlight defaults. ``"none"``: TVM's plain pipeline (the baseline).
     """
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     tgt = resolve_target(target)
     if isinstance(model, Model):
         mod = model.mod
@@ -128,5 +136,9 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
         if input_spec is None:
             raise UserError("build(IRModule) needs input_spec=InputSpec(name, shape, dtype)")
         mod, spec = model, input_spec
+    if schedule == "default" and tgt.kind.name == "llvm":
+        from tvm_compress.schedules import default_schedule_pipeline
+
+        mod = default_schedule_pipeline(tgt)(mod)
     executable = tvm.compile(mod, target=tgt)
     return CompiledModel(executable, tgt, spec)

@@ -56,7 +56,7 @@ class Model:
 
 
 def finalize(mod: tvm.IRModule, layer_names: dict[str, str]) -> tvm.IRModule:
-    """Name layers after their weights, bind weights as constants, unwrap a 1-tuple output."""
+    """Name layers after their weights and bind the weights as constants."""
     from tvm.relax.frontend import detach_params
 
     mod, params = detach_params(mod)
@@ -67,29 +67,7 @@ def finalize(mod: tvm.IRModule, layer_names: dict[str, str]) -> tvm.IRModule:
         n_inputs = len(func.params) - len(weights)
         mod = relax.transform.BindParams(
             "main", {p.name: w for p, w in zip(func.params[n_inputs:], weights, strict=True)})(mod)
-    return relax.transform.FoldConstant()(_unwrap_tuple_return(mod))
-
-
-def _unwrap_tuple_return(mod: tvm.IRModule) -> tvm.IRModule:
-    func = mod["main"]
-    body = func.body
-    if not isinstance(body, relax.SeqExpr):
-        return mod
-    result = body.body
-    # The return value is a var bound to a 1-tuple in the last block, or the tuple itself.
-    tuple_expr = result
-    for block in body.blocks:
-        for binding in block.bindings:
-            if binding.var.same_as(result):
-                tuple_expr = binding.value
-    if not isinstance(tuple_expr, relax.Tuple) or len(tuple_expr.fields) != 1:
-        return mod
-    new_body = relax.SeqExpr(body.blocks, tuple_expr.fields[0])
-    new_func = relax.Function(func.params, new_body, tuple_expr.fields[0].ty, func.is_pure,
-                              func.attrs)
-    mod = mod.copy() if hasattr(mod, "copy") else tvm.IRModule(dict(mod.functions))
-    mod["main"] = new_func
-    return relax.transform.DeadCodeElimination(["main"])(mod)
+    return relax.transform.FoldConstant()(mod)
 
 
 # ----------------------------------------------------------------------------------------- ONNX
@@ -260,7 +238,8 @@ def from_torch(module: torch.nn.Module, example_input: torch.Tensor | np.ndarray
         raise UserError(f"torch.export failed for {type(module).__name__} with input "
                         f"{tuple(x.shape)}: {str(exc).splitlines()[0]}") from None
     placeholder_to_param = dict(exported.graph_signature.inputs_to_parameters)
-    mod = from_exported_program(exported, keep_params_as_input=True)
+    mod = from_exported_program(exported, keep_params_as_input=True,
+                                unwrap_unit_return_tuple=True)
     layer_names = {ph: re.sub(r"\.weight$", "", p) for ph, p in placeholder_to_param.items()
                    if p.endswith(".weight")}
     mod = finalize(mod, layer_names)
