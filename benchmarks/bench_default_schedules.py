@@ -198,6 +198,58 @@ def resnet_convs(*, rounds: int) -> list[dict]:
     return rows
 
 
+# (cin, cout, spatial, kernel, stride): the int8 micro-kernel against the fp32 kernel.
+INT8_CONVS = [(64, 64, 56, 3, 1), (24, 144, 56, 1, 1), (144, 24, 56, 1, 1), (320, 1280, 7, 1, 1)]
+
+
+def int8_microkernel() -> list[dict]:
+    """Prototype AVX2 u8 x s8 conv (``schedules/int8.py``) vs the fp32 schedule, same shapes."""
+    import tvm
+    from tvm import s_tir, te
+
+    from tvm_compress.schedules.blocks import find_kernel
+    from tvm_compress.schedules.compute import CONV_NCHWC, conv2d_nchwc
+    from tvm_compress.schedules.conv2d import schedule_conv2d_nchwc
+    from tvm_compress.schedules.int8 import (
+        CONV_NCHWC_U8S8,
+        conv2d_nchwc_u8s8,
+        schedule_conv2d_nchwc_u8s8,
+    )
+
+    target, rows = _target(), []
+    for cin, cout, size, k, stride in INT8_CONVS:
+        pad, times = (k - 1) // 2, {}
+        for dtype in ("uint8", "float32"):
+            data = te.placeholder((1, cin // 8, size, size, 8), dtype, name="data")
+            if dtype == "uint8":
+                weight = te.placeholder((cout // 8, cin // 8, k, k, 2, 8, 4), "int8", name="w")
+                conv = conv2d_nchwc_u8s8(data, weight, strides=(stride,) * 2, padding=(pad,) * 4)
+            else:
+                weight = te.placeholder((cout // 8, cin // 8, k, k, 8, 8), dtype, name="w")
+                conv = conv2d_nchwc(data, weight, strides=(stride,) * 2, padding=(pad,) * 4,
+                                    dilation=(1, 1), groups=1, out_dtype=dtype)
+            sch = s_tir.Schedule(te.create_prim_func([data, weight, conv]))
+            if dtype == "uint8":
+                schedule_conv2d_nchwc_u8s8(sch, find_kernel(sch, CONV_NCHWC_U8S8), registers=16,
+                                           cores=THREADS)
+            else:
+                schedule_conv2d_nchwc(sch, find_kernel(sch, CONV_NCHWC), lanes=8, registers=16,
+                                      cores=THREADS)
+            lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), target)
+            args = [tvm.runtime.tensor(np.zeros([int(d) for d in t.shape], str(t.dtype)))
+                    for t in (data, weight, conv)]
+            timer = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=9,
+                                           min_repeat_ms=10)
+            times[dtype] = min(timer(*args).results) * 1e3
+        gop = 2 * cin * cout * k * k * (size // stride) ** 2 / 1e9
+        rows.append({"conv": f"{cin}->{cout} {k}x{k} s{stride} @{size}x{size}",
+                     "int8_ms": times["uint8"], "fp32_ms": times["float32"],
+                     "int8_gops": gop / times["uint8"] * 1e3,
+                     "fp32_gflops": gop / times["float32"] * 1e3,
+                     "speedup": times["float32"] / times["uint8"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -220,6 +272,7 @@ def main() -> None:
                                   for k, v in outputs.items() if k != "pytorch_eager"},
         "load_before": load_before, "load_after_engines": machine_load(),
         "per_kernel": per_kernel(), "resnet_convs": resnet_convs(rounds=max(args.rounds // 2, 3)),
+        "int8_microkernel": int8_microkernel(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "default_schedules.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -261,6 +314,14 @@ def markdown(result: dict) -> str:
     if "tvm_unscheduled_min_ms" in first:
         lines += ["", f"Unscheduled TVM on {first['conv']}: "
                   f"{first['tvm_unscheduled_min_ms']:.1f} ms."]
+    lines += ["", "## Prototype AVX2 int8 micro-kernel (vpmaddubsw + vpmaddwd) vs fp32, one conv",
+              "", "Kernels timed alone (min of repeats); u8 activations x s8 weights -> s32, no "
+              "requantization epilogue yet.", "",
+              "| conv | int8 ms | int8 GOP/s | fp32 ms | fp32 GFLOP/s | speedup |",
+              "|---|---|---|---|---|---|"]
+    for row in result.get("int8_microkernel", []):
+        lines.append(f"| {row['conv']} | {row['int8_ms']:.3f} | {row['int8_gops']:.0f} | "
+                     f"{row['fp32_ms']:.3f} | {row['fp32_gflops']:.0f} | {row['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ import tvm
 import tvm.relax.frontend.torch  # noqa: F401  (registers the frontend)
 from torch import nn
 from tvm import relax, tirx
+from tvm.target.codegen import target_has_features
 
 from tvm_compress.schedules import default_schedule_pipeline
 from tvm_compress.schedules.constants import fold_constants_numpy, layout_transform_array
@@ -265,3 +266,37 @@ def test_other_isas_compile(target: tvm.target.Target, stem_out: str, tmp_path) 
         executable.export_library(
             str(path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
         assert path.stat().st_size > 0
+
+
+@pytest.mark.skipif(not target_has_features("avx2", HOST), reason="needs an AVX2 host")
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"),
+                         [(16, 16, 8, 3, 1), (8, 24, 9, 1, 2)])
+def test_avx2_int8_microkernel_is_exact(cin: int, cout: int, size: int, kernel: int,
+                                        stride: int) -> None:
+    from tvm import s_tir, te
+
+    from tvm_compress.schedules.blocks import find_kernel
+    from tvm_compress.schedules.int8 import (
+        CONV_NCHWC_U8S8,
+        conv2d_nchwc_u8s8,
+        schedule_conv2d_nchwc_u8s8,
+    )
+
+    pad = (kernel - 1) // 2
+    data = te.placeholder((1, cin // 8, size, size, 8), "uint8", name="data")
+    weight = te.placeholder((cout // 8, cin // 8, kernel, kernel, 2, 8, 4), "int8", name="w")
+    conv = conv2d_nchwc_u8s8(data, weight, strides=(stride, stride), padding=(pad,) * 4)
+    func = te.create_prim_func([data, weight, conv]).with_attr("global_symbol", "main")
+    sch = s_tir.Schedule(func)
+    schedule_conv2d_nchwc_u8s8(sch, find_kernel(sch, CONV_NCHWC_U8S8), registers=16, cores=2)
+    assert "pmadd" in sch.mod.script()  # the AVX2 intrinsic was tensorized in
+    rng = np.random.default_rng(0)
+    # 7-bit activations: vpmaddubsw's int16 pair sums cannot saturate
+    args = [rng.integers(0, 128, [int(d) for d in data.shape]).astype("uint8"),
+            rng.integers(-128, 128, [int(d) for d in weight.shape]).astype("int8")]
+    outs = []
+    for mod in (sch.mod["main"], func):
+        out = tvm.runtime.tensor(np.zeros([int(d) for d in conv.shape], "int32"))
+        tvm.compile(mod, HOST)["main"](*map(tvm.runtime.tensor, args), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
