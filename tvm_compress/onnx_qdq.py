@@ -113,7 +113,7 @@ def _bind_after_folding(mod: tvm.IRModule, token_to_layer: dict[str, str]) -> tv
     mod = relax.transform.BindParams("main", late)(mod)
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = _WeightTransposes(out).visit_expr(mod["main"])
-    return frontend._unwrap_tuple_return(relax.transform.DeadCodeElimination(["main"])(out))
+    return relax.transform.DeadCodeElimination(["main"])(out)
 
 
 def _name_qdq_layers(mod: tvm.IRModule, token_to_layer: dict[str, str]) -> tvm.IRModule:
@@ -227,7 +227,8 @@ class _OnnxGraph:
         from onnx import numpy_helper
 
         name = self.fresh(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        # np.array keeps 0-d scales 0-d (np.ascontiguousarray would make them 1-d: per axis).
+        self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))
         return name
 
     def node(self, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
