@@ -20,14 +20,16 @@ _BLOCKED = re.compile(r"^NCHW(\d+)c$")
 _BLOCKED_KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
 
 
-def _pad(data: te.Tensor, padding: tuple[int, int, int, int]) -> te.Tensor:
+def pad_nchwc(data: te.Tensor, padding: tuple[int, int, int, int]) -> te.Tensor:
+    """Zero-pad the H and W axes of an NCHW[x]c tensor by (top, left, bottom, right)."""
     top, left, bottom, right = padding
     if not any(padding):
         return data
     return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="data_pad")
 
 
-def _out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
+def out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output extent of a convolution along one axis (``pad`` = both sides together)."""
     return (size + pad - (kernel - 1) * dilation - 1) // stride + 1
 
 
@@ -41,10 +43,10 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, int]
     n, _, height, width, ib = (int(d) for d in data.shape)
     oc_chunks, ic_group_chunks, kh, kw, _, ob = (int(d) for d in kernel.shape)
     (sh, sw), (dh, dw) = strides, dilation
-    oh = _out_size(height, padding[0] + padding[2], kh, sh, dh)
-    ow = _out_size(width, padding[1] + padding[3], kw, sw, dw)
+    oh = out_size(height, padding[0] + padding[2], kh, sh, dh)
+    ow = out_size(width, padding[1] + padding[3], kw, sw, dw)
     oc_group_chunks = oc_chunks // groups
-    padded = _pad(data, padding)
+    padded = pad_nchwc(data, padding)
     ico = te.reduce_axis((0, ic_group_chunks), name="ico")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
@@ -67,9 +69,9 @@ def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, i
     n, chunks, height, width, block = (int(d) for d in data.shape)
     kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     (sh, sw), (dh, dw) = strides, dilation
-    oh = _out_size(height, padding[0] + padding[2], kh, sh, dh)
-    ow = _out_size(width, padding[1] + padding[3], kw, sw, dw)
-    padded = _pad(data, padding)
+    oh = out_size(height, padding[0] + padding[2], kh, sh, dh)
+    ow = out_size(width, padding[1] + padding[3], kw, sw, dw)
+    padded = pad_nchwc(data, padding)
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
 

@@ -20,7 +20,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from tvm_compress.schedules.blocks import extent, fuse_epilogue, parallelize
-from tvm_compress.schedules.compute import KERNEL_ATTR, _out_size, _pad
+from tvm_compress.schedules.compute import KERNEL_ATTR, out_size, pad_nchwc
 from tvm_compress.schedules.conv2d import pick_tile
 
 AVX2_DOT_8X4 = "tvm_compress.avx2_dot_8x4_u8s8s32"
@@ -70,9 +70,9 @@ def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int,
     n, _, height, width, ib = (int(d) for d in data.shape)
     oc_chunks, ic_chunks, kh, kw, _, ob, _ = (int(d) for d in kernel.shape)
     (sh, sw) = strides
-    oh = _out_size(height, padding[0] + padding[2], kh, sh, 1)
-    ow = _out_size(width, padding[1] + padding[3], kw, sw, 1)
-    padded = _pad(data, padding)
+    oh = out_size(height, padding[0] + padding[2], kh, sh, 1)
+    ow = out_size(width, padding[1] + padding[3], kw, sw, 1)
+    padded = pad_nchwc(data, padding)
     ico = te.reduce_axis((0, ic_chunks), name="ico")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     ic4, k4 = te.reduce_axis((0, ib // 4), name="ic4"), te.reduce_axis((0, 4), name="k4")
