@@ -201,3 +201,8 @@ def test_export_names_an_unsupported_op() -> None:
 def test_export_rejects_unknown_exposed_tensor(quantized_tiny) -> None:  # noqa: ANN001
     with pytest.raises(UserError, match="q_nowhere"):
         qdq_onnx_model(quantized_tiny.simulated, expose=["q_nowhere"])
+
+
+def test_export_rejects_the_realized_module(quantized_tiny) -> None:  # noqa: ANN001
+    with pytest.raises(UserError, match="simulated"):
+        qdq_onnx_model(quantized_tiny.model.mod)

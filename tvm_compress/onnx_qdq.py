@@ -7,7 +7,9 @@ which would fold ``dequantize(int8 weight)`` into an fp32 constant and lose the 
 that ``RealizeInteger`` needs, so the quantized weights are bound only after folding.
 
 Export: the simulated (QDQ) Relax module of a :class:`~tvm_compress.quantize.QuantizedModel` is
-translated node by node into an ONNX QDQ graph (:mod:`tvm_compress.onnx_export`).
+translated binding by binding into an ONNX QDQ graph, in the form ONNX Runtime fuses into integer
+kernels: the int32 bias becomes the Conv's third input, and a ReLU / clip that the following
+QuantizeLinear already saturates is dropped (exactly equal results).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 _WEIGHT_TOKEN = "tvmcqw_"
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
+_LAYER_CALLS = ("relax.nn.conv2d", "relax.matmul")
 _WEIGHT_PATH = ("relax.dequantize", "relax.permute_dims", "relax.reshape")
 _INT8 = (2, 3)  # onnx.TensorProto.UINT8, INT8: the weight types kept as integer constants
 
@@ -121,7 +124,7 @@ def _name_qdq_layers(mod: tvm.IRModule, token_to_layer: dict[str, str]) -> tvm.I
     values = {b.var: b.value for b in bindings(mod["main"])}
     names: dict[relax.Var, str] = {}
     for b in bindings(mod["main"]):
-        if op_name(b.value) not in ("relax.nn.conv2d", "relax.matmul"):
+        if op_name(b.value) not in _LAYER_CALLS:
             continue
         w = b.value.args[1]
         while isinstance(w, relax.Var) and w in values or op_name(w) in _WEIGHT_PATH:
@@ -454,6 +457,11 @@ def qdq_onnx_model(mod: tvm.IRModule, *, input_name: str | None = None,
     if len(func.params) != 1:
         raise UserError(f"qdq_onnx_model: main has {len(func.params)} inputs; only single-input "
                         "models export")
+    integer = [b.var.name for b in bindings(func) if op_name(b.value) in _LAYER_CALLS
+               and str(b.value.args[0].ty.dtype) != "float32"]
+    if integer:
+        raise UserError(f"qdq_onnx_model: layer '{integer[0]}' computes on integers, so this is "
+                        "a realized module; export the QDQ one (QuantizedModel.simulated)")
     graph = _OnnxGraph(func, "export_qdq_onnx")
     param = func.params[0]
     graph.names[param] = graph.fresh(input_name or param.name)
