@@ -14,6 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvm_compress.graph import emit_named
 from tvm_compress.qconfig import QuantConfig
 from tvm_compress.qgraph import LayerSite, QuantGraph, analyze
 from tvm_compress.qparams import QParams, weight_qparams
@@ -79,11 +80,9 @@ class _Inserter(relax.PyExprMutator):
 
     def _emit(self, binding: relax.VarBinding, value: relax.Expr) -> None:
         """Bind ``value`` to a new variable with the old one's name (layer names survive)."""
-        value = self.builder_.normalize(value)
-        var_type = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) else relax.Var
-        new_var = var_type(binding.var.name, value.ty)
-        self.builder_.emit_normalized(relax.VarBinding(new_var, value))
-        self.set_var_remap(binding.var, new_var)
+        self.set_var_remap(binding.var, emit_named(
+            self.builder_, value, binding.var.name,
+            dataflow=isinstance(binding.var, relax.DataflowVar)))
 
     def _int32_bias(self, binding: relax.VarBinding, site: LayerSite) -> relax.Expr:
         """``add(layer, dequantize(int32 bias))`` with the bias in accumulator units, as the

@@ -26,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.graph import DataflowView, is_const, op_name
+from tvm_compress.graph import DataflowView, emit_named, is_const, op_name
 from tvm_compress.qgraph import ADD, CONCAT, CONV, MATMUL, SCALE_PRESERVING
 
 REQUANT_SHIFT = 24  # fixed-point fraction bits of the add / concat rescaling multipliers
@@ -173,14 +173,6 @@ def _layer_call(layer: _Layer, x: relax.Expr, w: relax.Expr, padding: list[int] 
                               data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
 
 
-def _emit_named(bb: relax.BlockBuilder, expr: relax.Expr, name: str) -> relax.Var:
-    """Bind ``expr`` to a variable called exactly ``name`` (``emit`` would rewrite the dots)."""
-    expr = bb.normalize(expr)
-    var = relax.DataflowVar(name, expr.ty)
-    bb.emit_normalized(relax.VarBinding(var, expr))
-    return var
-
-
 def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr, name: str
                      ) -> tuple[relax.Expr, np.ndarray]:
     """Emit the integer conv / matmul of ``layer`` on the new int input ``x``, bound to the
@@ -195,7 +187,7 @@ def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr, name:
     if np.any(zw != 0):  # asymmetric weights: exact int16 operands (x - zx) * (w - zw)
         zw_b = zw.reshape((-1, 1, 1, 1) if layer.is_conv else (1, -1))
         xs = bb.emit(relax.op.subtract(relax.op.astype(x, "int16"), _const(np.array(zx), "int16")))
-        acc = _emit_named(bb, _layer_call(layer, xs, _const(weight - zw_b, "int16")), name)
+        acc = emit_named(bb, _layer_call(layer, xs, _const(weight - zw_b, "int16")), name)
         return acc, np.zeros(channels, np.int64)
     reduce_axes = (1, 2, 3) if layer.is_conv else (0,)
     correction = -zx * weight.sum(axis=reduce_axes)
@@ -205,7 +197,7 @@ def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr, name:
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right],
                                     pad_value=float(zx)))
         padding = [0, 0, 0, 0]
-    acc = _emit_named(bb, _layer_call(layer, x, layer.w.expr, padding), name)
+    acc = emit_named(bb, _layer_call(layer, x, layer.w.expr, padding), name)
     return acc, correction.astype(np.int64)
 
 
@@ -303,11 +295,8 @@ class _Realizer(relax.PyExprMutator):
         if result is None:
             super().visit_var_binding_(binding)
             return
-        result = self.builder_.normalize(result)
-        var_type = relax.DataflowVar if isinstance(var, relax.DataflowVar) else relax.Var
-        new_var = var_type(name, result.ty)
-        self.builder_.emit_normalized(relax.VarBinding(new_var, result))
-        self.set_var_remap(var, new_var)
+        self.set_var_remap(var, emit_named(self.builder_, result, name,
+                                           dataflow=isinstance(var, relax.DataflowVar)))
 
     # -------------------------------------------------------------------------- rewrites
     def int_block(self, block: _Block, q: relax.Call) -> relax.Expr:

@@ -144,15 +144,7 @@ def _eval_data(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, np.nda
     from tvm_compress.evaluation import task_data
 
     if args.data:
-        path = Path(args.data)
-        if not path.is_file():
-            raise UserError(f"data file not found: {path} (an .npz with 'images' [and 'labels'])")
-        with np.load(path) as npz:
-            if "images" not in npz:
-                raise UserError(f"{path} has no 'images' array; save with "
-                                "np.savez(path, images=..., labels=...)")
-            images = npz["images"].astype(model.input_dtype)
-            labels = npz["labels"] if "labels" in npz else None
+        images, labels = _npz_images(args.data, "data", model.input_dtype)
     else:
         images, labels = task_data(model.task, args.split)
     if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):

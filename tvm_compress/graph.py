@@ -88,3 +88,16 @@ class DataflowView:
     def single_user(self, var: relax.Var) -> relax.Var | None:
         users = self.users.get(var, [])
         return users[0] if len(users) == 1 and var not in self.outputs else None
+
+
+def emit_named(bb: relax.BlockBuilder, value: relax.Expr, name: str, *,
+               dataflow: bool = True) -> relax.Var:
+    """Bind ``value`` to a new variable called exactly ``name``.
+
+    ``BlockBuilder.emit`` would rewrite the dots out of layer names such as ``features.3.conv``;
+    passes use this to keep a rewritten layer's name (LayerTable reads names from variables).
+    """
+    value = bb.normalize(value)
+    var = (relax.DataflowVar if dataflow else relax.Var)(name, value.ty)
+    bb.emit_normalized(relax.VarBinding(var, value))
+    return var

@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.graph import WEIGHT_VIEWS, bindings, is_const, op_name, shape_of
+from tvm_compress.graph import WEIGHT_VIEWS, bindings, emit_named, is_const, op_name, shape_of
 
 _CONV = "relax.nn.conv2d"
 _MATMUL = "relax.matmul"
@@ -198,11 +198,8 @@ class _LayerRenamer(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         value = self.visit_expr(binding.value)
-        # Built by hand: BlockBuilder.emit would sanitize the dots out of the name.
-        var_type = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) else relax.Var
-        new_var = var_type(name, value.ty)
-        self.builder_.emit_normalized(relax.VarBinding(new_var, value))
-        self.set_var_remap(binding.var, new_var)
+        self.set_var_remap(binding.var, emit_named(
+            self.builder_, value, name, dataflow=isinstance(binding.var, relax.DataflowVar)))
 
 
 def name_layers(mod: tvm.IRModule, param_to_layer: dict[str, str]) -> tvm.IRModule:
