@@ -158,12 +158,16 @@ class QuantEvaluator(Evaluator):
         Also measure the median latency (``latency_repeat`` timed runs).
     mixed_layers : sequence of str, optional
         Layers "mixed" precision keeps fp32 (default: first and last layer).
+    schedule : {"default", "none"}
+        Passed to :func:`tvm_compress.compiler.build`; part of the cache identity, since it
+        changes latency.
     """
 
     def __init__(self, model: Model, *, calib: np.ndarray, images: np.ndarray,
                  labels: np.ndarray | None = None, target: str = "x86",
                  records: RecordsFile | str | Path | None = None, measure_latency: bool = False,
-                 latency_repeat: int = 30, mixed_layers: Sequence[str] | None = None) -> None:
+                 latency_repeat: int = 30, mixed_layers: Sequence[str] | None = None,
+                 schedule: str = "default") -> None:
         if len(images) == 0:
             raise UserError("the validation set is empty: give at least one image")
         if labels is not None and len(labels) != len(images):
@@ -172,10 +176,11 @@ class QuantEvaluator(Evaluator):
             raise UserError("the calibration set is empty: give at least one calibration sample")
         self.fp32_model = model
         self.calib, self.images, self.labels = calib, images, labels
-        self.latency_repeat = latency_repeat
+        self.latency_repeat, self.schedule = latency_repeat, schedule
         self._reference: np.ndarray | None = None
         super().__init__(model=model.name, model_id=model_fingerprint(model.mod),
-                         context=data_fingerprint(calib, images, labels), target=target,
+                         context=data_fingerprint(calib, images, labels)
+                         + ("" if schedule == "default" else f"/{schedule}"), target=target,
                          descriptors=model_descriptors(model.mod),
                          mixed_layers=mixed_layers or mixed_precision_layers(model.layers),
                          records=records, measure_latency=measure_latency)
@@ -184,7 +189,7 @@ class QuantEvaluator(Evaluator):
         from tvm_compress.compiler import build
         from tvm_compress.metrics import accuracy, top1_agreement
 
-        compiled = build(model, target=self.target)
+        compiled = build(model, target=self.target, schedule=self.schedule)
         logits = compiled.predict(self.images)
         if is_reference:
             self._reference = logits
@@ -201,7 +206,8 @@ class QuantEvaluator(Evaluator):
         if self._reference is None:
             from tvm_compress.compiler import build
 
-            self._reference = build(self.fp32_model, target=self.target).predict(self.images)
+            compiled = build(self.fp32_model, target=self.target, schedule=self.schedule)
+            self._reference = compiled.predict(self.images)
         return self._reference
 
     def measure(self, knobs: Knobs, config: QuantConfig) -> Result:
