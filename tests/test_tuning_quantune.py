@@ -128,3 +128,5 @@ def test_bad_options() -> None:
         QuantuneTuner(SPACE, variant="lambdamart")
     with pytest.raises(UserError, match="rounds >= 1"):
         QuantuneTuner(SPACE, rounds=0)
+    with pytest.raises(UserError, match="nothing to learn from"):
+        QuantuneTuner(SPACE).predict(list(SPACE)[:2])

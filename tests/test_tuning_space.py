@@ -16,6 +16,7 @@ from tvm_compress.tuning.space import (
     SearchSpace,
     calib_sizes,
     config_key,
+    make_space,
     mixed_precision_layers,
 )
 
@@ -73,6 +74,10 @@ def test_extended_space_and_restrict() -> None:
         SearchSpace.paper().restrict(clipping=("mse",))
     with pytest.raises(UserError, match="unknown knob"):
         SearchSpace.paper().restrict(bits=(8,))
+    assert len(make_space("extended", calib_available=1000)) == 384
+    assert len(make_space("paper", calib_available=50)) == 96
+    with pytest.raises(UserError, match="choose one of paper, extended"):
+        make_space("huge", calib_available=10)
 
 
 def test_calibration_sizes_scale_with_the_calibration_set() -> None:

@@ -144,6 +144,9 @@ class QuantuneTuner(Tuner):
         import xgboost as xgb
 
         x, y, w, sizes = self._training_set()
+        if len(y) == 0:
+            raise UserError("Quantune has nothing to learn from yet: give a prior or measure "
+                            "some configurations first")
         params = {"objective": VARIANTS[self.variant], "eta": self.learning_rate,
                   "max_depth": self.max_depth, "seed": self.seed, "nthread": 1,
                   "verbosity": 0}

@@ -180,3 +180,14 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, list[Any]]:
         return {n: list(v) for n, v in self.dims.items()}
+
+
+SPACES = ("paper", "extended")
+
+
+def make_space(name: str, *, calib_available: int) -> SearchSpace:
+    """A named space (``--space``): "paper" (96 configs) or "extended" (384)."""
+    if name not in SPACES:
+        raise UserError(f"unknown search space {name!r}; choose one of {', '.join(SPACES)}")
+    factory = SearchSpace.paper if name == "paper" else SearchSpace.extended
+    return factory(calib_available=calib_available)
