@@ -25,7 +25,7 @@ from tvm_compress.tuning.features import (
     feature_matrix,
     feature_names,
 )
-from tvm_compress.tuning.records import Record, baselines, read_records
+from tvm_compress.tuning.records import Record, Result, baselines, read_records
 from tvm_compress.tuning.space import Knobs, SearchSpace
 from tvm_compress.tuning.tuner import Task, Tuner, register_tuner
 
@@ -108,7 +108,7 @@ class QuantuneTuner(Tuner):
                 out.append(scored)
         return out
 
-    def _score_prior(self, rows: list[Record], baseline: Any) -> PriorGroup | None:
+    def _score_prior(self, rows: list[Record], baseline: Result | None) -> PriorGroup | None:
         name = rows[0].model
         if baseline is None and self.variant == "regression":
             warnings.warn(f"Quantune: prior model {name} has no fp32 record; its {len(rows)} "
