@@ -305,3 +305,16 @@ def test_constant_activation_gets_finite_scale(tiny_cnn, tiny_input):
     scale = float(q.act_params["stem.0:out"].scale)
     assert np.isfinite(scale) and scale > 0
     assert np.all(np.isfinite(build(q.model).run(tiny_input)))
+
+
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(
+    weight=QuantSpec(8, "symmetric", "per_tensor"), activation=QuantSpec(8, "symmetric"))],
+    ids=lambda c: c.short())
+def test_integer_model_same_with_and_without_default_schedules(tiny_cnn, tiny_input, config):
+    """Our CPU schedules (int8 kernels included) must not change what the integer model computes."""
+    calib = np.random.default_rng(3).standard_normal((8, 3, 16, 16)).astype("float32")
+    q = quantize(from_torch(tiny_cnn, tiny_input), config, calib, progress=False)
+    images = np.concatenate([calib, calib * 3.0])  # also values the calibration did not see
+    plain = build(q.model, schedule="none").predict(images)
+    scheduled = build(q.model, schedule="default").predict(images)
+    np.testing.assert_allclose(scheduled, plain, rtol=1e-5, atol=1e-5)
