@@ -157,21 +157,6 @@ def test_residual_add_unites_producers_and_sigmoid_is_not_zero_preserving():
     assert a.prunable and not a.zero_preserving
 
 
-@pytest.mark.parametrize("arch", sorted(fmnist.ARCHITECTURES))
-def test_fmnist_zoo_groups(arch):
-    torch.manual_seed(0)
-    model = from_torch(fmnist.ARCHITECTURES[arch]().eval(), torch.zeros(1, 1, 28, 28))
-    groups = analyze_channel_groups(model.mod)
-    assert groups[0].reason == "model input" and groups[-1].reason == "model output"
-    prunable = [g for g in groups if g.prunable]
-    assert len(prunable) == len(groups) - 2
-    # Every conv / linear layer produces the channels of exactly one group.
-    producers = [name for g in groups for name in g.producers]
-    assert sorted(producers) == sorted(model.layers.names)
-    assert all(g.zero_preserving for g in groups)
-    assert analyze_channel_groups(model.mod) == groups  # deterministic
-
-
 def test_onnx_import_gives_the_same_groups(tmp_path):
     torch.manual_seed(0)
     module = fmnist.shufflenet_v2().eval()

@@ -13,17 +13,24 @@ CropChannels pass and the torch cropper read the maps back to know what to cut.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from tvm import relax
 
+from tvm_compress.channel_shapes import (
+    CH,
+    Unsupported,
+    prim,
+    rank,
+    reshape_kind,
+    slice_bounds,
+    split_points,
+    static_shape,
+)
 from tvm_compress.graph import DataflowView, bindings, is_const, op_name
 from tvm_compress.layers import Layer, scan_layers
-
-CH = 1  # channel axis of NCHW activations and of (N, C) features
-INT64_MAX = 2**63 - 1
 
 # Channel-wise unary ops -> whether f(0) == 0 (zeroing a channel before the op zeroes it after).
 UNARY = {"relax.nn.relu": True, "relax.nn.leakyrelu": True, "relax.nn.gelu": True,
@@ -34,10 +41,6 @@ UNARY = {"relax.nn.relu": True, "relax.nn.leakyrelu": True, "relax.nn.gelu": Tru
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
           "relax.minimum")
 REDUCE = ("relax.mean", "relax.sum", "relax.max", "relax.min")
-
-
-class Unsupported(Exception):
-    """An op the walk cannot follow; its message becomes the blocked channels' reason."""
 
 
 @dataclass
@@ -52,57 +55,16 @@ class Member:
     layer: str | None = None  # the conv / linear layer a bias / BN directly follows
 
 
-def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or ty.ndim < 0:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except (TypeError, ValueError):  # symbolic dimension
-        return None
-
-
-def _prim(value: object) -> float:
-    inner = getattr(value, "value", value)
-    return float(getattr(inner, "value", inner))
-
-
-def slice_bounds(call: relax.Call, channels: int) -> tuple[int, int] | None:
-    """(begin, end) of a stride-1 strided_slice along the channel axis, clamped to [0, C]."""
-    axes = [int(a) for a in call.args[1].fields]
-    rank = len(_shape(call.args[0]) or ())
-    axes = [a + rank if a < 0 else a for a in axes]
-    if CH not in axes:
-        return None
-    i = axes.index(CH)
-    begin, end = int(call.args[2].fields[i]), int(call.args[3].fields[i])
-    stride = int(call.args[4].fields[i]) if len(call.args) > 4 else 1
-    if stride != 1:
-        raise Unsupported(f"channel slice with stride {stride}")
-    begin, end = (b + channels if b < 0 else b for b in (begin, end))
-    return min(max(begin, 0), channels), min(max(end, 0), channels)
-
-
-def split_points(call: relax.Call, channels: int) -> list[int]:
-    """Boundaries of a channel split: [0, i1, i2, ..., C]."""
-    sections = call.attrs.indices_or_sections
-    if not isinstance(sections, Sequence):
-        n = int(sections)
-        return [k * channels // n for k in range(n + 1)]
-    return [0, *(min(int(i), channels) for i in sections), channels]
-
-
-def reshape_kind(x: tuple[int, ...], out: tuple[int, ...]) -> str | None:
-    """``keep``: the channel axis stays axis 1 (only spatial axes change); ``flatten``: (N, C, ...)
-    -> (N, C * rest), each channel becomes ``rest`` consecutive features; else None."""
-    if len(x) not in (2, 4) or len(out) not in (2, 4) or x[0] != out[0]:
-        return None
-    rest = int(np.prod(x[2:]))
-    if out[CH] == x[CH] and int(np.prod(out[2:])) == rest:
-        return "keep"
-    if len(out) == 2 and out[CH] == x[CH] * rest:
-        return "flatten"
-    return None
+def _keeps_zero(op: str, const_pos: int, const: relax.Expr) -> bool:
+    """Whether ``op(0, c)`` (or ``op(c, 0)``) is 0 for the constant operand ``c``."""
+    c = const.value.numpy()
+    if op == "relax.multiply" or (op == "relax.divide" and const_pos == 1):
+        return True
+    if op in ("relax.add", "relax.subtract"):
+        return bool(np.all(c == 0))
+    if op == "relax.maximum":
+        return bool(np.all(c <= 0))
+    return op == "relax.minimum" and bool(np.all(c >= 0))
 
 
 class ChannelFlow:
@@ -151,7 +113,7 @@ class ChannelFlow:
             self.blocked.setdefault(e, reason)
 
     def _fresh_like(self, var: relax.Var, reason: str) -> None:
-        shape = _shape(var)
+        shape = static_shape(var)
         if shape is not None and len(shape) in (2, 4):
             self.maps[var] = self.fresh(shape[CH], reason)
         elif isinstance(var.ty, relax.TupleType):
@@ -219,7 +181,7 @@ class ChannelFlow:
                 self.maps[var] = self.maps[value]
             elif value in self.tuples:
                 self.tuples[var] = self.tuples[value]
-            elif len(_shape(var) or ()) in (2, 4):
+            elif rank(var) in (2, 4):
                 raise Unsupported("alias of an unknown tensor")
         elif isinstance(value, relax.Tuple):
             self.tuples[var] = [self.maps.get(f) if isinstance(f, relax.Var) else
@@ -237,7 +199,7 @@ class ChannelFlow:
             handler(self, var, value)
 
     def _const_field(self, expr: relax.Expr) -> np.ndarray | None:
-        shape = _shape(expr)
+        shape = static_shape(expr)
         if shape is not None and len(shape) in (2, 4):
             return self.fresh(shape[CH], "constant tensor")
         return None
@@ -245,8 +207,8 @@ class ChannelFlow:
     # ------------------------------------------------------------------------- ops
     def _unary(self, var: relax.Var, call: relax.Call) -> None:
         elems = self.map_of(call.args[0])
-        out = _shape(var)
-        if out is None or len(out) != len(_shape(call.args[0]) or ()) or out[CH] != len(elems):
+        out = static_shape(var)
+        if out is None or len(out) != rank(call.args[0]) or out[CH] != len(elems):
             raise Unsupported("changes the channel axis")
         layout = getattr(call.attrs, "layout", "NCHW")
         if str(layout) != "NCHW" or str(getattr(call.attrs, "out_layout", "NCHW")) != "NCHW":
@@ -254,7 +216,7 @@ class ChannelFlow:
         op = op_name(call)
         zero_ok = UNARY[op]
         if op == "relax.clip":
-            zero_ok = _prim(call.args[1]) <= 0.0 <= _prim(call.args[2])
+            zero_ok = prim(call.args[1]) <= 0.0 <= prim(call.args[2])
         if not zero_ok:
             self.nonzero.update(elems.tolist())
         self.maps[var] = elems
@@ -263,7 +225,7 @@ class ChannelFlow:
         elems = self.map_of(call.args[0])
         params = call.args[1:5]
         if int(call.attrs.axis) != CH or not all(is_const(p) for p in params) or \
-                any(_shape(p) != (len(elems),) for p in params):
+                any(static_shape(p) != (len(elems),) for p in params):
             raise Unsupported("batch_norm without constant per-channel parameters on axis 1")
         self.member("batch_norm", var.name, 0, elems, self.layer_of(call.args[0]))
         self.tuples[var] = [elems, None, None]
@@ -277,8 +239,8 @@ class ChannelFlow:
         if const_pos < 0:
             raise Unsupported("operand is neither a tensor variable nor a constant")
         x = call.args[1 - const_pos]
-        elems, xs, cs = self.map_of(x), _shape(x), _shape(call.args[const_pos])
-        if xs is None or cs is None or _shape(var) != xs:
+        elems, xs, cs = self.map_of(x), static_shape(x), static_shape(call.args[const_pos])
+        if xs is None or cs is None or static_shape(var) != xs:
             raise Unsupported("the constant broadcasts the tensor to a new shape")
         axis = CH - (len(xs) - len(cs))
         spans = 0 <= axis < len(cs) and cs[axis] != 1
@@ -288,16 +250,14 @@ class ChannelFlow:
         scale = op in ("relax.multiply", "relax.divide")
         if spans:
             self.member("scale" if scale else "bias", var.name, axis, elems, self.layer_of(x))
-        zero_ok = (op == "relax.multiply" or (op == "relax.divide" and const_pos == 1) or
-                   (not scale and spans))
-        if not zero_ok:
+        if not (spans and not scale or _keeps_zero(op, const_pos, call.args[const_pos])):
             self.nonzero.update(elems.tolist())
         self.maps[var] = elems
 
     def _binary_vars(self, var: relax.Var, call: relax.Call) -> None:
         ma, mb = self.map_of(call.args[0]), self.map_of(call.args[1])
-        out = _shape(var)
-        if out is None or len(_shape(call.args[0]) or ()) != len(_shape(call.args[1]) or ()):
+        out = static_shape(var)
+        if out is None or rank(call.args[0]) != rank(call.args[1]):
             raise Unsupported("operands of different rank")
         if len(ma) == len(mb):
             self.union(ma, mb)
@@ -335,7 +295,7 @@ class ChannelFlow:
 
     def _matmul(self, var: relax.Var, call: relax.Call) -> None:
         layer = self.layers.get(var)
-        if layer is None or not is_const(call.args[1]) or len(_shape(call.args[0]) or ()) != 2:
+        if layer is None or not is_const(call.args[1]) or rank(call.args[0]) != 2:
             raise Unsupported("matmul that is not (N, K) x constant (K, M)")
         self.member("linear_in", layer.name, 0, self.map_of(call.args[0]), layer.name)
         out = self.fresh(layer.out_channels)
@@ -344,10 +304,7 @@ class ChannelFlow:
 
     def _concat(self, var: relax.Var, call: relax.Call) -> None:
         maps = [self.map_of(f) for f in call.args[0].fields]
-        rank = len(_shape(var) or ())
-        axis = int(call.attrs.axis)
-        axis = axis + rank if axis < 0 else axis
-        if axis == CH:
+        if int(call.attrs.axis) % rank(var) == CH:
             self.maps[var] = np.concatenate(maps)
             return
         for other in maps[1:]:
@@ -365,9 +322,7 @@ class ChannelFlow:
 
     def _split(self, var: relax.Var, call: relax.Call) -> None:
         elems = self.map_of(call.args[0])
-        rank = len(_shape(call.args[0]) or ())
-        axis = int(call.attrs.axis)
-        if (axis + rank if axis < 0 else axis) != CH:
+        if int(call.attrs.axis) % rank(call.args[0]) != CH:
             self.tuples[var] = [elems] * len(var.ty.fields)
             return
         points = split_points(call, len(elems))
@@ -376,18 +331,17 @@ class ChannelFlow:
 
     def _reduce(self, var: relax.Var, call: relax.Call) -> None:
         elems = self.map_of(call.args[0])
-        rank = len(_shape(call.args[0]) or ())
         axes = call.attrs.axis
-        if axes is None:
+        if axes is None or rank(call.args[0]) == 0:
             raise Unsupported("reduces over all axes")
-        axes = {int(a) + rank if int(a) < 0 else int(a) for a in axes}
-        if axes & {0, CH} or (_shape(var) or (0, 0))[CH] != len(elems):
+        axes = {int(a) % rank(call.args[0]) for a in axes}
+        if axes & {0, CH} or (static_shape(var) or (0, 0))[CH] != len(elems):
             raise Unsupported("reduces over the batch or channel axis")
         self.maps[var] = elems
 
     def _squeeze(self, var: relax.Var, call: relax.Call) -> None:
         elems = self.map_of(call.args[0])
-        x, out = _shape(call.args[0]), _shape(var)
+        x, out = static_shape(call.args[0]), static_shape(var)
         if x is None or out is None or len(out) not in (2, 4) or x[0] != out[0] or \
                 out[CH] != len(elems):
             raise Unsupported("moves the channel axis")
@@ -395,7 +349,7 @@ class ChannelFlow:
 
     def _reshape(self, var: relax.Var, call: relax.Call) -> None:
         elems = self.map_of(call.args[0])
-        x, out = _shape(call.args[0]), _shape(var)
+        x, out = static_shape(call.args[0]), static_shape(var)
         if x is None or out is None:
             raise Unsupported("reshape with unknown shapes")
         if self._shuffle(var, call, elems, x, out):
@@ -416,7 +370,7 @@ class ChannelFlow:
                 [int(a) for a in self.view.values[perm].attrs.axes] != [0, 2, 1, 3, 4]:
             return False
         back = self.view.single_user(perm)
-        if back is None or self.view.op(back) != "relax.reshape" or _shape(back) != x:
+        if back is None or self.view.op(back) != "relax.reshape" or static_shape(back) != x:
             return False
         groups, per = out[1], out[2]
         blocks = elems.reshape(groups, per)

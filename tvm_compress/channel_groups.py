@@ -87,12 +87,14 @@ class ChannelGroup:
 class ChannelAnalysis:
     """The groups of ``mod["main"]`` with the element maps the croppers read.
 
-    Every channel of every tracked tensor is an element; ``elem_group[e]`` / ``elem_channel[e]``
-    say which group channel it is (-1: a group without weights, never cropped).
+    ``mod`` is the module the maps refer to (the input, with point-wise ``call_tir`` raised to
+    Relax ops). Every channel of every tracked tensor is an element; ``elem_group[e]`` /
+    ``elem_channel[e]`` say which group channel it is (-1: a group without weights, never cropped).
     """
 
     def __init__(self, mod: tvm.IRModule) -> None:
-        self.flow = ChannelFlow(mod["main"])
+        self.mod = _raise_call_tir(mod)
+        self.flow = ChannelFlow(self.mod["main"])
         self.elem_group, self.elem_channel, self.groups = _form_groups(self.flow)
 
     def kept_mask(self, plan: CropPlan) -> np.ndarray:
@@ -115,6 +117,17 @@ class ChannelAnalysis:
         """Kept positions of an axis with elements ``elems``; None when all are kept."""
         keep = mask[elems]
         return None if keep.all() else np.nonzero(keep)[0]
+
+
+def _raise_call_tir(mod: tvm.IRModule) -> tvm.IRModule:
+    """The ONNX importer emits Clip (ReLU6) as point-wise ``call_tir``; as Relax max / min ops the
+    analysis can follow them (the croppers then rewrite this raised module)."""
+    from tvm_compress.graph import bindings, op_name
+    from tvm_compress.schedules.elementwise import raise_elementwise
+
+    if any(op_name(b.value) == "relax.call_tir" for b in bindings(mod["main"])):
+        return raise_elementwise(mod)
+    return mod
 
 
 def analyze(mod: tvm.IRModule) -> ChannelAnalysis:
