@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-import tvm_ffi
 from tvm import relax
 
 from tvm_compress.channel_groups import ChannelAnalysis, CropPlan, analyze
 from tvm_compress.channel_shapes import CH, slice_bounds, split_points
-from tvm_compress.errors import UserError
 from tvm_compress.graph import is_const, op_name
-
-# A UserError raised inside transform_module crosses the FFI; registered, it comes back as itself
-# (not as a RuntimeError), so callers of the pass see the plan error they caused.
-tvm_ffi.register_error("UserError", UserError)
 
 _BINARY_ZEROED = ("relax.add", "relax.subtract", "relax.maximum", "relax.minimum")
 
