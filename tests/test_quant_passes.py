@@ -223,6 +223,9 @@ def test_realized_matches_simulated_within_one_lsb(tiny_cnn, tiny_input, config)
     convs = [b.value for b in bindings(q.model.mod["main"])
              if op_name(b.value) == "relax.nn.conv2d"]
     assert convs and all(str(c.args[0].ty.dtype) in ("int8", "uint8", "int16") for c in convs)
+    # the three conv blocks requantize in integers (int32 bias, fixed point), not via fp32
+    ops = [op_name(b.value) for b in bindings(q.model.mod["main"])]
+    assert ops.count("relax.right_shift") >= 3 and "relax.nn.relu" not in ops
 
 
 def test_asymmetric_input_zero_point_is_exact_with_padding(tiny_cnn, tiny_input):
