@@ -105,6 +105,13 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         padding = padding + padding
     options = {"strides": _ints(attrs.strides), "padding": padding,
                "dilation": _ints(attrs.dilation), "out_dtype": str(out_dtype)}
+    if str(data_ty.dtype) in ("uint8", "int8"):
+        # int8.py builds on this module's computes, hence the local import
+        from tvm_compress.schedules.int8 import legalize_conv2d_int8
+
+        tensorized = legalize_conv2d_int8(bb, call, options)
+        if tensorized is not None:
+            return tensorized
     if groups > 1 and groups == channels and int(kernel_match.group(1)) == 1:
         return bb.call_te(depthwise_nchwc, call.args[0], call.args[1], **options,
                           primfunc_name_hint="depthwise_conv2d_nchwc")

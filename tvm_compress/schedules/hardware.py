@@ -54,3 +54,9 @@ def num_cores(target: tvm.target.Target) -> int:
     if cores is not None and int(cores) > 0:
         return int(cores)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def has_avx2_int8(target: tvm.target.Target) -> bool:
+    """Whether the AVX2 int8 micro-kernel (``int8_intrin``) is the one to use: AVX2, 256-bit
+    registers (AVX-512 targets pack 16 channels, which that kernel does not cover)."""
+    return not is_aarch64(target) and _has("avx2", target) and vector_bits(target) == 256

@@ -1,102 +1,201 @@
-"""Prototype: AVX2 u8 x s8 -> s32 convolution micro-kernel (vpmaddubsw + vpmaddwd), tensorized.
+"""Integer convolution on AVX2: u8/s8 activations x s8 weights -> s32, tensorized.
 
-TVM registers int8 dot products for VNNI and AVX-512 only. On AVX2 the same idea is two
-instructions: ``vpmaddubsw`` multiplies 32 u8 x s8 pairs and adds neighbours into 16 x s16,
-``vpmaddwd`` against ones adds neighbours again into 8 x s32: 32 multiply-adds per pair of
-instructions, against 8 for one fp32 FMA. Caveat: the s16 step saturates when
-``a0*b0 + a1*b1 > 32767``; activations must stay within 7 bits (or weights within 7 bits, as
-ONNX Runtime's ``reduce_range`` does on AVX2).
-
-Layouts: activations uint8 NCHW[ib]c (ib a multiple of 4), weights int8 OIHW[ib/4]i[ob]o4i so
-that one 32-bit broadcast of 4 input channels meets one 32-byte row of 8 output channels x 4
-input channels. Not yet wired into ``default_schedule_pipeline`` (that needs the zero-point and
-requantization handling of the integer passes); it is here to measure the micro-kernel.
+Layouts: activations NCHW[ib]c (``ib`` a multiple of 4, as ``PackChannels`` packs integer
+convolutions); weights OIHW[ib/g]i[8]o[g]i so that one 32-bit broadcast of ``g`` input channels
+meets one 32-byte row of 8 output channels x ``g`` input channels. The legalization reads the
+(constant) weights and picks the intrinsic of ``int8_intrin``: ``direct`` (s8 weights, g = 4)
+for pair-safe weights, else ``int16`` (s16 weights, g = 2, activations widened once into a
+padded int16 copy). Sums start at ``-offset * sum(w)`` per output channel, which undoes the
+activation offset of the intrinsic, so the kernel equals ``conv2d`` on the original integers
+exactly, for every input.
 """
 
 from __future__ import annotations
 
-from tvm import s_tir, te
-from tvm.s_tir import TensorIntrin
-from tvm.script import tirx as T
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
 
-from tvm_compress.schedules.blocks import extent, fuse_epilogue, parallelize
+from tvm_compress.schedules.blocks import (
+    extent,
+    fuse_epilogue,
+    parallelize,
+    producers_and_consumers,
+    schedule_spatial,
+)
 from tvm_compress.schedules.compute import KERNEL_ATTR, out_size, pad_nchwc
-from tvm_compress.schedules.conv2d import pick_tile
+from tvm_compress.schedules.conv2d import ConvTile, pick_tile
+from tvm_compress.schedules.depthwise_int8 import legalize_depthwise_int8
+from tvm_compress.schedules.hardware import has_avx2_int8
+from tvm_compress.schedules.int8_intrin import intrin_name, offset, register_intrinsics
 
-AVX2_DOT_8X4 = "tvm_compress.avx2_dot_8x4_u8s8s32"
 CONV_NCHWC_U8S8 = "conv2d_nchwc_u8s8"
+INTRIN_ATTR = "tvm_compress.intrin"
+# Registers an intrinsic holds besides accumulators and weight rows: the broadcast (both), the
+# ones and pair sums of direct.
+_INTRIN_REGISTERS = {"direct": 2, "int16": 1}
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-                  B: T.Buffer((8, 4), "int8", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def pack_weight(weight: np.ndarray, group: int = 4) -> np.ndarray:
+    """OIHW[ib]i[ob]o weights (as ``PackChannels`` lays them out) -> OIHW[ib/g]i[ob]o[g]i."""
+    o, i, h, w, ib, ob = weight.shape
+    return np.ascontiguousarray(
+        weight.reshape(o, i, h, w, ib // group, group, ob).transpose(0, 1, 2, 3, 4, 6, 5))
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1),
-                  B: T.Buffer((8, 4), "int8", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_u8x32,
-            B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1),
-            dtype="int32x8")
-
-
-def register_intrinsics() -> None:
-    """Register the AVX2 dot product (idempotent)."""
-    if TensorIntrin.get(AVX2_DOT_8X4, allow_missing=True) is None:
-        TensorIntrin.register(AVX2_DOT_8X4, _dot_8x4_desc, _dot_8x4_avx2)
+def pick_kind(weight: np.ndarray) -> str:
+    """``direct`` when these packed (4-group) weights are pair-safe, else ``int16``."""
+    w = weight.astype(np.int64)
+    pos, neg = np.maximum(w, 0), np.minimum(w, 0)
+    # vpmaddubsw adds the products of byte pairs (0, 1) and (2, 3) of each 4-channel group
+    if (pos[..., 0::2] + pos[..., 1::2]).max() <= 128 and \
+            (neg[..., 0::2] + neg[..., 1::2]).min() >= -128:
+        return "direct"
+    return "int16"
 
 
 def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, int],
-                      padding: tuple[int, int, int, int]) -> te.Tensor:
-    """conv2d, data uint8 (N, C/ib, H, W, ib), kernel int8 (O/8, C/ib, kh, kw, ib/4, 8, 4)."""
+                      padding: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
+                      kind: str = "direct") -> te.Tensor:
+    """conv2d, data (N, C/ib, H, W, ib) u8 or s8, kernel (O/8, C/ib, kh, kw, ib/g, 8, g).
+
+    ``g`` = 4 with s8 weights for the 8-bit kinds, which compute ``sum((x + offset) * w)``
+    with the activation offset of intrinsic ``kind`` (:func:`conv2d_int8_func` starts the sums
+    at ``-offset * sum(w)`` to make that exact); ``g`` = 2 with s16 weights for ``int16``,
+    which reads a padded int16 copy of the data.
+    """
     n, _, height, width, ib = (int(d) for d in data.shape)
-    oc_chunks, ic_chunks, kh, kw, _, ob, _ = (int(d) for d in kernel.shape)
-    (sh, sw) = strides
-    oh = out_size(height, padding[0] + padding[2], kh, sh, 1)
-    ow = out_size(width, padding[1] + padding[3], kw, sw, 1)
+    oc_chunks, ic_chunks, kh, kw, _, ob, group = (int(d) for d in kernel.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = out_size(height, padding[0] + padding[2], kh, sh, dh)
+    ow = out_size(width, padding[1] + padding[3], kw, sw, dw)
     padded = pad_nchwc(data, padding)
+    if kind == "int16":
+        padded = te.compute(padded.shape, lambda *i: padded[i].astype("int16"), name="data_i16")
+    add = offset(kind, str(data.dtype))
     ico = te.reduce_axis((0, ic_chunks), name="ico")
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
-    ic4, k4 = te.reduce_axis((0, ib // 4), name="ic4"), te.reduce_axis((0, 4), name="k4")
+    icg, kg = te.reduce_axis((0, ib // group), name="icg"), te.reduce_axis((0, group), name="kg")
 
     def body(b, oc, y, x, oi):
-        value = padded[b, ico, y * sh + ry, x * sw + rx, ic4 * 4 + k4].astype("int32")
-        weight = kernel[oc, ico, ry, rx, ic4, oi, k4].astype("int32")
-        return te.sum(value * weight, axis=[ico, ry, rx, ic4, k4])
+        value = padded[b, ico, y * sh + ry * dh, x * sw + rx * dw, icg * group + kg]
+        value = value.astype("int32")
+        if add:
+            value = value + add
+        weight = kernel[oc, ico, ry, rx, icg, oi, kg].astype("int32")
+        return te.sum(value * weight, axis=[ico, ry, rx, icg, kg])
 
     return te.compute((n, oc_chunks, oh, ow, ob), body, name="conv2d_NCHWc_u8s8",
-                      attrs={KERNEL_ATTR: CONV_NCHWC_U8S8})
+                      attrs={KERNEL_ATTR: CONV_NCHWC_U8S8,
+                             INTRIN_ATTR: intrin_name(kind, str(data.dtype))})
+
+
+def _start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
+    """``stmt`` with the kernel block's reduction starting at ``start[oc, oi]`` instead of 0.
+
+    Not a separate ``+ start`` stage: inlined into the requantization, an int32 add under the
+    int64 cast is distributed into two 64-bit values, which defeats ``vpmuldq`` there. (A te
+    ``init`` would say the same, but ``create_prim_func`` drops it; TVM 0.27 exposes no Python
+    statement mutator, so the loop nest that TE produces is rebuilt here.)
+    """
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([_start_from(s, start) for s in stmt.seq])
+    if isinstance(stmt, tirx.For):
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
+                        _start_from(stmt.body, start), stmt.thread_binding, stmt.annotations)
+    if not isinstance(stmt, s_tir.SBlockRealize):
+        return stmt
+    block = stmt.block
+    init = block.init
+    if KERNEL_ATTR in block.annotations:
+        # The block's read regions stay those of its update, which is what tensorize matches;
+        # decompose_reduction derives the init block's own regions from its statement.
+        oc, oi = block.iter_vars[1].var, block.iter_vars[4].var
+        init = tirx.BufferStore(init.buffer, tirx.BufferLoad(start, [oc, oi]), init.indices)
+    block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint,
+                         _start_from(block.body, start), init, block.alloc_buffers,
+                         block.match_buffers, block.annotations)
+    return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
+
+
+def conv2d_int8_func(data: relax.TensorType, weight: np.ndarray, *, kind: str,
+                     **options) -> tirx.PrimFunc:
+    """PrimFunc ``(data, packed weight, start) -> int32 conv`` equal to the plain conv2d."""
+    data_ph = te.placeholder([int(d) for d in data.shape], str(data.dtype), name="data")
+    weight_ph = te.placeholder(weight.shape, str(weight.dtype), name="weight")
+    start_ph = te.placeholder(weight.shape[:1] + weight.shape[5:6], "int32", name="start")
+    conv = conv2d_nchwc_u8s8(data_ph, weight_ph, kind=kind, **options)
+    func = te.create_prim_func([data_ph, weight_ph, start_ph, conv],
+                               index_dtype_override="int64").without_attr("global_symbol")
+    return func.with_body(_start_from(func.body, func.params[2]))
+
+
+def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
+    if isinstance(expr, relax.Var):
+        expr = bb.lookup_binding(expr) or expr
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    return None
+
+
+def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
+                         ) -> relax.Expr | None:
+    """The int8 kernel for a packed integer conv2d, or None where none applies.
+
+    Needs u8/s8 data, constant s8 weights, int32 output. Regular convolutions (``ib % 4 == 0``,
+    8-channel output blocks, an AVX2 ``Target.current()``) get the tensorized kernel, depthwise
+    ones the fp32-arithmetic kernel of ``depthwise_int8`` where that is exact.
+    """
+    data_dtype = str(call.args[0].ty.dtype)
+    weight = _constant(bb, call.args[1])
+    if (data_dtype not in ("uint8", "int8") or options["out_dtype"] != "int32"
+            or weight is None or weight.dtype != np.int8 or weight.ndim != 6):
+        return None
+    groups = int(call.attrs.groups)
+    if groups > 1 and weight.shape[4] == 1 and groups == weight.shape[0] * weight.shape[5]:
+        return legalize_depthwise_int8(bb, call, weight, options)
+    target = tvm.target.Target.current(allow_none=True)
+    if groups != 1 or target is None or not has_avx2_int8(target) or weight.shape[4] % 4 \
+            or weight.shape[5] != 8:
+        return None
+    kind = pick_kind(pack_weight(weight))
+    packed = pack_weight(weight, 2).astype(np.int16) if kind == "int16" else pack_weight(weight)
+    sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/8, 8)
+    start = (-offset(kind, data_dtype) * sums).astype(np.int32)
+    options = {k: options[k] for k in ("strides", "padding", "dilation")}
+    func = conv2d_int8_func(call.args[0].ty, packed, kind=kind, **options)
+    gv = bb.add_func(func, "conv2d_nchwc_int8")
+    return relax.call_tir(gv, [call.args[0], relax.const(packed, str(packed.dtype)),
+                               relax.const(start, "int32")],
+                          relax.TensorType(func.params[3].shape, "int32"))
+
+
+def pick_int8_tile(oc_chunks: int, out_h: int, out_w: int, registers: int,
+                   kind: str = "direct") -> ConvTile:
+    """The fp32 register tile with the registers the intrinsic needs for itself set aside."""
+    return pick_tile(oc_chunks, out_h, out_w, registers - _INTRIN_REGISTERS[kind])
+
+
+def _kind(intrin: str) -> str:
+    return next(k for k in _INTRIN_REGISTERS if f"_{k}" in intrin)
 
 
 def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
-                               registers: int, cores: int) -> None:
-    """The fp32 conv tiling with the (8 output channels x 4 input channels) step tensorized."""
+                               registers: int, cores: int, lanes: int = 8,
+                               tile: ConvTile | None = None) -> None:
+    """The fp32 conv tiling with the (8 output channels x 4 or 2 input channels) step
+    tensorized; the padding / int16 copy of the data is computed in a pass of its own."""
     register_intrinsics()
-    n, oc, y, x, oi, ico, ry, rx, ic4, k4 = sch.get_loops(block)
-    tile = pick_tile(extent(sch, oc), extent(sch, y), extent(sch, x), registers)
+    intrin = str(sch.get(block).annotations[INTRIN_ATTR])
+    producers, _ = producers_and_consumers(sch, block)
+    n, oc, y, x, oi, ico, ry, rx, icg, kg = sch.get_loops(block)
+    tile = tile or pick_int8_tile(extent(sch, oc), extent(sch, y), extent(sch, x), registers,
+                                  _kind(intrin))
     oc_o, oc_i = sch.split(oc, [None, tile.oc])
     y_o, y_i = sch.split(y, [None, tile.y])
     x_o, x_i = sch.split(x, [None, tile.x])
     outer = [n, y_o, oc_o, x_o]
-    sch.reorder(*outer, ico, ry, rx, ic4, oc_i, y_i, x_i, oi, k4)
+    sch.reorder(*outer, ico, ry, rx, icg, oc_i, y_i, x_i, oi, kg)
     tail = fuse_epilogue(sch, block, x_o)
     parallelize(sch, outer[:-1], cores)
     for loop in (oc_i, y_i, x_i):
@@ -104,4 +203,8 @@ def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlock
     init = sch.decompose_reduction(block, ico)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(tail)[-1])
-    sch.tensorize(oi, AVX2_DOT_8X4)
+    sch.tensorize(oi, intrin)
+    for producer in producers[:-1]:
+        sch.compute_inline(producer)
+    if producers:
+        schedule_spatial(sch, producers[-1], lanes, cores)

@@ -23,7 +23,8 @@ _UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
           "relax.negative", "relax.abs", "relax.sqrt", "relax.rsqrt", "relax.square",
           "relax.astype", "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus"}
 _BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
-           "relax.minimum", "relax.power"}
+           "relax.minimum", "relax.power", "relax.right_shift", "relax.left_shift",
+           "relax.bitwise_and", "relax.bitwise_or", "relax.bitwise_xor"}
 _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"}
 _SPATIAL_REDUCE = {"relax.mean", "relax.sum", "relax.max", "relax.min"}
 
@@ -46,7 +47,24 @@ def _unpack_map(block: int) -> Callable:
     return lambda n, c, h, w, cb: (n, c * block + cb, h, w)
 
 
-def _conv_blocks(call: relax.Call, lanes: int) -> tuple[int, int] | None:
+def _int8_blocks(groups: int, cin: int, cout: int, lanes: int) -> tuple[int, int] | None:
+    """Blocks of an int8 conv for the int8 micro-kernel: whole 4-channel groups of input
+    (the stem's 3 channels are padded to 4), ``lanes`` int32 outputs; depthwise as fp32."""
+    if cout % lanes:
+        return None
+    if groups == 1:
+        return (lanes if cin % lanes == 0 else 4), lanes
+    if groups == cin == cout:
+        return lanes, lanes
+    return None
+
+
+def _is_int8_conv(call: relax.Call) -> bool:
+    return (str(call.args[0].ty.dtype) in ("uint8", "int8")
+            and str(call.args[1].ty.dtype) == "int8" and str(call.attrs.out_dtype) == "int32")
+
+
+def _conv_blocks(call: relax.Call, lanes: int, int8: bool) -> tuple[int, int] | None:
     """(input block, output block) for a conv2d that can be packed, else None."""
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
@@ -54,9 +72,11 @@ def _conv_blocks(call: relax.Call, lanes: int) -> tuple[int, int] | None:
     dshape, wshape = _static_shape(call.args[0]), _static_shape(call.args[1])
     if dshape is None or wshape is None or len(dshape) != 4:
         return None
+    groups, cin, cout = int(attrs.groups), dshape[1], wshape[0]
+    if int8 and _is_int8_conv(call):
+        return _int8_blocks(groups, cin, cout, lanes)
     if call.args[0].ty.dtype != "float32":
         return None
-    groups, cin, cout = int(attrs.groups), dshape[1], wshape[0]
     if cout % lanes:
         return None
     if groups == 1:
@@ -73,9 +93,10 @@ def _conv_blocks(call: relax.Call, lanes: int) -> tuple[int, int] | None:
 class _Packer(PyExprMutator):
     """Rewrites calls bottom-up; ``packed`` maps each packed var to its channel block."""
 
-    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, int8: bool) -> None:
         super().__init__(mod)
         self.lanes = lanes
+        self.int8 = int8
         self.packed: dict[relax.Var, int] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -93,7 +114,9 @@ class _Packer(PyExprMutator):
         source = self._packed_source(expr)
         if source is not None and source[1] == block:
             return source[0]
-        return self.builder_.emit(relax.op.layout_transform(expr, _pack_map(block)))
+        shape = _static_shape(expr)
+        pad = 0 if shape is not None and shape[1] % block else None  # zero channels to fill
+        return self.builder_.emit(relax.op.layout_transform(expr, _pack_map(block), pad))
 
     def _emit_packed(self, call: relax.Expr, block: int) -> relax.Expr:
         packed = self.builder_.emit(call)
@@ -117,7 +140,7 @@ class _Packer(PyExprMutator):
 
     # -- rewrites ----------------------------------------------------------------------------
     def _conv2d(self, call: relax.Call) -> relax.Expr | None:
-        blocks = _conv_blocks(call, self.lanes)
+        blocks = _conv_blocks(call, self.lanes, self.int8)
         if blocks is None:
             return None
         ib, ob = blocks
@@ -125,7 +148,8 @@ class _Packer(PyExprMutator):
         depthwise = int(attrs.groups) > 1 and int(attrs.groups) == _static_shape(call.args[0])[1]
         wib = 1 if depthwise else ib
         weight = relax.op.layout_transform(
-            call.args[1], lambda o, i, h, w: (o // ob, i // wib, h, w, i % wib, o % ob))
+            call.args[1], lambda o, i, h, w: (o // ob, i // wib, h, w, i % wib, o % ob),
+            0 if _static_shape(call.args[1])[1] % wib else None)
         conv = relax.op.nn.conv2d(
             self._pack(call.args[0], ib), self.builder_.emit(weight), strides=attrs.strides,
             padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
@@ -170,6 +194,17 @@ class _Packer(PyExprMutator):
                        attrs.ceil_mode, attrs.count_include_pad, layout, layout)
         return self._emit_packed(new, block)
 
+    def _pad(self, call: relax.Call) -> relax.Expr | None:
+        """Constant padding of H and W only (the zero-point padding of integer convs)."""
+        source = self._packed_source(call.args[0])
+        widths = [int(v) for v in call.attrs.pad_width]
+        if source is None or str(call.attrs.pad_mode) != "constant" or len(widths) != 8 \
+                or any(widths[:4]):
+            return None
+        data, block = source
+        padded = relax.op.nn.pad(data, [*widths, 0, 0], pad_value=float(call.attrs.pad_value))
+        return self._emit_packed(padded, block)
+
     def _spatial_reduce(self, call: relax.Call) -> relax.Expr | None:
         source = self._packed_source(call.args[0])
         attrs = call.attrs
@@ -199,12 +234,14 @@ class _Packer(PyExprMutator):
             new = self._pool(call)
         elif name in _SPATIAL_REDUCE:
             new = self._spatial_reduce(call)
+        elif name == "relax.nn.pad":
+            new = self._pad(call)
         else:
             new = None
         return call if new is None else new
 
 
-def PackChannels(*, lanes: int) -> tvm.ir.transform.Pass:  # noqa: N802 (TVM pass naming)
+def PackChannels(*, lanes: int, int8: bool = False) -> tvm.ir.transform.Pass:  # noqa: N802
     """Pass: convert float32 NCHW conv2d (regular, grouped, depthwise) to NCHW[lanes]c.
 
     Parameters
@@ -212,6 +249,11 @@ def PackChannels(*, lanes: int) -> tvm.ir.transform.Pass:  # noqa: N802 (TVM pas
     lanes : int
         Channel block, normally the target's fp32 SIMD lanes (8 for AVX2, 16 for AVX-512,
         4 for NEON). Convolutions whose output channels are not a multiple of it stay NCHW.
+    int8 : bool
+        Also pack integer convolutions (u8/s8 data, s8 weights, int32 output; regular or
+        depthwise) for the int8 micro-kernel: input blocks of ``lanes`` channels, or of 4 with
+        the channels zero-padded to a multiple of 4. Constant ``nn.pad`` of H/W (zero points)
+        and integer element-wise ops (shifts, bit ops) pass the packed layout through.
 
     Notes
     -----
@@ -222,7 +264,7 @@ def PackChannels(*, lanes: int) -> tvm.ir.transform.Pass:  # noqa: N802 (TVM pas
 
     @tvm.ir.transform.module_pass(opt_level=0, name="PackChannels")
     def _transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        packer = _Packer(mod, lanes)
+        packer = _Packer(mod, lanes, int8)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 packer.builder_.update_func(gv, packer.visit_expr(func))

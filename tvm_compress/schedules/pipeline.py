@@ -9,8 +9,9 @@ from tvm_compress.errors import UserError
 from tvm_compress.schedules.compute import legalize_conv2d
 from tvm_compress.schedules.constants import fold_constants_numpy
 from tvm_compress.schedules.elementwise import raise_elementwise
-from tvm_compress.schedules.hardware import vector_lanes
+from tvm_compress.schedules.hardware import has_avx2_int8, vector_lanes
 from tvm_compress.schedules.layout import PackChannels
+from tvm_compress.schedules.requantize import lower_requantize
 from tvm_compress.schedules.rules import apply_default_schedules
 
 
@@ -29,7 +30,8 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
     list of tvm.ir.transform.Pass
         Also the starting point for meta-schedule tuning of the blocked kernels.
     """
-    layout = [PackChannels(lanes=vector_lanes(target)), relax.transform.DeadCodeElimination()]
+    layout = [PackChannels(lanes=vector_lanes(target), int8=has_avx2_int8(target)),
+              relax.transform.DeadCodeElimination()]
     return [
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
@@ -41,6 +43,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         *(layout if pack else []),
         fold_constants_numpy,
         relax.transform.FoldConstant(),
+        lower_requantize,
         relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

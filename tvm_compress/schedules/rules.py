@@ -14,8 +14,13 @@ from tvm_compress.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
 from tvm_compress.schedules.conv2d import schedule_conv2d_nchwc
 from tvm_compress.schedules.dense import find_matmul, schedule_matmul
 from tvm_compress.schedules.depthwise import schedule_depthwise_nchwc
+from tvm_compress.schedules.depthwise_int8 import (
+    DEPTHWISE_NCHWC_INT8,
+    schedule_depthwise_nchwc_int8,
+)
 from tvm_compress.schedules.generic import schedule_injective_func, schedule_reduction_func
 from tvm_compress.schedules.hardware import num_cores, vector_lanes, vector_registers
+from tvm_compress.schedules.int8 import CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,9 @@ def _dlight_rule(rule: dl.ScheduleRule) -> Rule:
 # and norms with several reduction blocks).
 RULES: list[tuple[str, Rule]] = [
     ("conv2d_nchwc", _kernel_rule(CONV_NCHWC, schedule_conv2d_nchwc)),
+    ("conv2d_nchwc_u8s8", _kernel_rule(CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8)),
     ("depthwise_nchwc", _kernel_rule(DEPTHWISE_NCHWC, schedule_depthwise_nchwc)),
+    ("depthwise_nchwc_int8", _kernel_rule(DEPTHWISE_NCHWC_INT8, schedule_depthwise_nchwc_int8)),
     ("matmul", _matmul_rule),
     ("dlight.cpu.GEMV", _dlight_rule(dl.cpu.GEMV())),
     ("reduction", _reduction_rule),

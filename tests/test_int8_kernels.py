@@ -1,0 +1,156 @@
+"""int8 kernels of the default CPU schedules: exact against the unscheduled build.
+
+Modules here have the form ``RealizeInteger`` emits: u8/s8 activations, s8 weights, int32
+accumulators, bias and fixed-point requantization back to 8 bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.target.codegen import target_has_features
+
+from tvm_compress.compiler import InputSpec, build
+from tvm_compress.passes.realize_integer import requantize_int32
+from tvm_compress.schedules import default_schedule_pipeline
+from tvm_compress.schedules.int8 import pick_kind
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                          "num-cores": 2})
+needs_avx2 = pytest.mark.skipif(not target_has_features("avx2", HOST),
+                                reason="the int8 micro-kernel needs an AVX2 host")
+
+
+def _conv_block(bb: relax.BlockBuilder, x: relax.Expr, weight: np.ndarray, *, stride: int,
+                padding: int, groups: int, zero_point: int, requantize: bool) -> relax.Expr:
+    if zero_point:  # as RealizeInteger pads with the activation zero point
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, *(padding,) * 4], pad_value=zero_point))
+        padding = 0
+    acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), strides=stride, padding=padding,
+                                     groups=groups, out_dtype="int32"))
+    channels = weight.shape[0]
+    bias = np.random.default_rng(1).integers(-5000, 5000, (1, channels, 1, 1))
+    acc = bb.emit(relax.op.add(acc, relax.const(bias.astype("int32"))))
+    if not requantize:
+        return acc
+    multiplier = np.random.default_rng(2).uniform(1e-4, 4e-3, channels)
+    return requantize_int32(bb, acc, multiplier, 3, 0, 255, "uint8", 4)
+
+
+def _module(x_type: relax.TensorType, body) -> tvm.IRModule:  # noqa: ANN001
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", x_type)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _compare(mod: tvm.IRModule, x: np.ndarray) -> tvm.IRModule:
+    """Assert the scheduled build equals the unscheduled one; return the scheduled module."""
+    spec = InputSpec("x", x.shape, str(x.dtype))
+    expected = build(mod, input_spec=spec, schedule="none").run(x)
+    np.testing.assert_array_equal(build(mod, target=HOST, input_spec=spec).run(x), expected)
+    return default_schedule_pipeline(HOST)(mod)
+
+
+def _tensorized(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs that call the AVX2 dot product."""
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and "llvm.x86.avx2.pmadd" in f.script()]
+
+
+def _weights(shape: tuple[int, ...], lo: int = -127, hi: int = 127, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(lo, hi + 1, shape).astype("int8")
+
+
+def _activations(shape: tuple[int, ...], dtype: str = "uint8", seed: int = 3) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.random.default_rng(seed).integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+CONV_CASES = {  # cin, cout, size, kernel, stride, zero point of the padding
+    "1x1": (24, 48, 7, 1, 1, 0),
+    "3x3": (16, 16, 9, 3, 1, 0),
+    "3x3_s2_zero_point_pad": (8, 16, 11, 3, 2, 114),
+    "stem_3_channels": (3, 16, 12, 3, 2, 114),
+    "12_channels_4_blocks": (12, 8, 6, 3, 1, 0),
+}
+
+
+@needs_avx2
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_int8_conv_exact(case: str, dtype: str) -> None:
+    cin, cout, size, k, stride, zp = CONV_CASES[case]
+    weight = _weights((cout, cin, k, k))
+    mod = _module(relax.TensorType((1, cin, size, size), dtype), lambda bb, x: _conv_block(
+        bb, x, weight, stride=stride, padding=k // 2, groups=1, zero_point=zp, requantize=True))
+    assert _tensorized(_compare(mod, _activations((1, cin, size, size), dtype)))
+
+
+def _kernels_using(mod: tvm.IRModule, intrinsic: str) -> list[str]:
+    return [name for name in _tensorized(mod) if intrinsic in mod[name].script()]
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_saturation_large_u8_times_large_s8_is_exact(dtype: str) -> None:
+    # Every pair sum of vpmaddubsw on the raw operands would be 2 * 255 * 127 > 32767.
+    info = np.iinfo(dtype)
+    weight = np.full((16, 16, 1, 1), 127, "int8")
+    weight[8:] = -128
+    x = np.full((1, 16, 4, 4), info.max, dtype)
+    x[..., 0] = info.min
+    mod = _module(relax.TensorType(x.shape, dtype), lambda bb, v: _conv_block(
+        bb, v, weight, stride=1, padding=0, groups=1, zero_point=0, requantize=False))
+    scheduled = _compare(mod, x)
+    assert _tensorized(scheduled) and not _kernels_using(scheduled, "pmadd.ub.sw")
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_pair_safe_weights_use_the_u8_kernel(dtype: str) -> None:
+    weight = _weights((16, 16, 3, 3), -64, 64)  # 7-bit weights: no pair can saturate
+    x = _activations((1, 16, 6, 6), dtype)
+    mod = _module(relax.TensorType(x.shape, dtype), lambda bb, v: _conv_block(
+        bb, v, weight, stride=1, padding=1, groups=1, zero_point=0, requantize=True))
+    assert _kernels_using(_compare(mod, x), "pmadd.ub.sw")
+
+
+@needs_avx2
+@pytest.mark.parametrize(("stride", "zero_point"), [(1, 0), (2, 0), (1, 77)])
+def test_int8_depthwise_exact(stride: int, zero_point: int) -> None:
+    weight = _weights((16, 1, 3, 3))
+    x = _activations((1, 16, 10, 10))
+    mod = _module(relax.TensorType(x.shape, "uint8"), lambda bb, v: _conv_block(
+        bb, v, weight, stride=stride, padding=1, groups=16, zero_point=zero_point,
+        requantize=True))
+    scheduled = _compare(mod, x)
+    assert any("depthwise" in gv.name_hint and f.attrs.get("tirx.is_scheduled", False)
+               for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+@needs_avx2
+def test_int8_dense_exact() -> None:
+    weight = _weights((64, 40))
+    x = _activations((1, 64))
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        acc = bb.emit(relax.op.matmul(v, relax.const(weight), out_dtype="int32"))
+        return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")),
+                                 relax.const(np.float32(0.01)))
+
+    _compare(_module(relax.TensorType(x.shape, "uint8"), body), x)
+
+
+def test_pick_kind() -> None:
+    def kind(*quad: int) -> str:
+        return pick_kind(np.array(quad, "int8").reshape(1, 1, 1, 1, 1, 1, 4))
+
+    assert kind(100, 28, -128, 0) == "direct"  # pair sums 128 and -128 fit int16 for any u8
+    assert kind(100, 29, 0, 0) == "int16"
+    assert kind(0, 0, -128, -1) == "int16"
