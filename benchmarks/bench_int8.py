@@ -1,0 +1,314 @@
+"""MobileNetV2 int8 on this CPU: TVM int8 (realized integer kernels) vs TVM fp32 vs ONNX Runtime
+fp32 and int8 (its own quantize_static QDQ model) vs PyTorch eager, plus accuracy and kernels.
+
+Every engine lives in its own worker process, timed in interleaved rounds (as
+``bench_default_schedules.py`` does) so load from other processes hits all engines alike;
+medians and minima are reported with ratios to ONNX Runtime fp32 and the load average. Both
+int8 models are calibrated on the same 32 real photo crops. Accuracy: top-1 on the 20 labelled
+ImageNet photos and top-1 agreement with fp32 on those plus held-out photo crops. Kernels: each
+TVM kernel's per-call minimum inside the running model, int8 against fp32 per layer.
+Writes benchmarks/results/int8.{json,md}.
+
+    python benchmarks/bench_int8.py [--rounds 12] [--per-round 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+ENGINES = ["tvm_int8", "tvm_fp32", "onnxruntime_fp32", "onnxruntime_int8", "pytorch_eager"]
+
+
+def _target():
+    import tvm
+
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": THREADS})
+
+
+def prepare(tmp: Path, calib_n: int) -> dict:
+    """Quantize in TVM and with ONNX Runtime; write what the workers load into ``tmp``."""
+    import onnx
+    import tvm
+
+    import tvm_compress as tc
+    from tvm_compress.bench import onnx_of
+    from tvm_compress.data import real_photos
+    from tvm_compress.ort_quant import ort_quantize_static
+    from tvm_compress.qconfig import QuantConfig
+    from tvm_compress.quantize import quantize
+
+    model = tc.load("zoo:mobilenet_v2")
+    calib = real_photos("calib", n=calib_n)
+    start = time.perf_counter()
+    qmodel = quantize(model, QuantConfig(), calib, progress=False)
+    seconds = time.perf_counter() - start
+    (tmp / "int8.json").write_text(tvm.ir.save_json(qmodel.model.mod))
+    (tmp / "fp32.json").write_text(tvm.ir.save_json(model.mod))
+    fp32_onnx = onnx_of(model, calib[:1])
+    onnx.save(fp32_onnx, str(tmp / "fp32.onnx"))
+    onnx.save(ort_quantize_static(fp32_onnx, calib), str(tmp / "int8.onnx"))
+    return {"config": qmodel.config.to_dict(), "calibration_images": calib_n,
+            "quantize_seconds": seconds, "fp32_layers": qmodel.fp32_layers,
+            "weight_bytes": qmodel.weight_bytes, "fp32_weight_bytes": qmodel.fp32_weight_bytes}
+
+
+def _engine(kind: str, tmp: Path):
+    """(run on a batch-1 input) for an engine kind, built in this process."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    if kind.startswith("tvm"):
+        import tvm
+        from tvm import relax
+
+        from tvm_compress.schedules import default_schedule_pipeline
+
+        mod = tvm.ir.load_json((tmp / f"{kind[4:]}.json").read_text())
+        target = _target()
+        vm = relax.VirtualMachine(tvm.compile(default_schedule_pipeline(target)(mod), target),
+                                  tvm.cpu())
+        return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
+    if kind.startswith("onnxruntime"):
+        import onnx
+
+        from tvm_compress.bench import onnxruntime_session
+
+        session = onnxruntime_session(onnx.load(str(tmp / f"{kind[12:]}.onnx")), threads=THREADS)
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    import tvm_compress as tc
+
+    module = tc.load("zoo:mobilenet_v2").torch_module.eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def _worker(kind: str, tmp: str, images: np.ndarray, conn) -> None:
+    run = _engine(kind, Path(tmp))
+    conn.send(np.concatenate([run(images[i:i + 1]) for i in range(len(images))]))
+    x = images[:1].copy()
+    while (count := conn.recv()) is not None:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - start)
+        conn.send(times)
+
+
+def interleaved(tmp: Path, images: np.ndarray, *, rounds: int, per_round: int
+                ) -> tuple[dict, dict]:
+    """Timings (ms) and logits on ``images`` of every engine, one process each, interleaved."""
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for kind in ENGINES:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(kind, str(tmp), images, child), daemon=True)
+        proc.start()
+        workers[kind] = (proc, parent)
+    logits = {kind: conn.recv() for kind, (_, conn) in workers.items()}
+    times: dict[str, list[float]] = {kind: [] for kind in ENGINES}
+    for round_index in range(rounds + 1):  # round 0 is warm-up
+        for kind, (_, conn) in workers.items():
+            time.sleep(0.05)  # let the previous engine's spinning threads go idle
+            conn.send(per_round)
+            measured = conn.recv()
+            if round_index:
+                times[kind] += measured
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join(timeout=30)
+    stats = {kind: {"median_ms": float(np.median(t) * 1e3), "min_ms": float(np.min(t) * 1e3),
+                    "runs": len(t)} for kind, t in times.items()}
+    return stats, logits
+
+
+def machine_load() -> dict:
+    """Load average and the busiest processes (the machine is shared with other agents)."""
+    top = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
+                         capture_output=True, text=True, check=False).stdout.splitlines()[:4]
+    return {"loadavg": [round(v, 2) for v in os.getloadavg()],
+            "top_processes": [line.strip() for line in top]}
+
+
+def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
+    """Per-call minimum time (ms) of each kernel inside the running model, and its shapes."""
+    import tvm
+    from tvm import relax
+
+    from tvm_compress.schedules import default_schedule_pipeline
+
+    target = _target()
+    scheduled = default_schedule_pipeline(target)(tvm.ir.load_json(path.read_text()))
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(0).random((1, 3, 224, 224), "float32"))
+    calls: dict[str, list[float]] = collections.defaultdict(list)
+    started: dict[str, float] = {}
+
+    def instrument(_func, symbol, before, _ret, *_args) -> int:
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            calls[symbol].append(time.perf_counter() - started[symbol])
+        return 0
+
+    for _ in range(3):
+        vm["main"](x)
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](x)
+    out = {}
+    kernels = {gv.name_hint for gv in scheduled.get_global_vars()}
+    for name, seconds in calls.items():
+        if name not in kernels:  # VM builtins (allocation)
+            continue
+        func = scheduled[name]
+        per_call = np.array(seconds).reshape(runs, -1).min(axis=0) * 1e3
+        out[name] = {"calls": len(per_call), "ms": float(per_call.sum()),
+                     "input": [int(d) for d in func.params[0].shape],
+                     "output": [int(d) for d in func.params[-1].shape]}
+    return out
+
+
+def _kind(name: str) -> str:
+    if "depthwise" in name:
+        return "depthwise"
+    return "conv" if "conv2d" in name else ("dense" if "matmul" in name else "other")
+
+
+def compare_kernels(int8: dict, fp32: dict) -> list[dict]:
+    """int8 and fp32 kernels of the same layer (same kind and output shape), side by side."""
+    rows, used = [], set()
+    for name, k in sorted(int8.items(), key=lambda item: -item[1]["ms"]):
+        match = next((f for f, v in fp32.items() if f not in used and _kind(f) == _kind(name)
+                      and v["output"] == k["output"] and v["calls"] == k["calls"]), None)
+        used.add(match)
+        rows.append({"kind": _kind(name), "int8_kernel": name, "calls": k["calls"],
+                     "input": k["input"], "output": k["output"], "int8_ms": k["ms"],
+                     "fp32_ms": fp32[match]["ms"] if match else None})
+    return rows
+
+
+def accuracy(logits: dict, labels: np.ndarray) -> dict:
+    from tvm_compress.metrics import top1_agreement
+
+    reference = logits["tvm_fp32"]
+    return {kind: {"labelled_correct": int(np.sum(np.argmax(v[:20], 1) == labels)),
+                   "agreement_with_tvm_fp32": top1_agreement(v, reference),
+                   "agreement_labelled": top1_agreement(v[:20], reference[:20])}
+            for kind, v in logits.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--per-round", type=int, default=5)
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--eval-crops", type=int, default=40)
+    parser.add_argument("--kernel-runs", type=int, default=40)
+    args = parser.parse_args()
+    from tvm_compress.data import imagenet_photos, real_photos
+
+    photos, labels = imagenet_photos()
+    images = np.concatenate([photos, real_photos("eval", n=args.eval_crops)])
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        quant = prepare(tmp, args.calib)
+        load_before = machine_load()
+        timings, logits = interleaved(tmp, images, rounds=args.rounds, per_round=args.per_round)
+        load_after = machine_load()
+        int8_k = kernel_minima(tmp / "int8.json", args.kernel_runs)
+        fp32_k = kernel_minima(tmp / "fp32.json", args.kernel_runs)
+    result = {"model": "zoo:mobilenet_v2 (ImageNet weights), batch 1", "target": str(_target()),
+              "threads": THREADS, "quantization": quant, "timings": _ratios(timings),
+              "accuracy": accuracy(logits, labels), "evaluation_images": len(images),
+              "load_before": load_before, "load_after_engines": load_after,
+              "kernels": compare_kernels(int8_k, fp32_k),
+              "kernel_totals_ms": {"int8": sum(k["ms"] for k in int8_k.values()),
+                                   "fp32": sum(k["ms"] for k in fp32_k.values())}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "int8.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "int8.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def _ratios(timings: dict) -> dict:
+    for key, reference in (("ort_fp32", "onnxruntime_fp32"), ("ort_int8", "onnxruntime_int8")):
+        for entry in timings.values():
+            for stat in ("median", "min"):
+                entry[f"{stat}_over_{key}"] = entry[f"{stat}_ms"] / timings[reference][
+                    f"{stat}_ms"]
+    return timings
+
+
+def markdown(result: dict) -> str:
+    """The results as a markdown report."""
+    quant = result["quantization"]
+    lines = ["# int8 MobileNetV2 on this CPU (batch 1)", "",
+             f"Target `{result['target']}`, {result['threads']} threads, one process per engine, "
+             f"interleaved rounds. Load average before {result['load_before']['loadavg']}, after "
+             f"{result['load_after_engines']['loadavg']} on this 2-core machine (shared with "
+             "other jobs; busiest processes in the JSON). TVM int8: `QuantConfig()` realized as "
+             f"integer kernels, {quant['calibration_images']} calibration crops, weights "
+             f"{quant['weight_bytes']:,} B (fp32 {quant['fp32_weight_bytes']:,} B); ONNX Runtime "
+             "int8: its `quantize_static` QDQ model on the same crops.", "",
+             "| engine | median ms | min ms | median / ORT fp32 | min / ORT fp32 | "
+             "median / ORT int8 | min / ORT int8 |", "|---|---|---|---|---|---|---|"]
+    for name, t in result["timings"].items():
+        lines.append(f"| {name} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | "
+                     f"{t['median_over_ort_fp32']:.2f} | {t['min_over_ort_fp32']:.2f} | "
+                     f"{t['median_over_ort_int8']:.2f} | {t['min_over_ort_int8']:.2f} |")
+    lines += ["", f"## Accuracy ({result['evaluation_images']} images: 20 labelled ImageNet "
+              "photos + held-out photo crops)", "",
+              "| engine | top-1 (labelled) | agreement with TVM fp32 (all) | (labelled) |",
+              "|---|---|---|---|"]
+    for name, a in result["accuracy"].items():
+        lines.append(f"| {name} | {a['labelled_correct']}/20 | "
+                     f"{a['agreement_with_tvm_fp32']:.3f} | {a['agreement_labelled']:.3f} |")
+    return "\n".join(lines + _kernel_lines(result)) + "\n"
+
+
+def _kernel_lines(result: dict) -> list[str]:
+    totals = result["kernel_totals_ms"]
+    lines = ["", "## Kernels (per-call minimum inside the running model, summed over calls)", "",
+             f"Sum: int8 {totals['int8']:.2f} ms, fp32 {totals['fp32']:.2f} ms.", "",
+             "| kind | int8 kernel | calls | input -> output | int8 ms | fp32 ms | "
+             "int8 / fp32 |", "|---|---|---|---|---|---|---|"]
+    by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for row in result["kernels"]:
+        fp32 = row["fp32_ms"]
+        ratio = f"{row['int8_ms'] / fp32:.2f}" if fp32 else "-"
+        lines.append(f"| {row['kind']} | {row['int8_kernel']} | {row['calls']} | "
+                     f"{tuple(row['input'])} -> {tuple(row['output'])} | {row['int8_ms']:.3f} | "
+                     f"{fp32:.3f} | {ratio} |" if fp32 else
+                     f"| {row['kind']} | {row['int8_kernel']} | {row['calls']} | "
+                     f"{tuple(row['input'])} -> {tuple(row['output'])} | {row['int8_ms']:.3f} "
+                     "| - | - |")
+        if fp32:
+            by_kind[row["kind"]][0] += row["int8_ms"]
+            by_kind[row["kind"]][1] += fp32
+    lines += ["", "| kind | int8 ms | fp32 ms | int8 / fp32 |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v[0]:.3f} | {v[1]:.3f} | {v[0] / v[1]:.2f} |"
+              for k, v in sorted(by_kind.items())]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
