@@ -7,6 +7,8 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from tvm_compress.schedules.compute import KERNEL_ATTR
 
+STAGE_ATTR = "tvm_compress.stage"  # marks epilogue blocks fuse_epilogue must not inline
+
 
 def extent(sch: s_tir.Schedule, loop: LoopRV) -> int:
     """Constant extent of ``loop`` (schedules here only handle static shapes)."""
@@ -47,13 +49,17 @@ def fuse_epilogue(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> SBlockR
 
     Intermediate consumers are inlined into the last one, which is then computed per tile of
     ``loop``; without a tail, a write cache plays that role so ``block`` accumulates into a
-    tile-sized buffer. Returns the block that writes the function's output.
+    tile-sized buffer. Consumers annotated with ``STAGE_ATTR`` stay stages of their own in the
+    tile (to be tensorized). Returns the block that writes the function's output.
     """
     _, consumers = producers_and_consumers(sch, block)
     if not consumers:
         tail = sch.cache_write(block, 0, "global")
     else:
         for consumer in consumers[:-1]:
+            if STAGE_ATTR in sch.get(consumer).annotations:
+                sch.reverse_compute_at(consumer, loop, preserve_unit_loops=True)
+                continue
             try:
                 sch.compute_inline(consumer)
             except s_tir.schedule.ScheduleError:  # it writes an output of its own

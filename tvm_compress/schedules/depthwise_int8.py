@@ -22,6 +22,7 @@ from tvm_compress.schedules.blocks import (
 )
 from tvm_compress.schedules.compute import KERNEL_ATTR, out_size
 from tvm_compress.schedules.depthwise import row_tile
+from tvm_compress.schedules.requantize_intrin import tensorize_high_mul
 
 DEPTHWISE_NCHWC_INT8 = "depthwise_nchwc_int8"
 _EXACT_LIMIT = 2**24  # integers up to here are exact in fp32
@@ -93,6 +94,7 @@ def schedule_depthwise_nchwc_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBl
         sch.unroll(loop)
     sch.vectorize(ci)
     init = sch.decompose_reduction(block, ry)
+    tensorize_high_mul(sch)
     for stage_block in (init, tail):
         inner = sch.get_loops(stage_block)[-1]
         if extent(sch, inner) <= 4 * lanes:

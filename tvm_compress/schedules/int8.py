@@ -28,6 +28,7 @@ from tvm_compress.schedules.conv2d import ConvTile, pick_tile
 from tvm_compress.schedules.depthwise_int8 import legalize_depthwise_int8
 from tvm_compress.schedules.hardware import has_avx2_int8
 from tvm_compress.schedules.int8_intrin import intrin_name, offset, register_intrinsics
+from tvm_compress.schedules.requantize_intrin import tensorize_high_mul
 
 CONV_NCHWC_U8S8 = "conv2d_nchwc_u8s8"
 INTRIN_ATTR = "tvm_compress.intrin"
@@ -204,6 +205,7 @@ def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlock
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(tail)[-1])
     sch.tensorize(oi, intrin)
+    tensorize_high_mul(sch)
     for producer in producers[:-1]:
         sch.compute_inline(producer)
     if producers:

@@ -26,6 +26,9 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvm_compress.schedules.blocks import STAGE_ATTR
+from tvm_compress.schedules.requantize_intrin import HIGH_MUL
+
 _INT32 = 2**31
 
 
@@ -187,36 +190,59 @@ def _narrow_sum_fits(chain: _Chain) -> bool:
         int(np.abs(chain.zero_point).max()) < _INT32
 
 
-def lower_chain(bb: relax.BlockBuilder, chain: _Chain) -> relax.Expr | None:
-    """``call_te`` of the exact 32-bit form of ``chain``, or None when no form applies."""
+def _lanes_shape(chain: _Chain) -> tuple[int, ...] | None:
+    """Per-channel constant shape of a chain on NCHW8c data (the 8-lane intrinsic's case)."""
+    shape = [int(d) for d in chain.terms[0].source.ty.shape]
+    if len(shape) != 5 or shape[-1] != 8:
+        return None
+    return np.broadcast_shapes(chain.terms[0].multiplier.shape, chain.round_add.shape,
+                               (1,) * 4 + (8,))
+
+
+def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:
+    """The form of ``chain``'s 32-bit lowering and its constants, or None."""
     if not _multipliers_fit(chain):
         return None
     if _high_mul_form(chain):
         term = chain.terms[0]
         consts = {"multiplier": term.multiplier, "offset": _high_offset(chain),
                   "shift": chain.shift - 32, "zero_point": chain.zero_point}
-        sources = [term.source]
-    elif _narrow_sum_fits(chain):
-        consts = {"round_add": chain.round_add, "shift": chain.shift,
-                  "zero_point": chain.zero_point}
-        for i, t in enumerate(chain.terms):
-            consts[f"multiplier{i}"], consts[f"zero{i}"] = t.multiplier, t.zero
-        sources = [t.source for t in chain.terms]
-    else:
+        lanes = _lanes_shape(chain)
+        if lanes is None:
+            return "high", consts
+        consts["multiplier"] = np.broadcast_to(consts["multiplier"], lanes)
+        consts["offset"] = np.broadcast_to(consts["offset"], lanes)
+        return "high_lanes", consts
+    if not _narrow_sum_fits(chain):
         return None
+    consts = {"round_add": chain.round_add, "shift": chain.shift,
+              "zero_point": chain.zero_point}
+    for i, t in enumerate(chain.terms):
+        consts[f"multiplier{i}"], consts[f"zero{i}"] = t.multiplier, t.zero
+    return "narrow", consts
+
+
+def lower_chain(bb: relax.BlockBuilder, chain: _Chain) -> relax.Expr | None:
+    """``call_te`` of the exact 32-bit form of ``chain``, or None when no form applies."""
+    found = _forms(chain)
+    if found is None:
+        return None
+    form, consts = found
     tensors = {k: v for k, v in consts.items() if v.ndim}
     scalars = {k: int(v) for k, v in consts.items() if not v.ndim}
-    wide = {"offset"} if _high_mul_form(chain) else {"round_add", "shift"}
+    wide = {"round_add", "shift"} if form == "narrow" else {"offset"}
     dtypes = {k: "int64" if k in wide else "int32" for k in tensors}
     # relax.const narrows int64 arrays to int32 unless the dtype is given
-    args = [*sources, *(relax.const(v.astype(dtypes[k]), dtypes[k]) for k, v in tensors.items())]
+    args = [*(t.source for t in chain.terms),
+            *(relax.const(np.ascontiguousarray(v, dtypes[k]), dtypes[k])
+              for k, v in tensors.items())]
     return bb.call_te(_requantize_te, *args, names=list(tensors), scalars=scalars,
-                      sources=len(sources), high_mul=_high_mul_form(chain), lo=chain.lo,
-                      hi=chain.hi, out_dtype=chain.out_dtype, primfunc_name_hint="requantize")
+                      sources=len(chain.terms), form=form, lo=chain.lo, hi=chain.hi,
+                      out_dtype=chain.out_dtype, primfunc_name_hint="requantize")
 
 
 def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int], sources: int,
-                   high_mul: bool, lo: int, hi: int, out_dtype: str) -> te.Tensor:
+                   form: str, lo: int, hi: int, out_dtype: str) -> te.Tensor:
     shape = [int(d) for d in inputs[0].shape]
     tensors = dict(zip(names, inputs[sources:], strict=True))
 
@@ -228,18 +254,27 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
         return tensor[tuple(0 if int(d) == 1 else index[offset + i]
                             for i, d in enumerate(tensor.shape))].astype(dtype)
 
+    def high(*index):
+        wide = inputs[0][index].astype("int64") * at("multiplier", index, "int64") \
+            + at("offset", index, "int64")
+        return (wide >> tirx.const(32, "int64")).astype("int32")
+
+    def narrow(*index):
+        total = at("round_add", index, "int64")
+        for i in range(sources):
+            centered = inputs[i][index].astype("int32") - at(f"zero{i}", index, "int32")
+            total = total + centered.astype("int64") * at(f"multiplier{i}", index, "int64")
+        return (total >> at("shift", index, "int64")).astype("int32")
+
+    if form == "narrow":
+        shifted = narrow
+    else:
+        stage = te.compute(shape, high, name="requantize_high",
+                           attrs={STAGE_ATTR: HIGH_MUL} if form == "high_lanes" else None)
+        shifted = lambda *i: stage[i] >> at("shift", i, "int32")  # noqa: E731
+
     def body(*index):
-        if high_mul:
-            wide = inputs[0][index].astype("int64") * at("multiplier", index, "int64") \
-                + at("offset", index, "int64")
-            y = (wide >> tirx.const(32, "int64")).astype("int32") >> at("shift", index, "int32")
-        else:
-            total = at("round_add", index, "int64")
-            for i in range(sources):
-                centered = inputs[i][index].astype("int32") - at(f"zero{i}", index, "int32")
-                total = total + centered.astype("int64") * at(f"multiplier{i}", index, "int64")
-            y = (total >> at("shift", index, "int64")).astype("int32")
-        y = y + at("zero_point", index, "int32")
+        y = shifted(*index) + at("zero_point", index, "int32")
         return tirx.max(tirx.min(y, tirx.const(hi, "int32")), tirx.const(lo, "int32")) \
             .astype(out_dtype)
 
