@@ -83,6 +83,20 @@ def vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
     sch.vectorize(inner)
 
 
+def vectorize_pixels(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    """Vectorize a per-tile epilogue across its pixels and channel block together.
+
+    Narrowing int32 results to 8 bits packs whole registers at a time (two ``vpackssdw`` and one
+    ``vpackuswb`` per 32 outputs instead of three shuffles per 8), so the innermost two loops
+    (pixels x channel block) become one vector loop when the block reads only whole tensors.
+    """
+    loops = sch.get_loops(block)
+    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    # per-channel constants would turn into gathers across the fused loop: keep them per pixel
+    whole = all([int(d) for d in r.source.shape] == shape for r in sch.get(block).reads)
+    sch.vectorize(sch.fuse(*loops[-2:]) if whole and len(loops) >= 2 else loops[-1])
+
+
 def parallelize(sch: s_tir.Schedule, loops: list[LoopRV], cores: int) -> LoopRV | None:
     """Fuse the leading ``loops`` until there is enough work for ``cores``; mark it parallel.
 

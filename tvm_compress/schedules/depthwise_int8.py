@@ -19,6 +19,7 @@ from tvm_compress.schedules.blocks import (
     fuse_epilogue,
     parallelize,
     producers_and_consumers,
+    vectorize_pixels,
 )
 from tvm_compress.schedules.compute import KERNEL_ATTR, out_size
 from tvm_compress.schedules.depthwise import row_tile
@@ -95,7 +96,7 @@ def schedule_depthwise_nchwc_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBl
     sch.vectorize(ci)
     init = sch.decompose_reduction(block, ry)
     tensorize_high_mul(sch)
-    for stage_block in (init, tail):
-        inner = sch.get_loops(stage_block)[-1]
-        if extent(sch, inner) <= 4 * lanes:
-            sch.vectorize(inner)
+    inner = sch.get_loops(init)[-1]
+    if extent(sch, inner) <= 4 * lanes:
+        sch.vectorize(inner)
+    vectorize_pixels(sch, tail)

@@ -22,6 +22,7 @@ from tvm_compress.schedules.blocks import (
     parallelize,
     producers_and_consumers,
     schedule_spatial,
+    vectorize_pixels,
 )
 from tvm_compress.schedules.compute import KERNEL_ATTR, out_size, pad_nchwc
 from tvm_compress.schedules.conv2d import ConvTile, pick_tile
@@ -203,7 +204,7 @@ def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlock
         sch.unroll(loop)
     init = sch.decompose_reduction(block, ico)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(tail)[-1])
+    vectorize_pixels(sch, tail)
     sch.tensorize(oi, intrin)
     tensorize_high_mul(sch)
     for producer in producers[:-1]:

@@ -83,13 +83,18 @@ def _direct_impl(data_dtype: str):
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
-            quad = T.broadcast(T.reinterpret(A.vload([0], data_dtype + "x4"), dtype="int32"), 8)
+            # T.bind: SSA values (plain assignments would become memory buffers)
             if flip:
-                quad = T.bitwise_xor(quad, T.broadcast(T.int32(_FLIP), 8))
-            pairs = T.call_llvm_pure_intrin(
+                quad = T.bind(T.bitwise_xor(T.broadcast(T.reinterpret(
+                    A.vload([0], data_dtype + "x4"), dtype="int32"), 8),
+                    T.broadcast(T.int32(_FLIP), 8)))
+            else:
+                quad = T.bind(T.broadcast(T.reinterpret(A.vload([0], data_dtype + "x4"),
+                                                        dtype="int32"), 8))
+            pairs = T.bind(T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
                 T.reinterpret(quad, dtype="uint8x32"), B.vload([0, 0], dtype="int8x32"),
-                dtype="int16x16")
+                dtype="int16x16"))
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1),
                 dtype="int32x8")
@@ -117,7 +122,7 @@ def _int16_impl(A: T.Buffer((2,), "int16", offset_factor=1),
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
-        pair = T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8)
+        pair = T.bind(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8))
         C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
             T.reinterpret(pair, dtype="int16x16"), B.vload([0, 0], dtype="int16x16"),

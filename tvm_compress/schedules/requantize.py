@@ -210,8 +210,8 @@ def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:
         lanes = _lanes_shape(chain)
         if lanes is None:
             return "high", consts
-        consts["multiplier"] = np.broadcast_to(consts["multiplier"], lanes)
-        consts["offset"] = np.broadcast_to(consts["offset"], lanes)
+        for key in ("multiplier", "offset", "shift"):
+            consts[key] = np.broadcast_to(consts[key], lanes)
         return "high_lanes", consts
     if not _narrow_sum_fits(chain):
         return None
@@ -257,7 +257,7 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
     def high(*index):
         wide = inputs[0][index].astype("int64") * at("multiplier", index, "int64") \
             + at("offset", index, "int64")
-        return (wide >> tirx.const(32, "int64")).astype("int32")
+        return (wide >> tirx.const(32, "int64")).astype("int32") >> at("shift", index, "int32")
 
     def narrow(*index):
         total = at("round_add", index, "int64")
@@ -271,7 +271,7 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
     else:
         stage = te.compute(shape, high, name="requantize_high",
                            attrs={STAGE_ATTR: HIGH_MUL} if form == "high_lanes" else None)
-        shifted = lambda *i: stage[i] >> at("shift", i, "int32")  # noqa: E731
+        shifted = lambda *i: stage[i]  # noqa: E731
 
     def body(*index):
         y = shifted(*index) + at("zero_point", index, "int32")
