@@ -94,7 +94,12 @@ def vectorize_pixels(sch: s_tir.Schedule, block: SBlockRV) -> None:
     shape = [int(d) for d in sch.get(block).writes[0].source.shape]
     # per-channel constants would turn into gathers across the fused loop: keep them per pixel
     whole = all([int(d) for d in r.source.shape] == shape for r in sch.get(block).reads)
-    sch.vectorize(sch.fuse(*loops[-2:]) if whole and len(loops) >= 2 else loops[-1])
+    lanes = extent(sch, loops[-1]) * (extent(sch, loops[-2]) if len(loops) >= 2 else 1)
+    # whole registers of bytes, or at most two: 56 lanes (7-pixel rows) measured slower
+    if whole and len(loops) >= 2 and (lanes % 32 == 0 or lanes <= 16):
+        sch.vectorize(sch.fuse(*loops[-2:]))
+    else:
+        sch.vectorize(loops[-1])
 
 
 def parallelize(sch: s_tir.Schedule, loops: list[LoopRV], cores: int) -> LoopRV | None:
