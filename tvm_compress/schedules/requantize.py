@@ -210,6 +210,9 @@ def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:
         lanes = _lanes_shape(chain)
         if lanes is None:
             return "high", consts
+        # the offset carries the per-channel bias even when the multiplier is per tensor
+        lanes = np.broadcast_shapes(lanes, *(np.shape(consts[k])
+                                             for k in ("multiplier", "offset", "shift")))
         for key in ("multiplier", "offset", "shift"):
             consts[key] = np.broadcast_to(consts[key], lanes)
         return "high_lanes", consts
