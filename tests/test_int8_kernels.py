@@ -16,6 +16,7 @@ from tvm_compress.compiler import InputSpec, build
 from tvm_compress.passes.realize_integer import requantize_int32
 from tvm_compress.schedules import default_schedule_pipeline
 from tvm_compress.schedules.int8 import pick_kind
+from tvm_compress.schedules.requantize import lower_requantize
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                           "num-cores": 2})
@@ -154,3 +155,61 @@ def test_pick_kind() -> None:
     assert kind(100, 28, -128, 0) == "direct"  # pair sums 128 and -128 fit int16 for any u8
     assert kind(100, 29, 0, 0) == "int16"
     assert kind(0, 0, -128, -1) == "int16"
+
+
+def _int64_ops(mod: tvm.IRModule) -> int:
+    """int64 bindings left in ``main`` once ``lower_requantize`` ran (and dead code is gone)."""
+    lowered = relax.transform.DeadCodeElimination()(lower_requantize(mod))
+    return sum(1 for line in lowered["main"].script(show_meta=False).splitlines()
+               if 'dtype="int64"' in line)
+
+
+def test_requantize_lowering_is_exact_for_extreme_accumulators() -> None:
+    info = np.iinfo("int32")
+    acc = np.random.default_rng(4).integers(info.min // 2, info.max // 2, (1, 16, 4, 4))
+    acc[0, :, 0, 0] = [info.min, info.max, 0, -1, 1, *range(11)]
+    acc = acc.astype("int32")
+    multiplier = np.geomspace(1e-9, 0.9, 16)  # shifts from 61 down to 31 (not lowered)
+
+    def body(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        return requantize_int32(bb, x, multiplier, -7, -128, 127, "int8", 4)
+
+    mod = _module(relax.TensorType(acc.shape, "int32"), body)
+    multiplier[-1] = 1e-3
+    lowered = _module(relax.TensorType(acc.shape, "int32"), body)
+    assert _int64_ops(mod) > 0  # a shift below 32: left as it is
+    assert _int64_ops(lowered) == 0
+    for module in (mod, lowered):
+        _compare(module, acc)
+
+
+def test_integer_add_requantization_is_exact() -> None:
+    # RealizeInteger's residual add: (a - za) * ma + (b - zb) * mb, rounded, shifted by 24
+    shape = (1, 8, 5, 5)
+
+    def term(bb: relax.BlockBuilder, x: relax.Expr, zero: int, mult: int) -> relax.Expr:
+        wide = bb.emit(relax.op.astype(x, "int64"))
+        centered = bb.emit(relax.op.subtract(wide, relax.const(zero, "int64")))
+        return bb.emit(relax.op.multiply(centered, relax.const(mult, "int64")))
+
+    bb = relax.BlockBuilder()
+    a, b = relax.Var("a", relax.TensorType(shape, "uint8")), relax.Var("b", relax.TensorType(
+        shape, "uint8"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            total = bb.emit(relax.op.add(term(bb, a, 118, 10377827), term(bb, b, 3, 25198324)))
+            y = bb.emit(relax.op.add(total, relax.const(1 << 23, "int64")))
+            y = bb.emit(relax.op.right_shift(y, relax.const(24, "int64")))
+            y = bb.emit(relax.op.clip(bb.emit(relax.op.add(y, relax.const(120, "int64"))),
+                                      0, 255))
+            out = bb.emit_output(relax.op.astype(y, "uint8"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert _int64_ops(mod) == 0
+    inputs = [_activations(shape, seed=5), _activations(shape, seed=6)]
+    expected = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())["main"](
+        *map(tvm.runtime.tensor, inputs)).numpy()
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    got = relax.VirtualMachine(tvm.compile(scheduled, HOST), tvm.cpu())["main"](
+        *map(tvm.runtime.tensor, inputs)).numpy()
+    np.testing.assert_array_equal(got, expected)

@@ -1,5 +1,6 @@
 """Default (untuned) CPU schedules for CNN operators: conv2d (regular, grouped, depthwise) in
-channel-blocked layouts, dense/matmul, pooling and element-wise functions.
+channel-blocked layouts, fp32 and (AVX2) exact int8 with fused requantization, dense/matmul,
+pooling and element-wise functions.
 
 Entry point: :func:`default_schedule_pipeline`.
 """

@@ -77,9 +77,12 @@ def default_schedule_pipeline(target: tvm.target.Target) -> tvm.ir.transform.Pas
     -----
     Steps: fold BatchNorm into conv weights, fold constants (NumPy), raise the ONNX importer's
     point-wise ``call_tir`` to Relax ops, convert float32 convs and the ops between them to
-    NCHW[lanes]c (:func:`PackChannels`), legalize (blocked convs by ``compute.py``), fuse, and
-    schedule every PrimFunc with the first rule of ``rules.RULES`` that applies; a function no
-    rule handles is left unscheduled (slow but correct).
+    NCHW[lanes]c (:func:`PackChannels`; on AVX2 targets integer convs too), lower
+    ``RealizeInteger``'s int64 requantization to its exact 32-bit form (``requantize.py``),
+    legalize (blocked convs by ``compute.py``, integer ones by ``int8.py`` and
+    ``depthwise_int8.py``), fuse, and schedule every PrimFunc with the first rule of
+    ``rules.RULES`` that applies; a function no rule handles is left unscheduled (slow but
+    correct). Integer kernels are exact: they equal the unscheduled build bit for bit.
     """
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
