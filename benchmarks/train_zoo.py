@@ -69,13 +69,25 @@ def train_one(arch: str, epochs: int | None) -> dict:
     return entry
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def write_markdown(accuracy: dict, path: Path) -> None:
     goal = {"resnet": 0.92}
     lines = ["# Fashion-MNIST zoo: training results", "",
-             f"Trained by `benchmarks/train_zoo.py` on {platform.processor() or platform.machine()}"
-             f", torch {torch.__version__}, {torch.get_num_threads()} threads, CPU shared with "
-             "other jobs (times are wall clock and noisy). Test = official 10,000 images; "
-             "val = 5,000 held-out training images.", "",
+             f"Trained by `benchmarks/train_zoo.py` on {_cpu_name()} ({os.cpu_count()} cores), "
+             f"torch {torch.__version__}, one thread per training process, two processes side "
+             "by side, CPU shared with other jobs: times are wall clock and noisy (the same "
+             "ResNet step of 128 images took 135 ms, about 58 s per epoch, on the idle "
+             "machine with 2 threads). "
+             "Test = official 10,000 images; val = 5,000 held-out training images; "
+             "SGD + Nesterov, one-cycle schedule, crop+flip augmentation, seed 0.", "",
              "| model | params | epochs | s/epoch | train s | val acc | test acc | goal |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for arch in ARCHITECTURES:
@@ -96,19 +108,27 @@ def main(argv: list[str] | None = None) -> int:
                         default=list(ARCHITECTURES))
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the results files from accuracy.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for arch in args.arch:
+    for arch in [] if args.report else args.arch:
         entry = train_one(arch, args.epochs)
         # Re-read just before writing: another process may have trained other archs meanwhile.
         accuracy = json.loads(ACCURACY_FILE.read_text()) if ACCURACY_FILE.is_file() else {}
         accuracy[arch] = entry
         ordered = {a: accuracy[a] for a in ARCHITECTURES if a in accuracy}
         ACCURACY_FILE.write_text(json.dumps(ordered, indent=1) + "\n")  # after each: resumable
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "zoo_training.json").write_text(json.dumps(ordered, indent=1) + "\n")
-        write_markdown(ordered, RESULTS / "zoo_training.md")
+        write_results(ordered)
+    if args.report:
+        write_results(json.loads(ACCURACY_FILE.read_text()))
     return 0
+
+
+def write_results(accuracy: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "zoo_training.json").write_text(json.dumps(accuracy, indent=1) + "\n")
+    write_markdown(accuracy, RESULTS / "zoo_training.md")
 
 
 if __name__ == "__main__":
