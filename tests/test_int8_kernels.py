@@ -25,7 +25,8 @@ needs_avx2 = pytest.mark.skipif(not target_has_features("avx2", HOST),
 
 
 def _conv_block(bb: relax.BlockBuilder, x: relax.Expr, weight: np.ndarray, *, stride: int,
-                padding: int, groups: int, zero_point: int, requantize: bool) -> relax.Expr:
+                padding: int, groups: int, zero_point: int, requantize: bool,
+                per_tensor: bool = False) -> relax.Expr:
     if zero_point:  # as RealizeInteger pads with the activation zero point
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, *(padding,) * 4], pad_value=zero_point))
         padding = 0
@@ -36,8 +37,9 @@ def _conv_block(bb: relax.BlockBuilder, x: relax.Expr, weight: np.ndarray, *, st
     acc = bb.emit(relax.op.add(acc, relax.const(bias.astype("int32"))))
     if not requantize:
         return acc
-    multiplier = np.random.default_rng(2).uniform(1e-4, 4e-3, channels)
-    return requantize_int32(bb, acc, multiplier, 3, 0, 255, "uint8", 4)
+    multiplier = np.random.default_rng(2).uniform(1e-4, 4e-3, 1 if per_tensor else channels)
+    return requantize_int32(bb, acc, multiplier[0] if per_tensor else multiplier, 3, 0, 255,
+                            "uint8", 4)
 
 
 def _module(x_type: relax.TensorType, body) -> tvm.IRModule:  # noqa: ANN001
@@ -120,6 +122,16 @@ def test_pair_safe_weights_use_the_u8_kernel(dtype: str) -> None:
     mod = _module(relax.TensorType(x.shape, dtype), lambda bb, v: _conv_block(
         bb, v, weight, stride=1, padding=1, groups=1, zero_point=0, requantize=True))
     assert _kernels_using(_compare(mod, x), "pmadd.ub.sw")
+
+
+@needs_avx2
+def test_per_tensor_multiplier_with_per_channel_bias() -> None:
+    weight = _weights((16, 8, 1, 1))
+    x = _activations((1, 8, 6, 6))
+    mod = _module(relax.TensorType(x.shape, "uint8"), lambda bb, v: _conv_block(
+        bb, v, weight, stride=1, padding=0, groups=1, zero_point=0, requantize=True,
+        per_tensor=True))
+    assert _tensorized(_compare(mod, x))
 
 
 @needs_avx2

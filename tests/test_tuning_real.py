@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from tvm_compress.data import fashion_mnist
+from tvm_compress.frontend import Model, from_torch
 from tvm_compress.tuning.evaluator import QuantEvaluator
 from tvm_compress.tuning.records import read_records
 from tvm_compress.tuning.search import search
 from tvm_compress.tuning.space import SearchSpace, config_key
-
-from tvm_compress.data import fashion_mnist
-from tvm_compress.frontend import Model, from_torch
 
 
 class SmallNet(nn.Module):

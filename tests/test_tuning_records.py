@@ -7,13 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from tvm_compress.errors import UserError
+from tvm_compress.qconfig import QuantConfig
 from tvm_compress.tuning.records import RecordsFile, Result, read_records
 from tvm_compress.tuning.search import search
 from tvm_compress.tuning.space import Knobs, SearchSpace, config_key
 from tvm_compress.tuning.synthetic import SyntheticEvaluator
-
-from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
 
 SPACE = SearchSpace.paper()
 

@@ -6,6 +6,9 @@ import json
 import time
 
 import pytest
+
+from tvm_compress.errors import UserError
+from tvm_compress.qconfig import QuantConfig
 from tvm_compress.tuning.records import Result
 from tvm_compress.tuning.search import search
 from tvm_compress.tuning.space import Knobs, SearchSpace
@@ -18,9 +21,6 @@ from tvm_compress.tuning.tuner import (
     register_tuner,
     tuner_names,
 )
-
-from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
 
 SPACE = SearchSpace.paper()
 BASELINES = ("random", "grid", "genetic")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from tvm_compress.errors import UserError
+from tvm_compress.frontend import from_torch
+from tvm_compress.qconfig import QuantConfig
 from tvm_compress.tuning.features import (
     DESCRIPTORS,
     feature_matrix,
@@ -19,10 +23,6 @@ from tvm_compress.tuning.space import (
     make_space,
     mixed_precision_layers,
 )
-
-from tvm_compress.errors import UserError
-from tvm_compress.frontend import from_torch
-from tvm_compress.qconfig import QuantConfig
 
 
 def test_paper_space_has_96_unique_configs_in_a_fixed_order() -> None:

@@ -6,6 +6,7 @@ Errors caused by input print one line ``error: ...`` on stderr and exit with cod
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -69,7 +70,7 @@ def _emit_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=default, allow_nan=True))
 
 
-def _load(args: argparse.Namespace) -> Any:
+def load_model(args: argparse.Namespace) -> Any:
     from tvm_compress import load
 
     return load(args.model, batch=getattr(args, "batch", 1))
@@ -91,7 +92,7 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     if not args.model:
         raise UserError("inspect needs a MODEL (" + MODEL_HELP + ") or --list")
     with con.step(f"importing {args.model}"):
-        model = _load(args)
+        model = load_model(args)
     layers = model.layers
     con.out.print(f"[bold]{model.name}[/bold]: input {model.input_name} "
                   f"{list(model.input_shape)} {model.input_dtype}")
@@ -119,7 +120,7 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
     target = resolve_target(args.target)
     with con.step(f"importing {args.model}"):
-        model = _load(args)
+        model = load_model(args)
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=target)
     out = Path(args.output)
@@ -144,7 +145,7 @@ def _eval_data(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, np.nda
     from tvm_compress.evaluation import task_data
 
     if args.data:
-        images, labels = _npz_images(args.data, "data", model.input_dtype)
+        images, labels = npz_images(args.data, "data", model.input_dtype)
     else:
         images, labels = task_data(model.task, args.split)
     if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
@@ -186,7 +187,7 @@ def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.quantize import folded_weight_bytes
 
     with con.step(f"importing {args.model} (batch {args.batch})"):
-        model = _load(args)
+        model = load_model(args)
     images, labels = _eval_data(args, model)
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=args.target)
@@ -207,7 +208,7 @@ def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.bench import benchmark
 
     with con.step(f"importing {args.model}"):
-        model = _load(args)
+        model = load_model(args)
     with con.step(f"benchmarking TVM ({args.target}), ONNX Runtime, PyTorch"):
         result = benchmark(model, target=args.target, repeat=args.repeat)
     _print_bench(con, result)
@@ -224,7 +225,7 @@ def _print_bench(con: Console, result: dict[str, Any]) -> None:
               "threads", ["runtime", "median ms", "x ONNX Runtime"], rows)
 
 
-def _quant_config(args: argparse.Namespace) -> Any:
+def quant_config(args: argparse.Namespace) -> Any:
     from tvm_compress.qconfig import LayerOverride, QuantConfig, QuantSpec
 
     if args.config:
@@ -239,7 +240,7 @@ def _quant_config(args: argparse.Namespace) -> Any:
                        percentile=args.percentile, overrides=overrides)
 
 
-def _npz_images(path_text: str, what: str, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+def npz_images(path_text: str, what: str, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path_text)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path} (an .npz with 'images' [and 'labels'])")
@@ -255,14 +256,14 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.evaluation import evaluate, task_data
     from tvm_compress.quantize import quantize
 
-    config = _quant_config(args)
+    config = quant_config(args)
     with con.step(f"importing {args.model}"):
-        model = _load(args)
+        model = load_model(args)
     if args.calib == "auto":
         calib, _ = task_data(model.task, "calib")
     else:
-        calib, _ = _npz_images(args.calib, "calibration", model.input_dtype)
-    images, labels = (_npz_images(args.val, "validation", model.input_dtype) if args.val
+        calib, _ = npz_images(args.calib, "calibration", model.input_dtype)
+    images, labels = (npz_images(args.val, "validation", model.input_dtype) if args.val
                       else task_data(model.task, "test"))
     if args.limit:
         images, labels = images[: args.limit], None if labels is None else labels[: args.limit]
@@ -312,7 +313,7 @@ def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- parser
 
 
-def _add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool = False) -> None:
+def add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool = False) -> None:
     if model:
         p.add_argument("model", help=MODEL_HELP)
     if target:
@@ -322,7 +323,7 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool 
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
     from tvm_compress.qconfig import CALIBRATIONS, GRANULARITIES, SCHEMES
 
     p.add_argument("--calib", default="auto", help="calibration .npz ('images'); default: the "
@@ -344,6 +345,12 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="directory for config.json and model.so")
 
 
+# Commands that live in their own module ``tvm_compress.cli_<name>``: each module defines ``HELP``
+# (one line), ``add_arguments(parser)`` and ``run(args, con) -> dict`` and keeps heavy imports
+# inside ``run`` so that ``--help`` stays fast. Add a command by adding its name here.
+PLUGIN_COMMANDS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-compress", description="Compress CNNs inside Apache TVM and measure them.")
@@ -362,13 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":
             p.add_argument("model", nargs="?", help=MODEL_HELP)
             p.add_argument("--list", action="store_true", help="list the zoo models")
-            _add_common(p, model=False)
+            add_common(p, model=False)
         elif name == "demo":
             p.add_argument("--model", default="zoo:mobilenet_v2", help=MODEL_HELP)
             p.add_argument("--repeat", type=int, default=20, help="timed runs per runtime")
             p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         else:
-            _add_common(p, target=True)
+            add_common(p, target=True)
         if name == "compile":
             p.add_argument("-o", "--output", required=True, help="library path to write (.so)")
         if name == "eval":
@@ -378,9 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, default=0, help="evaluate only the first N")
             p.add_argument("--repeat", type=int, default=20, help="timed runs (0: no latency)")
         if name == "quantize":
-            _add_quantize_args(p)
+            add_quantize_args(p)
         if name == "bench":
             p.add_argument("--repeat", type=int, default=50, help="timed runs per runtime")
+    for name in PLUGIN_COMMANDS:
+        module = importlib.import_module(f"tvm_compress.cli_{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.set_defaults(func=module.run)
+        module.add_arguments(p)
     return parser
 
 

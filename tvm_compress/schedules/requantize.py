@@ -10,8 +10,8 @@ recognised here and replaced by one ``call_te`` with the same result and 32-bit 
   ``s >= 32``, ``((acc + b)*m + r) >> s == ((acc*m + (b*m + r)) >> 32) >> (s - 32)``: a
   32 x 32 -> 64 multiply (``vpmuldq``) plus a per-channel 64-bit constant, of which only the
   high half is kept, then an int32 shift;
-* several 8/16-bit inputs (integer add, concat): the products are 32 x 32 -> 64 as well, and the
-  shifted sum is narrowed to int32 when the operand ranges prove it fits.
+* several 8/16-bit inputs (integer add, concat): the multipliers are split in 16-bit halves
+  so that both partial sums stay within int32 (``_narrow_sum_fits``), no 64-bit lane at all.
 
 Exact for every input: the rewritten function returns the same integers as the chain. A chain
 whose constants do not meet these bounds is left as it is.
@@ -175,19 +175,27 @@ def _high_mul_form(chain: _Chain) -> bool:
         max(abs(wide[0] >> shift), abs(wide[1] >> shift)) + zp < _INT32
 
 
+def _term_span(term: _Term) -> int:
+    """Largest ``|source - zero|`` over the source dtype's range."""
+    lo, hi = _range(_dtype(term.source))
+    return max(abs(lo - int(term.zero.min())), abs(hi - int(term.zero.max())),
+               abs(lo - int(term.zero.max())), abs(hi - int(term.zero.min())))
+
+
 def _narrow_sum_fits(chain: _Chain) -> bool:
-    """The shifted sum of 8/16-bit terms provably fits int32 (and the unshifted one int64)."""
-    if any(_dtype(t.source) == "int32" for t in chain.terms) or chain.shift.min() < 0:
+    """8/16-bit terms whose shifted sum fits int32, summed in two 32-bit halves.
+
+    With ``m = h * 2**16 + l`` and ``r = rh * 2**16 + rl`` (``0 <= l, rl < 2**16``),
+    ``(sum(d * m) + r) >> s == (sum(d * h) + rh + ((sum(d * l) + rl) >> 16)) >> (s - 16)`` for
+    ``s >= 16``: every product and partial sum stays within int32 when the bounds below hold.
+    """
+    if any(_dtype(t.source) == "int32" for t in chain.terms) or chain.shift.min() < 16 \
+            or chain.shift.max() > 47:  # an int32 shift by 32 or more is undefined
         return False
-    bound = 0
-    for t in chain.terms:
-        lo, hi = _range(_dtype(t.source))
-        span = max(abs(lo - int(t.zero.min())), abs(hi - int(t.zero.max())),
-                   abs(lo - int(t.zero.max())), abs(hi - int(t.zero.min())))
-        bound += span * int(t.multiplier.max())
-    bound += int(np.abs(chain.round_add).max())
-    return bound < 2**62 and (bound >> int(chain.shift.min())) + \
-        int(np.abs(chain.zero_point).max()) < _INT32
+    high = sum(_term_span(t) * (int(t.multiplier.max()) >> 16) for t in chain.terms)
+    low = sum(_term_span(t) * 0xFFFF for t in chain.terms) + 0xFFFF
+    high += int(np.abs(chain.round_add >> 16).max()) + (low >> 16)
+    return low < _INT32 and high + int(np.abs(chain.zero_point).max()) < _INT32
 
 
 def _lanes_shape(chain: _Chain) -> tuple[int, ...] | None:
@@ -218,10 +226,11 @@ def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:
         return "high_lanes", consts
     if not _narrow_sum_fits(chain):
         return None
-    consts = {"round_add": chain.round_add, "shift": chain.shift,
-              "zero_point": chain.zero_point}
+    consts = {"round_high": chain.round_add >> 16, "round_low": chain.round_add & 0xFFFF,
+              "shift": chain.shift - 16, "zero_point": chain.zero_point}
     for i, t in enumerate(chain.terms):
-        consts[f"multiplier{i}"], consts[f"zero{i}"] = t.multiplier, t.zero
+        consts[f"high{i}"], consts[f"low{i}"] = t.multiplier >> 16, t.multiplier & 0xFFFF
+        consts[f"zero{i}"] = t.zero
     return "narrow", consts
 
 
@@ -233,7 +242,7 @@ def lower_chain(bb: relax.BlockBuilder, chain: _Chain) -> relax.Expr | None:
     form, consts = found
     tensors = {k: v for k, v in consts.items() if v.ndim}
     scalars = {k: int(v) for k, v in consts.items() if not v.ndim}
-    wide = {"round_add", "shift"} if form == "narrow" else {"offset"}
+    wide = set() if form == "narrow" else {"offset"}
     dtypes = {k: "int64" if k in wide else "int32" for k in tensors}
     # relax.const narrows int64 arrays to int32 unless the dtype is given
     args = [*(t.source for t in chain.terms),
@@ -263,11 +272,12 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
         return (wide >> tirx.const(32, "int64")).astype("int32") >> at("shift", index, "int32")
 
     def narrow(*index):
-        total = at("round_add", index, "int64")
+        high, low = at("round_high", index, "int32"), at("round_low", index, "int32")
         for i in range(sources):
             centered = inputs[i][index].astype("int32") - at(f"zero{i}", index, "int32")
-            total = total + centered.astype("int64") * at(f"multiplier{i}", index, "int64")
-        return (total >> at("shift", index, "int64")).astype("int32")
+            high = high + centered * at(f"high{i}", index, "int32")
+            low = low + centered * at(f"low{i}", index, "int32")
+        return (high + (low >> tirx.const(16, "int32"))) >> at("shift", index, "int32")
 
     if form == "narrow":
         shifted = narrow
