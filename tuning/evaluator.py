@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm_compress.tuning.features import model_descriptors
-from tvm_compress.tuning.records import BASELINE_KEY, Record, RecordsFile, Result
-from tvm_compress.tuning.space import Knobs, config_key, mixed_precision_layers
 
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import Model
 from tvm_compress.qconfig import QuantConfig
+from tvm_compress.tuning.features import model_descriptors
+from tvm_compress.tuning.records import BASELINE_KEY, Record, RecordsFile, Result
+from tvm_compress.tuning.space import Knobs, config_key, mixed_precision_layers
 
 
 class Evaluator(ABC):

@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tvm
 from tvm import relax
-from tvm_compress.tuning.space import PRECISIONS, Knobs
 
 from tvm_compress.graph import bindings, is_const, op_name, shape_of
 from tvm_compress.layers import LayerTable
 from tvm_compress.qconfig import CALIBRATIONS, GRANULARITIES, SCHEMES
+from tvm_compress.tuning.space import PRECISIONS, Knobs
 
 DESCRIPTORS = ("nodes", "conv", "bn", "activation", "skip", "depthwise", "pointwise", "params")
 FEATURES_VERSION = 1

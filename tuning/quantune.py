@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tvm_compress.errors import UserError
 from tvm_compress.tuning.features import (
     DESCRIPTORS,
     descriptors_match,
@@ -28,8 +30,6 @@ from tvm_compress.tuning.features import (
 from tvm_compress.tuning.records import Record, Result, baselines, read_records
 from tvm_compress.tuning.space import Knobs, SearchSpace
 from tvm_compress.tuning.tuner import Task, Tuner, register_tuner
-
-from tvm_compress.errors import UserError
 
 VARIANTS = {"regression": "reg:squarederror", "rank": "rank:pairwise"}
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tvm_compress.errors import UserError
 from tvm_compress.tuning.evaluator import Evaluator
 from tvm_compress.tuning.records import Record, Result
 from tvm_compress.tuning.space import Knobs, SearchSpace, config_key
 from tvm_compress.tuning.tuner import Objective, Task, Tuner, make_tuner
-
-from tvm_compress.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from tvm_compress.tuning.records import Result
-from tvm_compress.tuning.space import Knobs, SearchSpace
 
 from tvm_compress.errors import UserError
+from tvm_compress.tuning.records import Result
+from tvm_compress.tuning.space import Knobs, SearchSpace
 
 METRICS = ("accuracy", "latency", "size")
 _FAILED_SCORE = -1e6
