@@ -132,10 +132,45 @@ def activation_params(graph: QuantGraph, stats: dict[str, PointStats], config: Q
     return out
 
 
-def calibrate(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig, images: np.ndarray,
-              spec: InputSpec, *, progress: bool = True) -> dict[str, QParams]:
-    """Activation QParams for ``graph``'s points from the first ``config.calib_samples`` images."""
+@dataclass
+class CalibrationStats:
+    """Statistics of calibrated points, reusable by configs that calibrate the same points on the
+    same samples (method, scheme, granularity and bits may differ): see ``quantize(stats=...)``."""
+
+    points: dict[str, PointStats]
+    samples: int
+    histograms: bool
+
+    def check(self, graph: QuantGraph, config: QuantConfig, samples: int) -> None:
+        missing = [p.name for p in graph.calibrated_points if p.name not in self.points]
+        if missing:
+            raise UserError(f"calibration stats lack {len(missing)} point(s) of this config "
+                            f"(e.g. {missing[0]}); collect them with the same fp32 layers")
+        if samples != self.samples:
+            raise UserError(f"calibration stats were collected on {self.samples} samples but the "
+                            f"config calibrates on {samples}; collect them again")
+        if config.calibration != "minmax" and not self.histograms:
+            raise UserError(f"calibration '{config.calibration}' needs histograms: collect the "
+                            "stats with histograms=True")
+
+
+def calibration_stats(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig,
+                      images: np.ndarray, spec: InputSpec, *, histograms: bool = True,
+                      progress: bool = True) -> CalibrationStats:
+    """Statistics of ``graph``'s points on the first ``config.calib_samples`` images."""
     images = images[: config.calib_samples]
-    stats = collect_stats(mod, graph, images, spec, progress=progress,
-                          histograms=config.calibration != "minmax")
-    return activation_params(graph, stats, config)
+    points = collect_stats(mod, graph, images, spec, progress=progress, histograms=histograms)
+    return CalibrationStats(points, len(images), histograms)
+
+
+def calibrate(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig, images: np.ndarray,
+              spec: InputSpec, *, progress: bool = True,
+              stats: CalibrationStats | None = None) -> dict[str, QParams]:
+    """Activation QParams for ``graph``'s points from the first ``config.calib_samples`` images
+    (or from ``stats`` collected before on the same samples)."""
+    if stats is None:
+        stats = calibration_stats(mod, graph, config, images, spec, progress=progress,
+                                  histograms=config.calibration != "minmax")
+    else:
+        stats.check(graph, config, min(len(images), config.calib_samples))
+    return activation_params(graph, stats.points, config)

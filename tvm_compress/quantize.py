@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from tvm_compress.calibration import calibrate
+from tvm_compress.calibration import CalibrationStats, calibrate, calibration_stats
 from tvm_compress.compiler import InputSpec
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import Model
@@ -74,8 +74,27 @@ def folded_weight_bytes(model: Model) -> int:
     return weight_bytes(FoldBatchNorm()(model.mod))
 
 
+def collect_calibration(model: Model, config: QuantConfig, calib_data: np.ndarray, *,
+                        histograms: bool = True, progress: bool = True) -> CalibrationStats:
+    """Calibration statistics to pass to :func:`quantize` as ``stats=`` for several configs that
+    share the calibrated points and samples (same overrides and ``calib_samples``; method, scheme,
+    granularity and bits may differ), so the fp32 model runs on the data once."""
+    calib_data = _check_calib(calib_data)
+    folded = FoldBatchNorm()(model.mod)
+    spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
+    return calibration_stats(folded, analyze(folded, config), config, calib_data, spec,
+                             histograms=histograms, progress=progress)
+
+
+def _check_calib(calib_data: np.ndarray) -> np.ndarray:
+    calib_data = np.asarray(calib_data)
+    if calib_data.ndim == 0 or len(calib_data) == 0:
+        raise UserError("calibration set is empty: give at least one calibration sample")
+    return calib_data
+
+
 def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, realize: bool = True,
-             progress: bool = True) -> QuantizedModel:
+             progress: bool = True, stats: CalibrationStats | None = None) -> QuantizedModel:
     """Quantize a model with a configuration and calibration data.
 
     Parameters
@@ -89,15 +108,15 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
         ``config.calib_samples`` are used.
     realize : bool
         False keeps the simulated (QDQ) module as ``model.mod``.
+    stats : CalibrationStats, optional
+        From :func:`collect_calibration` on the same ``calib_data``: skips running the model.
     """
-    calib_data = np.asarray(calib_data)
-    if calib_data.ndim == 0 or len(calib_data) == 0:
-        raise UserError("calibration set is empty: give at least one calibration sample")
+    calib_data = _check_calib(calib_data)
     _check_weights(model.mod)
     folded = FoldBatchNorm()(model.mod)
     graph = analyze(folded, config)
     spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
-    act = calibrate(folded, graph, config, calib_data, spec, progress=progress)
+    act = calibrate(folded, graph, config, calib_data, spec, progress=progress, stats=stats)
     weights = {s.layer.name: weight_params(s, config) for s in graph.layers}
     simulated = InsertQDQ(config, act, weight_overrides=weights)(folded)
     mod = RealizeInteger()(simulated) if realize else simulated
