@@ -119,6 +119,10 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.targets import resolve_target
 
     target = resolve_target(args.target)
+    if not args.output.endswith(".so"):  # a directory: deployment bundle (tvm_compress.deploy)
+        from tvm_compress.deploy import compile_command
+
+        return compile_command(args, con, target)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
     with con.step(f"compiling for {args.target}"):
@@ -377,7 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             add_common(p, target=True)
         if name == "compile":
-            p.add_argument("-o", "--output", required=True, help="library path to write (.so)")
+            p.add_argument("-o", "--output", required=True,
+                           help="FILE.so: the library alone; DIR: a deployment bundle (library, "
+                                "C++ runner, TVM runtime, README; CUDA: library, source, PTX)")
+            p.add_argument("--int8", action="store_true",
+                           help="quantize to int8 first (default config, calibrated on the zoo "
+                                "model's calibration split)")
         if name == "eval":
             p.add_argument("--data", help=".npz with 'images' (and 'labels'); default: the zoo "
                                           "model's own test data")
