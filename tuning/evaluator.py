@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from tvm_compress.calibration import CalibrationStats
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import Model
 from tvm_compress.qconfig import QuantConfig
@@ -178,6 +179,8 @@ class QuantEvaluator(Evaluator):
         self.calib, self.images, self.labels = calib, images, labels
         self.latency_repeat, self.schedule = latency_repeat, schedule
         self._reference: np.ndarray | None = None
+        self._stats: dict[tuple[object, ...], CalibrationStats] = {}
+        self._folded: Model | None = None  # BatchNorms folded once, not once per trial
         super().__init__(model=model.name, model_id=model_fingerprint(model.mod),
                          context=data_fingerprint(calib, images, labels)
                          + ("" if schedule == "default" else f"/{schedule}"), target=target,
@@ -213,8 +216,29 @@ class QuantEvaluator(Evaluator):
     def measure(self, knobs: Knobs, config: QuantConfig) -> Result:
         from tvm_compress.quantize import quantize
 
-        qmodel = quantize(self.fp32_model, config, self.calib, progress=False)
+        qmodel = quantize(self.folded_model(), config, self.calib, progress=False,
+                          stats=self._calibration_stats(config))
         return replace(self._run(qmodel.model), weight_bytes=qmodel.weight_bytes)
+
+    def folded_model(self) -> Model:
+        """The fp32 model with its BatchNorms folded (quantize folds again: a no-op then)."""
+        if self._folded is None:
+            from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
+
+            self._folded = self.fp32_model.with_mod(FoldBatchNorm()(self.fp32_model.mod))
+        return self._folded
+
+    def _calibration_stats(self, config: QuantConfig) -> CalibrationStats:
+        """Calibration statistics shared by every config that calibrates the same points on the
+        same samples (same ``calib_samples`` and fp32 layers): the fp32 model runs on the
+        calibration data once per such group instead of once per trial."""
+        from tvm_compress.quantize import collect_calibration
+
+        key = (min(config.calib_samples, len(self.calib)), config.overrides)
+        if key not in self._stats:
+            self._stats[key] = collect_calibration(self.folded_model(), config, self.calib,
+                                                   histograms=True, progress=False)
+        return self._stats[key]
 
     def measure_baseline(self) -> Result:
         from tvm_compress.quantize import folded_weight_bytes

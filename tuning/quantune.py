@@ -33,6 +33,9 @@ from tvm_compress.tuning.tuner import Task, Tuner, register_tuner
 
 VARIANTS = {"regression": "reg:squarederror", "rank": "rank:pairwise"}
 
+# The zoo sweep's records (benchmarks/bench_quantune_sweep.py), shipped as the default prior.
+SHIPPED_PRIOR = Path(__file__).resolve().parent / "prior" / "paper_space.jsonl"
+
 # (features, scores, group) of one prior model
 PriorGroup = tuple[np.ndarray, np.ndarray, str]
 
