@@ -352,7 +352,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 # Commands that live in their own module ``tvm_compress.cli_<name>``: each module defines ``HELP``
 # (one line), ``add_arguments(parser)`` and ``run(args, con) -> dict`` and keeps heavy imports
 # inside ``run`` so that ``--help`` stays fast. Add a command by adding its name here.
-PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop")
+PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop", "tune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,7 @@ class CompiledModel:
         self.target = target
         self.spec = spec
         self._vm: relax.VirtualMachine | None = None
+        self.tuned_functions = 0
 
     @property
     def vm(self) -> relax.VirtualMachine:
@@ -113,7 +114,8 @@ SCHEDULES = ("default", "none")
 
 
 def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
-          input_spec: InputSpec | None = None, schedule: str = "default") -> CompiledModel:
+          input_spec: InputSpec | None = None, schedule: str = "default",
+          database: str | Path | bool | None = None) -> CompiledModel:
     """Compile a model for a target preset.
 
     Parameters
@@ -125,6 +127,11 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
     schedule : {"default", "none"}
         ``"default"``: our untuned CPU schedules (``tvm_compress.schedules``) on CPU targets;
         GPU targets get TVM's dlight defaults. ``"none"``: TVM's plain pipeline (the baseline).
+    database : path, bool or None
+        Meta-schedule tuning databases for ``schedule="default"`` on CPU targets. None: the
+        ones found for the target (``tvm-compress tune``'s cache, then the databases shipped
+        with the package; ``tuning_ms.database_dirs``); a path: that database only; False:
+        none (untuned default schedules). Functions not in a database keep the default schedule.
     """
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -138,7 +145,13 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
         mod, spec = model, input_spec
     if schedule == "default" and tgt.kind.name == "llvm":
         from tvm_compress.schedules import default_schedule_pipeline
+        from tvm_compress.tuning_ms import count_tuned, databases_for
 
-        mod = default_schedule_pipeline(tgt)(mod)
+        mod = default_schedule_pipeline(tgt, databases_for(tgt, database))(mod)
+        tuned = count_tuned(mod)
+    else:
+        tuned = 0
     executable = tvm.compile(mod, target=tgt)
-    return CompiledModel(executable, tgt, spec)
+    compiled = CompiledModel(executable, tgt, spec)
+    compiled.tuned_functions = tuned  # functions scheduled from a tuning database
+    return compiled

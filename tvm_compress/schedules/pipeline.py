@@ -53,7 +53,8 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
     ]
 
 
-def default_schedule_pipeline(target: tvm.target.Target) -> tvm.ir.transform.Pass:
+def default_schedule_pipeline(target: tvm.target.Target,
+                              databases: list | None = None) -> tvm.ir.transform.Pass:
     """Relax module (weights bound as constants, fp32 NCHW) -> module with scheduled PrimFuncs.
 
     Parameters
@@ -62,6 +63,9 @@ def default_schedule_pipeline(target: tvm.target.Target) -> tvm.ir.transform.Pas
         An ``llvm`` target (or its dict); its features pick the SIMD width (AVX2, AVX-512,
         NEON) and its ``num-cores`` the parallelism. Without ``mcpu``/``mattr`` LLVM assumes a
         baseline CPU (SSE2 on x86), so the schedules use 4 lanes.
+    databases : list of meta-schedule Database, optional
+        Tuning databases (``tvm_compress.tuning_ms``): a fused function found in one gets its
+        tuned schedule (marked ``tvm_compress.tuned``) instead of the default one.
 
     Returns
     -------
@@ -94,6 +98,10 @@ def default_schedule_pipeline(target: tvm.target.Target) -> tvm.ir.transform.Pas
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             mod = tvm.transform.Sequential(lower_passes(target))(mod)
+            if databases:
+                from tvm_compress.tuning_ms import apply_databases
+
+                mod, _ = apply_databases(mod, target, databases)
             return apply_default_schedules(mod, target)
 
     return _pipeline

@@ -1,0 +1,62 @@
+"""Tune the zoo models' float32 kernels on the reference target and update the shipped database.
+
+Usage: ``.venv/bin/python benchmarks/tune_shipped.py [--trials N] [--top K] [MODEL ...]``
+
+Writes ``tvm_compress/tuned/llvm-core-avx2`` (package data: only the schedules that beat our
+default ones when timed here) and keeps every measured candidate in ``benchmarks/tuning_raw``
+(not committed) so that a second run resumes from the best candidates so far. One process, one
+builder and one runner worker: the machine's two cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from tvm_compress import load
+from tvm_compress.targets import resolve_target
+from tvm_compress.tuning_ms import REFERENCE_KEY, SHIPPED_DIR, tune
+
+HERE = Path(__file__).parent
+RAW = HERE / "tuning_raw" / REFERENCE_KEY
+LOG = HERE / "results" / "tuning_shipped.jsonl"
+MODELS = ["mobilenet_v2", "fmnist_resnet", "fmnist_mobilenet_v2", "fmnist_shufflenet_v2",
+          "fmnist_squeezenet", "fmnist_googlenet", "fmnist_vgg"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=MODELS)
+    parser.add_argument("--trials", type=int, default=320, help="trials for mobilenet_v2")
+    parser.add_argument("--small-trials", type=int, default=64, help="trials per fmnist model")
+    parser.add_argument("--top", type=int, default=12, help="heaviest kernel tasks per model")
+    parser.add_argument("--population", type=int, default=128)
+    args = parser.parse_args()
+    target = resolve_target("x86-avx2")
+    for name in args.models:
+        model = load(f"zoo:{name}")
+        trials = args.trials if name == "mobilenet_v2" else args.small_trials
+        start = time.time()
+
+        def report(done: int, total: int, note: str, name: str = name) -> None:
+            print(f"[{name}] {done}/{total} trials, {note}", flush=True)
+
+        result = tune(model, target, trials=trials, top=args.top,
+                      db_dir=SHIPPED_DIR / REFERENCE_KEY, raw_dir=RAW,
+                      population=args.population, report=report)
+        (SHIPPED_DIR / REFERENCE_KEY / "tuning_summary.json").unlink(missing_ok=True)
+        record = {"model": name, "trials": trials, "top": args.top, "seconds": time.time() - start,
+                  "load": os.getloadavg(), "tasks": result.as_dict()["tasks"]}
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        with LOG.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        kept = sum(t.kept for t in result.tasks)
+        print(f"[{name}] done: {kept}/{len(result.tasks)} tuned kernels beat the default",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Meta-schedule tuning: `tvm-compress tune` writes a per-target database that builds reuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+from tvm_compress.cli import main
+from tvm_compress.compiler import build
+from tvm_compress.errors import UserError
+from tvm_compress.frontend import export_onnx, from_onnx
+from tvm_compress.schedules import default_schedule_pipeline
+from tvm_compress.targets import resolve_target
+from tvm_compress.tuning_ms import (
+    TUNED_ATTR,
+    _workload,
+    database_dirs,
+    open_database,
+    target_key,
+    tuning_module,
+    without_tensor_intrinsics,
+)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One tiny tuning run through the CLI into the (redirected) per-target cache."""
+    from conftest import TinyCNN, _randomize_bn
+
+    torch.manual_seed(0)
+    module = _randomize_bn(TinyCNN(), 0)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype("float32")
+    root = tmp_path_factory.mktemp("tuning")
+    onnx_path = export_onnx(module, x, root / "tiny.onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TVM_COMPRESS_TUNING_DIR", str(root / "cache"))
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["tune", str(onnx_path), "--target", "x86-avx2", "--trials", "4",
+                         "--top", "1", "--population", "8", "--keep-all", "--json"])
+        yield {"code": code, "result": json.loads(out.getvalue()), "onnx": onnx_path, "x": x,
+               "module": module, "cache": root / "cache", "mp": mp}
+
+
+def test_tune_writes_a_database_per_target(tuned):
+    assert tuned["code"] == 0
+    result = tuned["result"]
+    target = resolve_target("x86-avx2")
+    db_dir = tuned["cache"] / target_key(target)
+    assert result["database"] == str(db_dir)
+    assert result["kept"] == 1 and result["tasks"][0]["trials"] >= 1
+    assert result["tasks"][0]["tuned_us"] > 0 and result["tasks"][0]["default_us"] > 0
+    assert database_dirs(target)[0] == db_dir  # found automatically (cache first)
+    assert len(open_database(db_dir).get_all_tuning_records()) == 1
+    assert (db_dir / "raw" / "database_tuning_record.json").stat().st_size > 0
+
+
+def test_build_applies_the_tuned_schedule_and_keeps_outputs(tuned):
+    model = from_onnx(tuned["onnx"])
+    target = resolve_target("x86-avx2")
+    tuned_build = build(model, target=target)  # database picked up automatically
+    plain = build(model, target=target, database=False)
+    assert tuned_build.tuned_functions == 1 and plain.tuned_functions == 0
+    expected = tuned["module"](torch.from_numpy(tuned["x"])).detach().numpy()
+    np.testing.assert_allclose(tuned_build.run(tuned["x"]), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(plain.run(tuned["x"]), expected, rtol=1e-4, atol=1e-4)
+
+    # structurally: the tuned function is the database's schedule, not the default one
+    db = open_database(tuned["cache"] / target_key(target))
+    with_db = default_schedule_pipeline(target, [db])(model.mod)
+    without = default_schedule_pipeline(target)(model.mod)
+    tuned_funcs = [(gv, f) for gv, f in with_db.functions_items()
+                   if isinstance(f, tirx.PrimFunc) and f.attrs.get(TUNED_ATTR, False)]
+    assert len(tuned_funcs) == 1
+    gv, func = tuned_funcs[0]
+    record = db.get_all_tuning_records()[0]
+    unscheduled = tuning_module(model, target)[gv.name_hint]
+    assert tvm_ffi.structural_equal(record.workload.mod, _workload(unscheduled))
+    assert not tvm_ffi.structural_equal(func.without_attr(TUNED_ATTR), without[gv.name_hint])
+    assert not tvm_ffi.structural_equal(func.body, unscheduled.body)
+
+
+def test_int8_build_still_works_with_a_database(tuned):
+    from tvm_compress.qconfig import QuantConfig
+    from tvm_compress.quantize import quantize
+
+    model = from_onnx(tuned["onnx"])
+    calib = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype("float32")
+    q = quantize(model, QuantConfig(calib_samples=4), calib, progress=False).model
+    target = resolve_target("x86-avx2")
+    with_db = build(q, target=target)
+    without = build(q, target=target, database=False)
+    np.testing.assert_array_equal(with_db.run(tuned["x"]), without.run(tuned["x"]))
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert main(["tune", "zoo:no_such_model", "--trials", "4"]) == 2
+    assert main(["tune", "zoo:fmnist_vgg", "--trials", "0"]) == 2
+    assert main(["tune", "zoo:fmnist_vgg", "--target", "nope"]) == 2
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not a tuning database"):
+        open_database(tmp_path)
+
+
+def test_stub_intrinsics_are_removed_afterwards():
+    import sys
+
+    already = "tvm.s_tir.tensor_intrin" in sys.modules
+    with without_tensor_intrinsics():
+        assert "tvm.s_tir.tensor_intrin" in sys.modules
+    assert ("tvm.s_tir.tensor_intrin" in sys.modules) == already
+    assert tvm.target.Target("llvm") is not None

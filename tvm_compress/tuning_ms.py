@@ -1,0 +1,483 @@
+"""Meta-schedule tuning of the blocked CPU kernels, and the tuning databases builds reuse.
+
+Tuning starts from the module our default pipeline schedules (``schedules.lower_passes``:
+NCHW[x]c layouts, legalized, fused), so a tuned PrimFunc is structurally the same workload the
+build meets and replaces our hand schedule for exactly that function. Only float32
+convolution / depthwise / matmul functions are tuned: the int8 kernels are tensorized with our
+own AVX2 intrinsics (``schedules.int8_intrin``), which meta-schedule's search does not know.
+
+Databases are JSON database directories (``database_workload.json``,
+``database_tuning_record.json``) kept per target key (``target_key``):
+
+* ``$TVM_COMPRESS_TUNING_DIR/<key>`` (default ``~/.cache/tvm-compress/tuning/<key>``): what
+  ``tvm-compress tune`` writes unless ``--db`` names another directory;
+* ``tvm_compress/tuned/<key>``: databases shipped with the package (reference target
+  ``x86-avx2``, key ``llvm-core-avx2``; any other x86 target with AVX2 and without AVX-512 uses
+  it too, because the kernels' workloads and code are the same there).
+
+A tuning run keeps every measured candidate in ``<db>/raw`` (appended as measured, so a second
+run resumes from the best ones) and writes to ``<db>`` itself only the workloads whose best
+tuned schedule beat our default schedule when both were timed the same way, so a shipped or
+cached database never makes a build slower than the default schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+import tvm.ir.utils
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir import meta_schedule as ms
+
+from tvm_compress.errors import UserError
+
+SHIPPED_DIR = Path(__file__).parent / "tuned"
+REFERENCE_KEY = "llvm-core-avx2"
+TUNED_ATTR = "tvm_compress.tuned"
+_FP32_KERNELS = ("conv2d_nchwc", "depthwise_nchwc")
+
+
+# ------------------------------------------------------------------------------- databases
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A directory name for ``target``: kind, triple, CPU and extra features (not cores)."""
+    attrs = target.attrs
+    parts = [target.kind.name]
+    for name in ("mtriple", "mcpu"):
+        value = str(attrs.get(name, "") or "")
+        if value:
+            parts.append(value)
+    mattr = attrs.get("mattr", None)
+    if mattr:
+        parts.extend(sorted(str(a).lstrip("+") for a in mattr))
+    return "-".join(p.replace("/", "_").replace(" ", "_") for p in parts)
+
+
+def user_db_root() -> Path:
+    """Root of the per-target databases ``tvm-compress tune`` writes by default."""
+    env = os.environ.get("TVM_COMPRESS_TUNING_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "tvm-compress" / "tuning"
+
+
+def _is_avx2_x86(target: tvm.target.Target) -> bool:
+    from tvm_compress.schedules.hardware import is_aarch64, vector_bits
+
+    return target.kind.name == "llvm" and not is_aarch64(target) and vector_bits(target) == 256
+
+
+def database_dirs(target: tvm.target.Target) -> list[Path]:
+    """Existing databases a build for ``target`` uses, most specific first."""
+    key = target_key(target)
+    candidates = [user_db_root() / key, SHIPPED_DIR / key]
+    if _is_avx2_x86(target):
+        candidates += [user_db_root() / REFERENCE_KEY, SHIPPED_DIR / REFERENCE_KEY]
+    seen: list[Path] = []
+    for path in candidates:
+        if path not in seen and (path / "database_workload.json").is_file():
+            seen.append(path)
+    return seen
+
+
+def open_database(path: str | Path, *, create: bool = False) -> ms.database.JSONDatabase:
+    """The JSON database in directory ``path`` (``create`` makes an empty one)."""
+    path = Path(path)
+    workload, records = path / "database_workload.json", path / "database_tuning_record.json"
+    if not create and not workload.is_file():
+        raise UserError(f"{path} is not a tuning database (no database_workload.json); run "
+                        "`tvm-compress tune MODEL --db DIR` to create one")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=str(workload), path_tuning_record=str(records),
+                                    allow_missing=create)
+
+
+def databases_for(target: tvm.target.Target,
+                  database: str | Path | bool | None = None) -> list[ms.database.Database]:
+    """The databases a build uses: ``database_dirs(target)`` for None, none for False, else
+    the one at path ``database``."""
+    if database is False:
+        return []
+    if database is None or database is True:
+        return [open_database(p) for p in database_dirs(target)]
+    return [open_database(database)]
+
+
+def count_tuned(mod: tvm.IRModule) -> int:
+    """How many PrimFuncs of ``mod`` carry a schedule from a tuning database."""
+    return sum(1 for _, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and bool(f.attrs.get(TUNED_ATTR, False)))
+
+
+def apply_databases(mod: tvm.IRModule, target: tvm.target.Target,
+                    databases: list[ms.database.Database]) -> tuple[tvm.IRModule, int]:
+    """Replace each unscheduled PrimFunc found in a database by its tuned schedule.
+
+    Returns the new module and how many functions were replaced; the rest stay unscheduled for
+    the default schedule rules.
+    """
+    if not databases:
+        return mod, 0
+    mod = tvm.IRModule(mod.functions, mod.attrs)
+    applied = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        workload = _workload(func)
+        for db in databases:
+            sch = db.query_schedule(workload, target, "main")
+            if sch is not None:
+                scheduled = _finish(sch, target)
+                if "global_symbol" not in (func.attrs or {}):
+                    scheduled = scheduled.without_attr("global_symbol")
+                mod[gv] = (scheduled.with_attr("tirx.is_scheduled", True)
+                           .with_attr(TUNED_ATTR, True))
+                applied += 1
+                break
+    return mod, applied
+
+
+def _workload(func: tirx.PrimFunc) -> tvm.IRModule:
+    """``func`` as meta-schedule stores workloads (named main, ``noalias``)."""
+    if "global_symbol" not in (func.attrs or {}):
+        func = func.with_attr("global_symbol", "main")
+    return tvm.IRModule({"main": func.with_attr("tirx.noalias", True)})
+
+
+def _finish(sch: s_tir.Schedule, target: tvm.target.Target) -> tirx.PrimFunc:
+    """Run the postprocessors that turn meta-schedule annotations into loops."""
+    with target, without_tensor_intrinsics():
+        for post in (ms.postproc.RewriteParallelVectorizeUnroll(),
+                     ms.postproc.RewriteReductionBlock()):
+            ctx = ms.TuneContext(mod=sch.mod, target=target)
+            post._initialize_with_tune_context(ctx)
+            post.apply(sch)
+    return sch.mod["main"]
+
+
+@contextmanager
+def without_tensor_intrinsics() -> Iterator[None]:
+    """Skip ``import tvm.s_tir.tensor_intrin`` inside ``TuneContext(...)``.
+
+    That import registers every tensor intrinsic TVM has (CUDA, Hexagon, ARM, x86 ...) and takes
+    25-90 s on the shared 2-core machine; the float32 search on AVX2 uses none of them. A stub
+    module stands in while the block runs and is removed afterwards, so a later real import
+    still works. Nothing happens when the intrinsics are already imported.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    stub = types.ModuleType(name)
+    sys.modules[name] = stub
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stub:
+            del sys.modules[name]
+
+
+# ----------------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskInfo:
+    """One tuning task: a fused PrimFunc the model runs ``weight`` times."""
+
+    name: str
+    weight: int
+    flops: float
+    default_us: float | None = None
+    tuned_us: float | None = None
+    trials: int = 0
+    kept: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tuning_module(model: Any, target: tvm.target.Target) -> tvm.IRModule:
+    """The module our default pipeline would schedule (fused, legalized, blocked layouts)."""
+    from tvm_compress.frontend import Model
+    from tvm_compress.schedules import lower_passes
+
+    mod = model.mod if isinstance(model, Model) else model
+    with target:
+        return tvm.transform.Sequential(lower_passes(target))(mod)
+
+
+def _is_fp32_kernel(func: tirx.PrimFunc) -> bool:
+    from tvm_compress.schedules.blocks import child_blocks
+    from tvm_compress.schedules.compute import KERNEL_ATTR
+    from tvm_compress.schedules.dense import find_matmul
+
+    sch = s_tir.Schedule(func)
+    kinds = {str(sch.get(b).annotations.get(KERNEL_ATTR, "")) for b in child_blocks(sch)}
+    floats = all(str(p.ty.dtype) == "float32" for p in func.params)
+    if not floats:
+        return False
+    if kinds & set(_FP32_KERNELS):
+        return True
+    try:
+        return find_matmul(sch) is not None
+    except (RuntimeError, ValueError, IndexError):
+        return False
+
+
+def select_tasks(mod: tvm.IRModule, target: tvm.target.Target, *,
+                 top: int | None = None) -> list[ms.ExtractedTask]:
+    """The float32 kernel tasks of ``mod``, heaviest (flops x uses) first, at most ``top``."""
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    chosen = [t for t in tasks if _is_fp32_kernel(t.dispatched[0]["main"])]
+    chosen.sort(key=lambda t: -_flops(t.dispatched[0]) * t.weight)
+    return chosen[:top] if top else chosen
+
+
+def _flops(mod: tvm.IRModule) -> float:
+    try:
+        return float(s_tir.analysis.estimate_tir_flops(mod))
+    except (RuntimeError, ValueError):
+        return 0.0
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def build_without_intrinsics(mod: tvm.IRModule, target: tvm.target.Target,
+                             _params: Any = None) -> Any:
+    """meta-schedule builder function that skips ``import tvm.s_tir.tensor_intrin``.
+
+    The stock ``default_build`` imports every registered tensor intrinsic in each fresh worker
+    (25-90 s here), longer than the builder's timeout, so every candidate would fail.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def make_builder(timeout_sec: float = 60.0) -> ms.builder.LocalBuilder:
+    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=timeout_sec,
+                                   f_build=build_without_intrinsics)
+
+
+def make_runner(timeout_sec: float = 60.0) -> ms.runner.LocalRunner:
+    config = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=40,
+                                       enable_cpu_cache_flush=False)
+    return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=config)
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def _random_args(func: tirx.PrimFunc) -> list[tvm.runtime.Tensor]:
+    rng = np.random.default_rng(0)
+    args = []
+    for param in func.params:
+        buf = param.ty
+        shape = [int(d) for d in buf.shape]
+        dtype = str(buf.dtype)
+        if dtype.startswith("float"):
+            data = rng.standard_normal(shape).astype(dtype)
+        else:
+            data = rng.integers(-8, 8, size=shape).astype(dtype)
+        args.append(tvm.runtime.tensor(data))
+    return args
+
+
+def time_func(func: tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = 7) -> float:
+    """Best-of-``repeat`` time of one call, in microseconds (random inputs)."""
+    from tvm.driver import build as tvm_build
+
+    lib = tvm_build(tvm.IRModule({"main": func}), target=target)
+    args = _random_args(func)
+    timer = lib.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat, min_repeat_ms=20)
+    return 1e6 * min(timer(*args).results)
+
+
+def default_scheduled(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    from tvm_compress.schedules.rules import schedule_func
+
+    with target:
+        scheduled = schedule_func(func, target)
+    return scheduled if scheduled is not None else func
+
+
+# --------------------------------------------------------------------------------- tuning
+
+
+@tvm.ir.utils.derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Reports each measured batch (trials so far, best time per task) to ``report``."""
+
+    def __init__(self, total: int, report: Callable[[int, int, str], None]) -> None:
+        super().__init__()
+        self.total, self.done, self.report = total, 0, report
+        self.best: dict[int, float] = {}
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+              builder_results: Any, runner_results: Any) -> None:
+        self.done += len(measure_candidates)
+        for res in runner_results:
+            if res.error_msg is None and res.run_secs:
+                secs = float(np.mean([float(s) for s in res.run_secs]))
+                self.best[task_id] = min(self.best.get(task_id, float("inf")), secs)
+        best = self.best.get(task_id)
+        note = f"task {task_id}: best {1e6 * best:.0f} us" if best else f"task {task_id}"
+        self.report(self.done, self.total, note)
+
+
+@dataclass
+class TuneResult:
+    database: str
+    target_key: str
+    trials: int
+    seconds: float
+    tasks: list[TaskInfo]
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kept"] = sum(t.kept for t in self.tasks)
+        return out
+
+
+def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Path | None = None,
+         top: int | None = None, trials_per_iter: int = 16,
+         report: Callable[[int, int, str], None] | None = None, seed: int = 0,
+         population: int = 256, raw_dir: str | Path | None = None,
+         keep_all: bool = False) -> TuneResult:
+    """Tune the float32 kernels of ``model`` for ``target`` and update its database.
+
+    Parameters
+    ----------
+    model : frontend.Model or IRModule
+    target : tvm.target.Target
+        An ``llvm`` target.
+    trials : int
+        Measured candidates in total, shared among tasks by meta-schedule's gradient scheduler.
+    db_dir : path, optional
+        Database directory (default ``user_db_root() / target_key(target)``).
+    top : int, optional
+        Tune only the ``top`` heaviest kernel tasks.
+    population : int
+        Evolutionary search population per round (meta-schedule's default 512 takes minutes per
+        round on two shared cores; small models and tests use less).
+    raw_dir : path, optional
+        Where every measured candidate goes (default ``<db_dir>/raw``); a later run resumes the
+        search from the best ones there.
+    keep_all : bool
+        Store each task's best tuned schedule even when our default schedule is faster.
+    report : callable(done, total, note), optional
+        Progress callback after each measured batch.
+    """
+    if target.kind.name != "llvm":
+        raise UserError(f"tune: target {target.kind.name!r} is not a CPU target; meta-schedule "
+                        "tuning here covers llvm targets (x86-avx2, x86, aarch64 ...)")
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1 (got {trials})")
+    start = time.perf_counter()
+    db_path = Path(db_dir) if db_dir else user_db_root() / target_key(target)
+    raw_path = Path(raw_dir) if raw_dir else db_path / "raw"
+    mod = tuning_module(model, target)
+    tasks = select_tasks(mod, target, top=top)
+    if not tasks:
+        raise UserError("tune: the model has no float32 convolution or matmul to tune")
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:
+        ms_logger.setLevel(logging.WARNING)  # per-task details go to <raw>/logs, not the console
+    with without_tensor_intrinsics():
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
+    for handler in ms_logger.handlers:  # keep stdout for --json
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+    raw = open_database(raw_path, create=True)
+    callbacks = ms.measure_callback.MeasureCallback.create("default")
+    if report is not None:
+        callbacks = [*callbacks, _Progress(trials, report)]
+    per_iter = max(1, min(trials_per_iter, trials))
+    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(raw_path),
+                       max_trials_global=trials, num_trials_per_iter=per_iter,
+                       builder=make_builder(), runner=make_runner(), database=raw,
+                       measure_callbacks=callbacks, task_scheduler="gradient")
+    infos = keep_winners(tasks, raw, db_path, target, keep_all=keep_all)
+    counts = _trial_counts(raw)
+    for info, task in zip(infos, tasks, strict=True):
+        info.trials = counts.get(_workload_hash(raw, task), 0)
+    summary = TuneResult(str(db_path), target_key(target), trials,
+                         time.perf_counter() - start, infos)
+    (db_path / "tuning_summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
+    return summary
+
+
+def _strategy(population: int) -> ms.search_strategy.EvolutionarySearch:
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, max(8, population // 4)),
+        genetic_num_iters=2 if population < 128 else 4)
+
+
+def _workload_hash(db: ms.database.Database, task: ms.ExtractedTask) -> str:
+    return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+
+def _trial_counts(db: ms.database.Database) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec in db.get_all_tuning_records():
+        key = str(tvm_ffi.structural_hash(rec.workload.mod))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def keep_winners(tasks: list[ms.ExtractedTask], raw: ms.database.Database, db_path: Path,
+                 target: tvm.target.Target, *, keep_all: bool = False) -> list[TaskInfo]:
+    """Time each task's best tuned and default schedule; put the tuned ones that win into the
+    database at ``db_path`` (replacing older entries of the same workload)."""
+    infos: list[TaskInfo] = []
+    winners: list[ms.database.TuningRecord] = []
+    for task in tasks:
+        workload = task.dispatched[0]
+        func = workload["main"]
+        info = TaskInfo(task.task_name, int(task.weight), _flops(workload))
+        info.default_us = time_func(default_scheduled(func, target), target)
+        if raw.has_workload(workload):
+            top = raw.get_top_k(raw.commit_workload(workload), 1)
+            if top:
+                sch = raw.query_schedule(workload, target, "main")
+                if sch is not None:
+                    info.tuned_us = time_func(_finish(sch, target), target)
+                    if keep_all or info.tuned_us < info.default_us:
+                        info.kept = True
+                        winners.append(top[0])
+        infos.append(info)
+    _write_database(db_path, winners, target)
+    return infos
+
+
+def _write_database(db_path: Path, winners: list[ms.database.TuningRecord],
+                    target: tvm.target.Target) -> None:
+    """Merge ``winners`` into the database at ``db_path`` (one record per workload)."""
+    old: dict[int, ms.database.TuningRecord] = {}
+    if (db_path / "database_workload.json").is_file():
+        for rec in open_database(db_path).get_all_tuning_records():
+            old[int(tvm_ffi.structural_hash(rec.workload.mod))] = rec
+    for rec in winners:
+        old[int(tvm_ffi.structural_hash(rec.workload.mod))] = rec
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (db_path / name).unlink(missing_ok=True)
+    db = open_database(db_path, create=True)
+    for rec in old.values():
+        workload = db.commit_workload(rec.workload.mod)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            rec.trace, workload, rec.run_secs, target, rec.args_info))
