@@ -48,8 +48,11 @@ def run_demo(con: Any, *, model_ref: str = "zoo:mobilenet_v2", repeat: int = 20)
     _print_bench(con, bench)
     _print_int8(con, model.name, bench, report, int8)
     report.pop("logits")
+    from tvm_compress.quantune_demo import quantune_demo  # Quantune from the shipped prior
+
+    quantune = quantune_demo(con)
     return {"model": model.name, "layers": len(model.layers), "macs": model.layers.total_macs,
-            "evaluation": report, "bench": bench, "int8": int8}
+            "evaluation": report, "bench": bench, "int8": int8, "quantune": quantune}
 
 
 def _int8_side_by_side(con: Any, model: Any, images: np.ndarray, labels: np.ndarray,
