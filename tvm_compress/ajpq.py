@@ -179,8 +179,8 @@ class JointSpace:
         Kept channel counts are multiples of this (or the whole group).
     """
 
-    def __init__(self, module: nn.Module, example: torch.Tensor, *, max_sparsity: float = 0.75,
-                 granule: int = 4, calib: np.ndarray | None = None) -> None:
+    def __init__(self, module: nn.Module, example: torch.Tensor, *, max_sparsity: float = 0.5,
+                 granule: int = 8, calib: np.ndarray | None = None) -> None:
         from tvm_compress.channel_groups import analyze_channel_groups
         from tvm_compress.frontend import from_torch
         from tvm_compress.metrics import weight_bytes
@@ -489,7 +489,9 @@ class Episode:
     """One pass over the layers; actions are constrained so the budget can always be met.
 
     At layer ``t`` the action (sparsity action ``a_s`` for the group the layer decides, bits
-    action ``a_b``) maps to sparsity ``a_s * max_sparsity`` and mean bits ``2 + 6 a_b``. If even the
+    action ``a_b``) maps to sparsity ``a_s^2 * max_sparsity`` (quadratic: small sparsities, the
+    ones a model survives without fine-tuning, get most of the action range) and mean bits
+    ``2 + 6 a_b``. If even the
     smallest completion of the remaining layers (their undecided groups at maximal sparsity,
     2 bits) would break the budget, the action moves along the straight line towards
     (max sparsity, 2 bits) to the first point that keeps the budget reachable (AMC / HAQ clamp
@@ -568,7 +570,7 @@ class Episode:
             keep = self.keep.copy()
             if layer.decides is not None:
                 keep[layer.decides] = space.kept_count(layer.decides,
-                                                       s_act * space.max_sparsity)
+                                                       s_act ** 2 * space.max_sparsity)
             if self._feasible(keep, 2.0 + 6.0 * b_act):
                 break
         self.keep = keep

@@ -32,8 +32,8 @@ class AJPQSettings:
     baselines: bool = True
     latency_repeat: int = 30
     target: str = "x86"
-    max_sparsity: float = 0.75
-    granule: int = 4
+    max_sparsity: float = 0.5
+    granule: int = 8
 
 
 def _tvm_accuracy(compiled: Any, images: np.ndarray, labels: np.ndarray) -> tuple[float,
