@@ -11,6 +11,7 @@ import pytest
 
 from tvm_compress.cli import main
 from tvm_compress.frontend import export_onnx
+from tvm_compress.tuning.quantune import SHIPPED_PRIOR
 from tvm_compress.tuning.records import read_records
 
 
@@ -70,8 +71,14 @@ def test_quantune_cli_end_to_end_and_resume(capsys, tiny_setup) -> None:
 
     # an interrupted Quantune run (1 trial, then killed) resumed to 2 trials ends with the
     # same records as an uninterrupted 2-trial run with the same seed
+    # (the first part runs with a prior of foreign model features: said, then searched without)
     cut, whole = str(Path(s["dir"]) / "cut"), str(Path(s["dir"]) / "whole")
-    _run(capsys, _argv(s, cut, "--trials", "1", "--prior", "none", "--seed", "3"))
+    foreign = Path(s["dir"]) / "foreign.jsonl"
+    line = json.loads(SHIPPED_PRIOR.read_text().splitlines()[1])
+    line["descriptors"] = {"layers": 3.0}
+    foreign.write_text(json.dumps(line) + "\n")
+    part = _run(capsys, _argv(s, cut, "--trials", "1", "--prior", str(foreign), "--seed", "3"))
+    assert any("continuing without the prior" in w for w in part["warnings"])
     resumed = _run(capsys, _argv(s, cut, "--trials", "2", "--prior", "none", "--seed", "3"))
     straight = _run(capsys, _argv(s, whole, "--trials", "2", "--prior", "none", "--seed", "3"))
     assert resumed["trials_measured"] == 1
