@@ -265,6 +265,10 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
         model = load_model(args)
     if args.calib == "auto":
         calib, _ = task_data(model.task, "calib")
+    elif args.calib == "distilled":  # ZeroQ: data-free, from the model's BatchNorm statistics
+        from tvm_compress.zeroq import distill
+
+        calib = distill(model, batch=config.calib_samples, progress=not args.json).images
     else:
         calib, _ = npz_images(args.calib, "calibration", model.input_dtype)
     images, labels = (npz_images(args.val, "validation", model.input_dtype) if args.val
@@ -330,8 +334,8 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool =
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     from tvm_compress.qconfig import CALIBRATIONS, GRANULARITIES, SCHEMES
 
-    p.add_argument("--calib", default="auto", help="calibration .npz ('images'); default: the "
-                                                   "zoo model's calibration split")
+    p.add_argument("--calib", default="auto", help="calibration .npz ('images'), 'distilled' "
+                   "(data-free, ZeroQ) or 'auto': the zoo model's calibration split")
     p.add_argument("--val", help="evaluation .npz ('images', 'labels'); default: zoo test data")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
     p.add_argument("--config", help="QuantConfig JSON file (overrides the flags below)")
@@ -352,7 +356,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 # Commands that live in their own module ``tvm_compress.cli_<name>``: each module defines ``HELP``
 # (one line), ``add_arguments(parser)`` and ``run(args, con) -> dict`` and keeps heavy imports
 # inside ``run`` so that ``--help`` stays fast. Add a command by adding its name here.
-PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop", "tune")
+PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop", "tune", "zeroq")
 
 
 def build_parser() -> argparse.ArgumentParser:
