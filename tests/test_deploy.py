@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
 
 from tvm_compress import deploy
 from tvm_compress.cli import main
+from tvm_compress.errors import UserError
+from tvm_compress.remote import Candidate, RemoteSpec, measure, parse_remote
 
 MODEL = "zoo:fmnist_vgg"  # the quickest zoo model to import and quantize
 
@@ -127,3 +131,109 @@ def test_compile_bundle_bad_output(tmp_path, capsys):
     assert main(["compile", MODEL, "--target", "aarch64", "-o", str(existing)]) == 2
     assert "is not a directory" in capsys.readouterr().err
     assert main(["compile", MODEL, "--target", "riscv", "-o", str(tmp_path / "d")]) == 2
+
+
+# ------------------------------------------------------------------------------------------ RPC
+
+QEMU = shutil.which("qemu-aarch64-static")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def rpc_farm():
+    """A loopback device farm: TVM's tracker, TVM's Python server (key x86) and the bundle's C++
+    server for aarch64 under qemu (key aarch64; Python itself cannot run under qemu here)."""
+    if QEMU is None:
+        pytest.skip("qemu-user-static is not installed (make setup installs it as root)")
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    # TVM's own tracker and server, each in a worker process (started in turn: each imports TVM)
+    tracker = Tracker("127.0.0.1", port=_free_port(), port_end=65535, silent=True)
+    x86 = Server("127.0.0.1", port=_free_port(), port_end=65535, key="x86", silent=True,
+                 tracker_addr=("127.0.0.1", tracker.port))
+    a64 = subprocess.Popen([*deploy.runner_prefix("aarch64"), str(deploy.build_runner("aarch64")),
+                            "rpc", "--host", "127.0.0.1", "--port", str(_free_port()),
+                            "--tracker", f"127.0.0.1:{tracker.port}", "--key", "aarch64"],
+                           stderr=subprocess.DEVNULL)
+    from tvm import rpc
+
+    deadline = time.time() + 180
+    while True:
+        try:
+            summary = rpc.connect_tracker("127.0.0.1", tracker.port).summary()
+            keys = {k: v["free"] for k, v in summary["queue_info"].items()}
+            if keys.get("x86") and keys.get("aarch64"):
+                break
+        except Exception:  # noqa: BLE001 - the tracker is still starting
+            pass
+        assert time.time() < deadline, "the loopback tracker or its servers did not come up"
+        time.sleep(1)
+    yield f"127.0.0.1:{tracker.port}"
+    a64.kill()
+    a64.wait()
+    x86.terminate()
+    tracker.terminate()
+
+
+def test_bench_through_tracker_on_x86_and_aarch64_servers(rpc_farm, fmnist, tmp_path, capsys):
+    from tvm_compress.compiler import build
+
+    model, _ = fmnist
+    records = tmp_path / "records.jsonl"
+    assert main(["bench", MODEL, "--target", "aarch64", "--tracker", rpc_farm, "--key", "aarch64",
+                 "--repeat", "2", "--records", str(records), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["remote"] == f"tracker {rpc_farm} key 'aarch64'" and out["tvm"]["median_ms"] > 0
+    host, port = rpc_farm.split(":")
+    [rec] = measure(RemoteSpec(host, int(port), "x86", via_tracker=True),
+                    [Candidate("x86", build(model, target="x86"))], repeat=2, records=records)
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["target"] for r in lines] == ["llvm aarch64-linux-gnu", "llvm host"]
+    assert rec == lines[1] and rec["latency"]["repeat"] == 2
+    # same model and default input on both devices: the outputs agree (fp32 rounding only)
+    assert lines[0]["output_checksum"] == pytest.approx(lines[1]["output_checksum"], rel=1e-4)
+
+
+def test_server_dying_mid_run_keeps_finished_records(bundles, fmnist, tmp_path):
+    from tvm_compress.compiler import build
+
+    model, x = fmnist
+    compiled = build(model, target="x86")
+    port = _free_port()
+    server = subprocess.Popen([str(deploy.build_runner(deploy.host_arch())), "rpc", "--host",
+                               "127.0.0.1", "--port", str(port)], stderr=subprocess.PIPE)
+    assert b"listening" in server.stderr.readline()
+    records = tmp_path / "records.jsonl"
+    spec = parse_remote(rpc=f"127.0.0.1:{port}")
+
+    def kill_after_first(rec):
+        server.kill()
+        server.wait()
+
+    with pytest.raises(UserError) as err:
+        measure(spec, [Candidate(n, compiled) for n in ("a", "b", "c")], repeat=2,
+                records=records, x=x, on_record=kill_after_first)
+    message = str(err.value)
+    assert f"RPC server 127.0.0.1:{port} failed while measuring 'b'" in message
+    assert f"1 finished record(s) kept in {records}" in message
+    assert [json.loads(line)["name"] for line in records.read_text().splitlines()] == ["a"]
+    with pytest.raises(UserError, match="cannot reach the RPC server"):
+        measure(spec, [Candidate("a", compiled)], x=x)
+
+
+def test_remote_flags_are_checked(capsys):
+    with pytest.raises(UserError, match="needs --key"):
+        parse_remote(tracker="127.0.0.1:9190")
+    with pytest.raises(UserError, match="not HOST:PORT"):
+        parse_remote(rpc="localhost")
+    with pytest.raises(UserError, match="not both"):
+        parse_remote(rpc="a:1", tracker="b:2", key="k")
+    assert parse_remote() is None
+    assert main(["bench", MODEL, "--rpc", "nohost"]) == 2
+    assert "--rpc 'nohost' is not HOST:PORT" in capsys.readouterr().err

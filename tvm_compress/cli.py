@@ -210,7 +210,11 @@ def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
 def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.bench import benchmark
+    from tvm_compress.remote import bench_command, parse_remote
 
+    remote = parse_remote(args.rpc, args.tracker, args.key)
+    if remote is not None:  # TVM on the device only: ORT / PyTorch do not run there
+        return bench_command(args, con, remote)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
     with con.step(f"benchmarking TVM ({args.target}), ONNX Runtime, PyTorch"):
@@ -401,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
             add_quantize_args(p)
         if name == "bench":
             p.add_argument("--repeat", type=int, default=50, help="timed runs per runtime")
+            from tvm_compress.remote import add_remote_args
+
+            add_remote_args(p)
     for name in PLUGIN_COMMANDS:
         module = importlib.import_module(f"tvm_compress.cli_{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

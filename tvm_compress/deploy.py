@@ -154,8 +154,9 @@ def build_runner(arch: str) -> Path:
     paths = runtime_paths(arch)
     build = cache_dir() / f"runner-{arch}-{_runner_hash()}"
     exe = build / "runner"
-    if exe.is_file():
+    if exe.is_file() and (build / "lib" / "libtvm_ffi.so").exists():
         return exe
+    shutil.rmtree(build, ignore_errors=True)
     if shutil.which("cmake") is None:
         raise UserError("cmake is not installed; install it (apt-get install cmake or pip "
                         "install cmake) to build the runner")
@@ -172,6 +173,10 @@ def build_runner(arch: str) -> Path:
         if proc.returncode != 0:
             shutil.rmtree(build, ignore_errors=True)
             raise RuntimeError(f"building the {arch} runner failed:\n{proc.stdout}\n{proc.stderr}")
+    # the runner finds its libraries in $ORIGIN/lib: make the build directory runnable in place
+    (build / "lib").mkdir(exist_ok=True)
+    for lib in (paths["tvm_lib"] / "libtvm_runtime.so", paths["ffi_lib"] / "libtvm_ffi.so"):
+        (build / "lib" / lib.name).symlink_to(lib)
     return exe
 
 
