@@ -38,6 +38,7 @@ from tvm_compress.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+    import tvm
     from torch import nn
 
     from tvm_compress.frontend import Model
@@ -683,6 +684,58 @@ def _channel_qparams(weight: np.ndarray, axis: int, bits: np.ndarray):  # noqa: 
     return QParams(scale, np.zeros(len(scale), dtype=np.int32), -qmax, qmax, "int8", axis, top)
 
 
+def swap_weights(mod: tvm.IRModule, space: JointSpace,
+                 weights: dict[str, torch.Tensor]) -> tvm.IRModule:
+    """``mod`` (the Relax import of ``space.folded``) with each layer's weight and bias constants
+    replaced by ``weights`` (torch names), without re-importing the model."""
+    import tvm
+    from tvm import relax
+
+    from tvm_compress.graph import DataflowView, is_const, op_name
+    from tvm_compress.metrics import _bias_after
+
+    view = DataflowView.of(mod["main"])
+    table: dict[Any, np.ndarray] = {}
+    for b in view.bindings:
+        if op_name(b.value) not in ("relax.nn.conv2d", "relax.matmul") or \
+                f"{b.var.name}.weight" not in weights:
+            continue
+        const = view.resolve(b.value.args[1])
+        new = weights[f"{b.var.name}.weight"].detach().numpy()
+        if is_const(const) and new.ndim == 2 and tuple(const.value.shape) == new.T.shape:
+            new = np.ascontiguousarray(new.T)  # linear weights are stored (in, out)
+        if not is_const(const) or tuple(const.value.shape) != new.shape:
+            raise UserError(f"AJPQ: cannot place the weight of '{b.var.name}' in the Relax "
+                            "module (not the torch-layout constant it was imported with)")
+        table[const] = new
+        bias = _bias_after(view, b.var)
+        if bias is not None and f"{b.var.name}.bias" in weights:
+            table[bias] = weights[f"{b.var.name}.bias"].detach().numpy().reshape(
+                bias.value.shape)
+
+    @relax.expr_functor.mutator
+    class _Swap(relax.PyExprMutator):
+        def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+            value = binding.value
+            if isinstance(value, relax.Call) and any(
+                    is_const(a) and a in table for a in value.args):
+                args = [relax.const(table[a].astype(str(a.value.dtype)), str(a.value.dtype))
+                        if is_const(a) and a in table else self.visit_expr(a)
+                        for a in value.args]
+                new = self.builder_.normalize(relax.Call(value.op, args, value.attrs))
+                var_type = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) \
+                    else relax.Var
+                var = var_type(binding.var.name, new.ty)
+                self.builder_.emit_normalized(relax.VarBinding(var, new))
+                self.set_var_remap(binding.var, var)
+            else:
+                super().visit_var_binding_(binding)
+
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    out["main"] = _Swap(out).visit_expr(mod["main"])
+    return out
+
+
 @dataclass
 class Realized:
     """A plan realized in TVM: cropped Relax model with per-channel-bit integer kernels."""
@@ -712,10 +765,13 @@ def realize(space: JointSpace, plan: JointPlan, calib_images: np.ndarray, *,
 
     if weights is None:
         weights = space.start_weights(plan)
-    module = copy.deepcopy(space.folded)
-    module.load_state_dict({**module.state_dict(), **weights})
-    example = torch.zeros((batch, *space.example.shape[1:]), dtype=space.example.dtype)
-    model = from_torch(module, example)
+    if batch == space.example.shape[0]:
+        model = space.model.with_mod(swap_weights(space.model.mod, space, weights))
+    else:
+        module = copy.deepcopy(space.folded)
+        module.load_state_dict({**module.state_dict(), **weights})
+        example = torch.zeros((batch, *space.example.shape[1:]), dtype=space.example.dtype)
+        model = from_torch(module, example)
     crop = space.crop_plan(plan)
     mod = crop_channels(model.mod, crop) if crop else model.mod
     cropped = model.with_mod(mod)
