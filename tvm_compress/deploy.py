@@ -324,6 +324,14 @@ def cuda_source(compiled: Any) -> str:
     return "\n".join(sources)
 
 
+def kernel_names(source: str) -> set[str]:
+    """Names of the ``__global__`` kernels in CUDA source (declared and defined: counted once)."""
+    import re
+
+    return set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(",
+                          source))
+
+
 def nvcc_path() -> str | None:
     """nvcc from PATH, CUDA_HOME or /usr/local/cuda (None when no CUDA toolkit is installed)."""
     for candidate in (shutil.which("nvcc"),
@@ -368,7 +376,7 @@ def write_cuda_package(compiled: Any, out_dir: str | Path, *, model_name: str, p
                             "input": {"name": compiled.spec.name,
                                       "shape": list(compiled.spec.shape),
                                       "dtype": compiled.spec.dtype},
-                            "kernels": source.count("__global__"), **(extra_meta or {})}
+                            "kernels": len(kernel_names(source)), **(extra_meta or {})}
     if nvcc_path() is not None:
         (out / f"model_{arch}.ptx").write_text(cuda_ptx(source, arch))
         meta["ptx"] = f"model_{arch}.ptx"
