@@ -119,3 +119,21 @@ def test_stub_intrinsics_are_removed_afterwards():
         assert "tvm.s_tir.tensor_intrin" in sys.modules
     assert ("tvm.s_tir.tensor_intrin" in sys.modules) == already
     assert tvm.target.Target("llvm") is not None
+
+
+def test_shipped_database_covers_the_reference_target():
+    from tvm_compress.schedules.blocks import child_blocks
+    from tvm_compress.schedules.compute import KERNEL_ATTR
+    from tvm_compress.tuning_ms import REFERENCE_KEY, SHIPPED_DIR
+
+    shipped = SHIPPED_DIR / REFERENCE_KEY
+    assert shipped in database_dirs(resolve_target("x86-avx2"))
+    assert shipped in database_dirs(resolve_target({"kind": "llvm", "mcpu": "znver3"}))
+    assert shipped not in database_dirs(resolve_target("x86-avx512"))
+    records = open_database(shipped).get_all_tuning_records()
+    assert records
+    for rec in records:  # only float32 blocked-conv kernels, each with a measured time
+        sch = tvm.s_tir.Schedule(rec.workload.mod)
+        kinds = {str(sch.get(b).annotations.get(KERNEL_ATTR, "")) for b in child_blocks(sch)}
+        assert kinds & {"conv2d_nchwc", "depthwise_nchwc"}
+        assert rec.run_secs and min(float(s) for s in rec.run_secs) > 0
