@@ -159,7 +159,7 @@ def _check_crop(module: nn.Module, x: np.ndarray, seed: int, *, masked: bool = T
         np.testing.assert_allclose(got, _run(zero_channels(model.mod, plan), x),
                                    rtol=1e-5, atol=1e-5)
     torch_cropped = crop_torch_module(module, plan, mod=model.mod)
-    np.testing.assert_allclose(_torch_run(torch_cropped, x), got, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_torch_run(torch_cropped, x), got, rtol=1e-5, atol=1e-5)
     assert _torch_run(module, x).shape == got.shape
     return plan
 

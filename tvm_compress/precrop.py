@@ -151,7 +151,10 @@ class ChannelBudget:
     # ----------------------------------------------------------------------------- counting
     def layer_sizes(self, plan: Mapping[int, Sequence[int]]) -> dict[str, tuple[int, int]]:
         """Layer name -> (params, MACs) after cropping with ``plan``."""
-        kept = {g: np.asarray(k) for g, k in plan.items()}
+        kept = {}
+        for g, k in plan.items():
+            kept[g] = np.zeros(self.groups[g].size, dtype=bool)
+            kept[g][np.asarray(k, dtype=np.int64)] = True
         out = {}
         for name, ax in self.axes.items():
             layer = ax.layer
@@ -171,7 +174,7 @@ class ChannelBudget:
         count = 0
         for gid, ch in sides:
             ch = ch[ch >= 0]
-            count += int(np.isin(ch, kept[gid]).sum()) if gid in kept else len(ch)
+            count += int(kept[gid][ch].sum()) if gid in kept else len(ch)
         return count / total
 
     def totals(self, plan: Mapping[int, Sequence[int]]) -> dict[str, int]:
