@@ -277,8 +277,8 @@ def bundle_sizes(out: str | Path) -> dict[str, int]:
 
 
 def run_bundle(bundle: str | Path, inputs: list[np.ndarray] | None = None, *, repeat: int = 0,
-               threads: int | None = None, timeout: float = 600) -> tuple[list[np.ndarray],
-                                                                       dict[str, Any]]:
+               warmup: int | None = None, threads: int | None = None, timeout: float = 600
+               ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """Run a bundle's runner here (under qemu when it is an aarch64 bundle on x86).
 
     Returns the outputs and the runner's JSON report (``runs_ms``, ``median_ms`` when
@@ -301,6 +301,8 @@ def run_bundle(bundle: str | Path, inputs: list[np.ndarray] | None = None, *, re
             cmd += ["--input", f"{tmp}/in{i}.npy"]
         if threads:
             cmd += ["--threads", str(threads)]
+        if warmup is not None:
+            cmd += ["--warmup", str(warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"runner failed ({proc.returncode}): {proc.stderr.strip()}")
