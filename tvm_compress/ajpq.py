@@ -596,13 +596,44 @@ class Episode:
 
 
 def run_policy(space: JointSpace, budget: Budget,
-               policy: Callable[[Episode, np.ndarray], tuple[float, float]]) -> JointPlan:
-    """One episode with ``policy(episode, state) -> (a_sparsity, a_bits)``."""
+               policy: Callable[[Episode, np.ndarray], tuple[float, float]], *,
+               fill: bool = True) -> JointPlan:
+    """One episode with ``policy(episode, state) -> (a_sparsity, a_bits)``; with ``fill`` the
+    size budget the actions left unused is then spent on bits (:func:`fill_budget`)."""
     features = space.layer_features()
     ep = Episode(space, budget)
     while not ep.done:
         ep.step(*policy(ep, ep.state(features)))
-    return ep.plan()
+    plan = ep.plan()
+    return fill_budget(space, plan, budget) if fill else plan
+
+
+def fill_budget(space: JointSpace, plan: JointPlan, budget: Budget, step: float = 0.5
+                ) -> JointPlan:
+    """Spend unused size budget on bits: repeatedly raise the mean bit-width of the layer with
+    the fewest bits by ``step`` while the size stays within budget (keeps, MACs unchanged).
+    The clamped actions leave slack whenever the policy asked for less than the budget; more
+    bits on the same channels never lose accuracy in expectation, so a plan should not waste
+    it (HAQ's agent learns the same thing with many more episodes)."""
+    keep = space.keep_array(plan)
+    bits = dict(plan.bits)
+    limit = budget.size * space.fp32_bytes
+    total = space.plan_bytes(plan)
+    by_name = {layer.name: layer for layer in space.layers}
+    while True:
+        for name in sorted(bits, key=lambda n: (bits[n], by_name[n].index)):
+            if bits[name] >= 8.0:
+                continue
+            layer = by_name[name]
+            new = min(8.0, bits[name] + step)
+            delta = space.layer_bytes(layer, keep, new) - space.layer_bytes(layer, keep,
+                                                                             bits[name])
+            if total + delta <= limit:
+                bits[name], total = new, total + delta
+                break
+        else:
+            break
+    return JointPlan(dict(plan.keep), bits, list(plan.actions))
 
 
 def uniform_plan(space: JointSpace, budget: Budget, bits: int) -> JointPlan | None:

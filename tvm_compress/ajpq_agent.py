@@ -131,7 +131,8 @@ def _load_records(path: Path | None, method: str) -> list[dict[str, Any]]:
 def ajpq_search(space: JointSpace, budget: Budget, reward: Callable[[JointPlan], float], *,
                 episodes: int, seed: int = 0, warmup: int | None = None, sigma: float = 0.5,
                 sigma_decay: float = 0.95, updates_per_episode: int | None = None,
-                records: Path | None = None, progress: bool = True) -> SearchResult:
+                records: Path | None = None, progress: bool = True,
+                fill: bool = True) -> SearchResult:
     """Hierarchical DDPG search of the joint space.
 
     ``reward(plan)`` is the proxy accuracy of a plan (higher is better). With ``records`` every
@@ -177,7 +178,7 @@ def ajpq_search(space: JointSpace, budget: Budget, reward: Callable[[JointPlan],
                 states.append((state, a_s, c_state, a_b))  # noqa: B023
                 return a_s, a_b
 
-            plan = run_policy(space, budget, policy)
+            plan = run_policy(space, budget, policy, fill=fill)
             if ep_i < len(done):
                 r = float(done[ep_i]["reward"])
             else:
@@ -213,7 +214,7 @@ def ajpq_search(space: JointSpace, budget: Budget, reward: Callable[[JointPlan],
 
 def random_search(space: JointSpace, budget: Budget, reward: Callable[[JointPlan], float], *,
                   episodes: int, seed: int = 0, records: Path | None = None,
-                  progress: bool = True) -> SearchResult:
+                  progress: bool = True, fill: bool = True) -> SearchResult:
     """Baseline: uniform random actions in the same constrained joint space."""
     from rich import progress as rp
 
@@ -226,7 +227,8 @@ def random_search(space: JointSpace, budget: Budget, reward: Callable[[JointPlan
         task = bar.add_task("random", total=episodes)
         for ep_i in range(episodes):
             plan = run_policy(space, budget,
-                              lambda _ep, _s: (float(rng.uniform()), float(rng.uniform())))
+                              lambda _ep, _s: (float(rng.uniform()), float(rng.uniform())),
+                              fill=fill)
             r = float(done[ep_i]["reward"]) if ep_i < len(done) else float(reward(plan))
             if r > best_r:
                 best, best_r = plan, r
