@@ -26,15 +26,18 @@ from tvm_compress.quantize import quantize
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(granularity: str, calibration: str, model, calib, images, labels, ref) -> dict:  # noqa: ANN001
+def run(granularity: str, calibration: str, model, calib, images, labels, ref,  # noqa: ANN001
+        bias_correction: bool = False) -> dict:
     config = QuantConfig(weight=QuantSpec(8, "symmetric", granularity),
                          calibration=calibration, calib_samples=len(calib))
     start = time.perf_counter()
-    q = quantize(model, config, calib, progress=False)
+    q = quantize(model, config, calib, progress=False, bias_correction=bias_correction)
     seconds = time.perf_counter() - start
     compiled = build(q.model)
     logits = compiled.predict(images)
-    return {"config": config.short(), "granularity": granularity, "calibration": calibration,
+    return {"config": config.short() + (" +bias corr" if bias_correction else ""),
+            "granularity": granularity, "calibration": calibration,
+            "bias_correction": bias_correction,
             "labelled_correct": int(np.sum(np.argmax(logits[:20], 1) == labels)),
             "agreement_all": top1_agreement(logits, ref),
             "agreement_labelled": top1_agreement(logits[:20], ref[:20]),
@@ -49,7 +52,7 @@ def main() -> None:
     parser.add_argument("--eval-crops", type=int, default=100)
     parser.add_argument("--configs", nargs="*", default=["per_channel:minmax",
                         "per_tensor:minmax", "per_channel:percentile", "per_channel:kl",
-                        "per_channel:mse"])
+                        "per_channel:mse"], help="granularity:method[:bc] (bc: bias correction)")
     args = parser.parse_args()
     model = tc.load("zoo:mobilenet_v2")
     photos, labels = imagenet_photos()
@@ -59,8 +62,9 @@ def main() -> None:
     ref = fp32.predict(images)
     rows = []
     for item in args.configs:
-        granularity, calibration = item.split(":")
-        rows.append(run(granularity, calibration, model, calib, images, labels, ref))
+        granularity, calibration, *bc = item.split(":")
+        rows.append(run(granularity, calibration, model, calib, images, labels, ref,
+                        bias_correction=bc == ["bc"]))
         print(json.dumps(rows[-1]), flush=True)
     result = {"model": "zoo:mobilenet_v2", "calibration_images": args.calib,
               "evaluation_images": len(images), "fp32_labelled_correct":
@@ -68,6 +72,12 @@ def main() -> None:
               "fp32_latency_ms": fp32.latency(repeat=10).median_ms,
               "load_average": os.getloadavg(), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / "quant_mobilenet_v2.json"
+    if old.exists():  # keep earlier rows of other configs measured on the same data
+        prev = json.loads(old.read_text())
+        if (prev["calibration_images"], prev["evaluation_images"]) == (args.calib, len(images)):
+            mine = {r["config"] for r in rows}
+            rows[:0] = [r for r in prev["rows"] if r["config"] not in mine]
     (RESULTS / "quant_mobilenet_v2.json").write_text(json.dumps(result, indent=2))
     lines = [f"# MobileNetV2 W8A8 in TVM ({args.calib} calibration crops, {len(images)} evaluation "
              "images: 20 labelled photos + crops of other photos)", "",

@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--fresh", action="store_true", help="ignore earlier rows")
+    parser.add_argument("--configs", nargs="*", default=None,
+                        help="subset as granularity:scheme:method (default: all 16)")
     args = parser.parse_args()
     path = RESULTS / "quant_zoo.json"
     result = {"calibration_images": args.calib, "test_images": args.test,
@@ -98,7 +100,8 @@ def main() -> None:
     calib, _ = fashion_mnist("calib")
     for name in args.models:
         configs = [config_for(m, s, g, args.calib)
-                   for m, s, g in itertools.product(METHODS, SCHEMES, GRANULARITIES)]
+                   for m, s, g in itertools.product(METHODS, SCHEMES, GRANULARITIES)
+                   if args.configs is None or f"{g}:{s}:{m}" in args.configs]
         if all((name, c.short()) in done for c in configs):
             continue
         model = tc.load(f"zoo:fmnist_{name}", batch=args.batch)

@@ -128,3 +128,42 @@ def test_packed_build_is_exact_and_stores_packed_weights(tiny_model, calib):  # 
     assert uint8, "no packed constant"
     after = sum(c.nbytes for c in after_consts if c.size >= 256 or c.dtype == np.uint8)
     assert after < before / 1.9  # 4-bit codes: about half of int8, an eighth of float32
+
+
+# --------------------------------------------------------------------------- bias correction
+
+
+def test_bias_correction_removes_the_weight_error_mean(tiny_model, calib):  # noqa: ANN001
+    from tvm_compress.bias_correction import bias_shift, correct_biases, layer_input_means
+    from tvm_compress.compiler import InputSpec, build
+    from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
+    from tvm_compress.passes.insert_qdq import weight_params
+    from tvm_compress.qgraph import analyze
+
+    config = QuantConfig(weight=QuantSpec(3, "symmetric", "per_tensor"), calib_samples=6)
+    folded = FoldBatchNorm()(tiny_model.mod)
+    graph = analyze(folded, config)
+    spec = InputSpec(tiny_model.input_name, tiny_model.input_shape, tiny_model.input_dtype)
+    means = layer_input_means(folded, graph, calib, spec)
+    assert set(means) == {s.layer.name for s in graph.layers}
+    weights = {s.layer.name: weight_params(s, config) for s in graph.layers}
+    # structure: only the biases change, by exactly the computed shift
+    corrected = correct_biases(folded, graph, weights, means)
+    new_graph = analyze(corrected, config)
+    for old, new in zip(graph.layers, new_graph.layers, strict=True):
+        assert old.layer.name == new.layer.name
+        if old.bias_var is None:
+            continue
+        shift = bias_shift(old, weights[old.layer.name], means[old.layer.name])
+        assert np.any(shift != 0)
+    # numerics: on held-out inputs the 3-bit model's output mean error shrinks
+    held_out = np.random.default_rng(7).standard_normal((16, 3, 16, 16)).astype("float32")
+    ref = build(tiny_model.with_mod(folded)).predict(held_out)
+    errors = []
+    stats = collect_calibration(tiny_model, config, calib, histograms=False, progress=False)
+    for bc in (False, True):
+        q = quantize(tiny_model, config, calib, progress=False, realize=False, stats=stats,
+                     bias_correction=bc)
+        errors.append(np.abs((build(tiny_model.with_mod(q.simulated)).predict(held_out)
+                              - ref).mean(axis=0)).mean())
+    assert errors[1] < errors[0], errors

@@ -94,7 +94,8 @@ def _check_calib(calib_data: np.ndarray) -> np.ndarray:
 
 
 def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, realize: bool = True,
-             progress: bool = True, stats: CalibrationStats | None = None) -> QuantizedModel:
+             progress: bool = True, stats: CalibrationStats | None = None,
+             bias_correction: bool = False) -> QuantizedModel:
     """Quantize a model with a configuration and calibration data.
 
     Parameters
@@ -110,6 +111,9 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
         False keeps the simulated (QDQ) module as ``model.mod``.
     stats : CalibrationStats, optional
         From :func:`collect_calibration` on the same ``calib_data``: skips running the model.
+    bias_correction : bool
+        Subtract each layer's weight-quantization mean shift ``(W_q - W) @ E[x]`` from its bias
+        (``tvm_compress.bias_correction``; one more fp32 pass over the calibration data).
     """
     calib_data = _check_calib(calib_data)
     _check_weights(model.mod)
@@ -118,7 +122,14 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
     spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
     act = calibrate(folded, graph, config, calib_data, spec, progress=progress, stats=stats)
     weights = {s.layer.name: weight_params(s, config) for s in graph.layers}
-    simulated = InsertQDQ(config, act, weight_overrides=weights)(folded)
+    source = folded
+    if bias_correction:
+        from tvm_compress.bias_correction import correct_biases, layer_input_means
+
+        means = layer_input_means(folded, graph, calib_data[: config.calib_samples], spec)
+        source = correct_biases(folded, graph, weights, means)
+        graph = analyze(source, config)  # same names, the new bias bindings
+    simulated = InsertQDQ(config, act, weight_overrides=weights)(source)
     mod = RealizeInteger()(simulated) if realize else simulated
     fp32 = sorted(set(graph.fp32_layers) | set(float_layers(mod))) if realize else \
         list(graph.fp32_layers)
