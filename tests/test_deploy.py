@@ -21,6 +21,7 @@ from tvm_compress.errors import UserError
 from tvm_compress.remote import Candidate, RemoteSpec, measure, parse_remote
 
 MODEL = "zoo:fmnist_vgg"  # the quickest zoo model to import and quantize
+QEMU = shutil.which("qemu-aarch64-static")
 
 
 def _elf_machine(path) -> int:
@@ -51,22 +52,36 @@ def fmnist_int8(fmnist):
 
 
 @pytest.fixture(scope="session")
-def bundles(fmnist, fmnist_int8, tmp_path_factory):
-    """fp32 aarch64 bundle written by the CLI; int8 aarch64 + x86 bundles through the API."""
+def builds(fmnist, fmnist_int8):
+    """fp32 and int8 fmnist_vgg built once per target, shared by the bundle and RPC tests."""
     from tvm_compress.compiler import build
 
-    model, x = fmnist
+    model, _ = fmnist
+    return {f"{kind}-{arch}": build(mod, target=target)
+            for kind, mod in (("fp32", model), ("int8", fmnist_int8))
+            for arch, target in (("x86", "x86"), ("a64", "aarch64"))}
+
+
+@pytest.fixture(scope="session")
+def bundles(fmnist, builds, tmp_path_factory):
+    """aarch64 bundles (fp32, int8) and the x86 int8 bundle; x86 reference outputs."""
+    _, x = fmnist
     root = tmp_path_factory.mktemp("bundles")
-    assert main(["compile", MODEL, "--target", "aarch64", "-o", str(root / "fp32-a64"),
-                 "--json"]) == 0
-    out = {"fp32-a64": root / "fp32-a64", "fp32-x86-ref": build(model, target="x86").run(x)}
-    for name, target in (("int8-a64", "aarch64"), ("int8-x86", "x86")):
-        compiled = build(fmnist_int8, target=target)
-        deploy.write_bundle(compiled, root / name, model_name="fmnist_vgg-int8", preset=target,
-                            sample=x)
+    out = {}
+    for name in ("fp32-a64", "int8-a64", "int8-x86"):
+        deploy.write_bundle(builds[name], root / name, model_name=f"fmnist_vgg-{name}",
+                            preset="x86" if name.endswith("x86") else "aarch64", sample=x)
         out[name] = root / name
-    out["int8-x86-ref"] = compiled.run(x)
+    out["fp32-x86-ref"] = builds["fp32-x86"].run(x)
+    out["int8-x86-ref"] = builds["int8-x86"].run(x)
     return out
+
+
+@pytest.fixture
+def tiny_onnx(tiny_cnn, tiny_input, tmp_path):
+    from tvm_compress.frontend import export_onnx
+
+    return export_onnx(tiny_cnn, tiny_input, tmp_path / "tiny.onnx")
 
 
 def test_host_runner_reproduces_the_vm_and_times_runs(bundles, fmnist):
@@ -79,21 +94,38 @@ def test_host_runner_reproduces_the_vm_and_times_runs(bundles, fmnist):
     assert report["median_ms"] > 0
 
 
-def test_aarch64_bundle_is_self_contained(bundles):
-    bundle = bundles["fp32-a64"]
+def test_cli_writes_a_self_contained_aarch64_bundle(tiny_onnx, tiny_cnn, tiny_input, tmp_path,
+                                                    capsys):
+    import torch
+
+    bundle = tmp_path / "bundle"
+    assert main(["compile", str(tiny_onnx), "--target", "aarch64", "-o", str(bundle),
+                 "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
     names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     assert names == {"model.so", "model.json", "runner", "README.md", "input.npy",
                      "lib/libtvm_runtime.so", "lib/libtvm_ffi.so"}
     for name in ("runner", "model.so", "lib/libtvm_runtime.so", "lib/libtvm_ffi.so"):
         assert _elf_machine(bundle / name) == 183, name
-    meta = json.loads((bundle / "model.json").read_text())
-    assert meta["arch"] == "aarch64" and meta["input"]["shape"] == [1, 1, 28, 28]
-    sizes = deploy.bundle_sizes(bundle)
-    print(f"aarch64 fp32 bundle: {sizes['total']:,} bytes ({sizes})")
-    assert sizes["total"] < 16 * 2**20  # the runtime libraries, not the compiler (240 MB)
+    assert meta["arch"] == "aarch64" and meta["input"]["shape"] == [1, 3, 16, 16]
+    assert meta["bytes"] == deploy.bundle_sizes(bundle)
+    print(f"aarch64 bundle of the tiny CNN: {meta['bytes']['total']:,} bytes")
+    assert meta["bytes"]["total"] < 16 * 2**20  # the runtime libraries, not the compiler (240 MB)
+    if QEMU is not None:
+        outs, _ = deploy.run_bundle(bundle, [tiny_input])
+        expected = tiny_cnn(torch.from_numpy(tiny_input)).detach().numpy()
+        np.testing.assert_allclose(outs[0], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
+def test_aarch64_bundle_size(bundles):
+    sizes = deploy.bundle_sizes(bundles["fp32-a64"])
+    print(f"aarch64 fp32 fmnist_vgg bundle: {sizes['total']:,} bytes ({sizes})")
+    runtime = sizes["lib/libtvm_runtime.so"] + sizes["lib/libtvm_ffi.so"] + sizes["runner"]
+    assert sizes["model.so"] > 383_000  # holds the 0.38 MB of fp32 weights
+    assert runtime < 8 * 2**20
+
+
+@pytest.mark.skipif(QEMU is None,
                     reason="qemu-user-static is not installed (make setup installs it as root)")
 def test_aarch64_fp32_under_qemu_matches_x86(bundles, fmnist):
     _, x = fmnist
@@ -104,7 +136,7 @@ def test_aarch64_fp32_under_qemu_matches_x86(bundles, fmnist):
     assert outs[0].argmax() == ref.argmax()
 
 
-@pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
+@pytest.mark.skipif(QEMU is None,
                     reason="qemu-user-static is not installed (make setup installs it as root)")
 def test_aarch64_int8_under_qemu_equals_x86_exactly(bundles, fmnist):
     _, x = fmnist
@@ -134,9 +166,6 @@ def test_compile_bundle_bad_output(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ RPC
-
-QEMU = shutil.which("qemu-aarch64-static")
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -181,18 +210,20 @@ def rpc_farm():
     tracker.terminate()
 
 
-def test_bench_through_tracker_on_x86_and_aarch64_servers(rpc_farm, fmnist, tmp_path, capsys):
+def test_bench_through_tracker_on_x86_and_aarch64_servers(rpc_farm, tiny_onnx, tmp_path,
+                                                          capsys):
+    from tvm_compress import load
     from tvm_compress.compiler import build
 
-    model, _ = fmnist
     records = tmp_path / "records.jsonl"
-    assert main(["bench", MODEL, "--target", "aarch64", "--tracker", rpc_farm, "--key", "aarch64",
-                 "--repeat", "2", "--records", str(records), "--json"]) == 0
+    assert main(["bench", str(tiny_onnx), "--target", "aarch64", "--tracker", rpc_farm, "--key",
+                 "aarch64", "--repeat", "2", "--records", str(records), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["remote"] == f"tracker {rpc_farm} key 'aarch64'" and out["tvm"]["median_ms"] > 0
     host, port = rpc_farm.split(":")
     [rec] = measure(RemoteSpec(host, int(port), "x86", via_tracker=True),
-                    [Candidate("x86", build(model, target="x86"))], repeat=2, records=records)
+                    [Candidate("x86", build(load(str(tiny_onnx)), target="x86"))], repeat=2,
+                    records=records)
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     assert [r["target"] for r in lines] == ["llvm aarch64-linux-gnu", "llvm host"]
     assert rec == lines[1] and rec["latency"]["repeat"] == 2
@@ -200,11 +231,9 @@ def test_bench_through_tracker_on_x86_and_aarch64_servers(rpc_farm, fmnist, tmp_
     assert lines[0]["output_checksum"] == pytest.approx(lines[1]["output_checksum"], rel=1e-4)
 
 
-def test_server_dying_mid_run_keeps_finished_records(bundles, fmnist, tmp_path):
-    from tvm_compress.compiler import build
-
-    model, x = fmnist
-    compiled = build(model, target="x86")
+def test_server_dying_mid_run_keeps_finished_records(builds, fmnist, tmp_path):
+    _, x = fmnist
+    compiled = builds["fp32-x86"]
     port = _free_port()
     server = subprocess.Popen([str(deploy.build_runner(deploy.host_arch())), "rpc", "--host",
                                "127.0.0.1", "--port", str(port)], stderr=subprocess.PIPE)
@@ -255,12 +284,9 @@ def _check_cuda_package(out, arch):
     return source, ptx
 
 
-def test_compile_cuda_fp32_writes_source_and_ptx(tiny_cnn, tiny_input, tmp_path, capsys):
-    from tvm_compress.frontend import export_onnx
-
-    onnx_path = export_onnx(tiny_cnn, tiny_input, tmp_path / "tiny.onnx")
+def test_compile_cuda_fp32_writes_source_and_ptx(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "cuda"
-    assert main(["compile", str(onnx_path), "--target", "cuda-sm80", "-o", str(out),
+    assert main(["compile", str(tiny_onnx), "--target", "cuda-sm80", "-o", str(out),
                  "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["bytes"]["model.so"] > 0 and meta["target"] == "cuda-sm80"
