@@ -179,13 +179,19 @@ def rpc_farm():
     server for aarch64 under qemu (key aarch64; Python itself cannot run under qemu here)."""
     if QEMU is None:
         pytest.skip("qemu-user-static is not installed (make setup installs it as root)")
+    from concurrent.futures import ThreadPoolExecutor
+
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker
 
-    # TVM's own tracker and server, each in a worker process (started in turn: each imports TVM)
-    tracker = Tracker("127.0.0.1", port=_free_port(), port_end=65535, silent=True)
-    x86 = Server("127.0.0.1", port=_free_port(), port_end=65535, key="x86", silent=True,
-                 tracker_addr=("127.0.0.1", tracker.port))
+    # TVM's own tracker and server, each in a worker process that imports TVM: start both at
+    # once (the server retries the tracker for up to 60 s)
+    port = _free_port()
+    with ThreadPoolExecutor(2) as pool:
+        started = pool.submit(Tracker, "127.0.0.1", port=port, port_end=port + 1, silent=True)
+        x86 = Server("127.0.0.1", port=_free_port(), port_end=65535, key="x86", silent=True,
+                     tracker_addr=("127.0.0.1", port))
+        tracker = started.result()
     a64 = subprocess.Popen([*deploy.runner_prefix("aarch64"), str(deploy.build_runner("aarch64")),
                             "rpc", "--host", "127.0.0.1", "--port", str(_free_port()),
                             "--tracker", f"127.0.0.1:{tracker.port}", "--key", "aarch64"],
