@@ -81,26 +81,12 @@ def measure(name: str, model, calib: np.ndarray, images: np.ndarray, bits: int, 
             "latency_ms_packed": min(packed_ms)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bits", nargs="*", type=int, default=[8, 6, 4, 2])
-    parser.add_argument("--models", nargs="*", default=["mobilenet_v2", "fmnist_mobilenet_v2"])
-    parser.add_argument("--repeat", type=int, default=10)
-    args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            model = tc.load(f"zoo:{name}")
-            if name == "mobilenet_v2":
-                calib, images = real_photos("calib", n=16), real_photos("eval", n=4)
-            else:
-                calib, images = fashion_mnist("calib")[0][:100], fashion_mnist("test")[0][:16]
-            stats = collect_calibration(model, QuantConfig(calib_samples=len(calib)), calib,
-                                        progress=False)
-            for bits in args.bits:
-                rows.append(measure(name, model, calib, images, bits, stats, args.repeat,
-                                    Path(tmp)))
-                print(json.dumps(rows[-1]), flush=True)
+def write(rows: list[dict]) -> None:
+    path = RESULTS / "pack_weights.json"
+    if path.exists():  # keep rows of other (model, bits) measured before
+        mine = {(r["model"], r["weight_bits"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"]
+                if (r["model"], r["weight_bits"]) not in mine] + rows
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average": [round(v, 2) for v in os.getloadavg()], "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -124,5 +110,27 @@ def main() -> None:
     (RESULTS / "pack_weights.md").write_text("\n".join(lines) + "\n")
 
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", nargs="*", type=int, default=[8, 6, 4, 2])
+    parser.add_argument("--models", nargs="*", default=["fmnist_mobilenet_v2", "mobilenet_v2"])
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = tc.load(f"zoo:{name}")
+            if name == "mobilenet_v2":
+                calib, images = real_photos("calib", n=16), real_photos("eval", n=4)
+            else:
+                calib, images = fashion_mnist("calib")[0][:100], fashion_mnist("test")[0][:16]
+            stats = collect_calibration(model, QuantConfig(calib_samples=len(calib)), calib,
+                                        progress=False)
+            for bits in args.bits:
+                rows.append(measure(name, model, calib, images, bits, stats, args.repeat,
+                                    Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+                write(rows)
 if __name__ == "__main__":
     main()
