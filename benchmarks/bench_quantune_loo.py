@@ -3,7 +3,8 @@
 For every model whose 96 paper configurations are all measured (the held-out model), Quantune is
 trained on the records of the *other* models (the prior; partially swept models count too) and
 searches the held-out model's space through a :class:`ReplayEvaluator` (the measured accuracies,
-nothing recompiled). Random, grid and genetic search run on the same replay. Each tuner runs 10
+nothing recompiled). Also measured: the rank variant, Quantune without a prior (2 random trials,
+then its own model), and random, grid and genetic search on the same replay. Each tuner runs 10
 seeds (grid is seed-independent; Quantune with a prior is deterministic up to XGBoost, whose
 seed only matters without subsampling, so its seeds usually coincide - reported as measured).
 
@@ -31,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TUNERS = ("quantune", "quantune-rank", "random", "grid", "genetic")
+TUNERS = ("quantune", "quantune-rank", "quantune-noprior", "random", "grid", "genetic")
 
 
 def trials_to(curve: list[float], level: float) -> int | None:
@@ -55,7 +56,8 @@ def run_one(recs, space, prior, tuner: str, seed: int, best: float) -> list[floa
     name = tuner
     if tuner.startswith("quantune"):
         name = "quantune"
-        options = {"prior": prior, "variant": "rank" if tuner.endswith("rank") else "regression"}
+        options = {"prior": None if tuner.endswith("noprior") else prior,
+                   "variant": "rank" if tuner.endswith("rank") else "regression"}
     built = make_tuner(name, space, task, seed=seed, **options)
     curve: list[float] = []
     cur = -1.0
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep, held_out = {}, []
     for model, recs in groups.items():
         ev = ReplayEvaluator(recs)
-        calib = max((r.knobs.calib_samples for r in recs if r.knobs), default=1)
+        # the sweep's calibration sets: 1,000 Fashion-MNIST images, 32 photo crops (ImageNet)
+        calib = 1000 if model.startswith("zoo:fmnist") else max(
+            (r.knobs.calib_samples for r in recs if r.knobs), default=1)
         space = SearchSpace.paper(calib_available=calib)
         accs = [ev.truth(k).accuracy for k in space if k in ev._by_knobs]
         base = ev.baseline().accuracy
