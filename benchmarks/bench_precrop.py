@@ -196,6 +196,26 @@ def report(state: dict, args: argparse.Namespace) -> None:
                 f"{_fmt(r['macs'], ',')} | {r['test_accuracy']:.4f} | "
                 f"{100 * (r['test_accuracy'] - dense['test_accuracy']):+.2f} | "
                 f"{r['seconds']:.0f} | {_fmt(tl, '.3f')} | {_fmt(speed, '.2f')} |")
+    lines += ["", "Acceptance (issue 4): PreCrop within 1 point of the PAI mask at the same "
+              "densities, and within 1.5 points of dense at 30% of the parameters; uniform is "
+              "the trivial baseline. One seed per run, so differences under about 1 point are "
+              "within run-to-run noise of this short recipe.", ""]
+    for arch in ARCHS:
+        for budget in BUDGETS:
+            pc, pai = runs.get(f"{arch}/precrop/{budget}"), runs.get(f"{arch}/pai/{budget}")
+            uni, dense = runs.get(f"{arch}/uniform/{budget}"), runs.get(f"{arch}/dense")
+            if None in (pc, pai, uni, dense):
+                continue
+            gap_pai = 100 * (pc["test_accuracy"] - pai["test_accuracy"])
+            gap_dense = 100 * (pc["test_accuracy"] - dense["test_accuracy"])
+            gap_uni = 100 * (pc["test_accuracy"] - uni["test_accuracy"])
+            line = (f"- {arch} params={budget}: PreCrop - PAI {gap_pai:+.2f} points "
+                    f"({'met' if gap_pai >= -1 else 'missed'}), PreCrop - uniform "
+                    f"{gap_uni:+.2f}")
+            if budget == 0.3:
+                line += (f", PreCrop - dense {gap_dense:+.2f} "
+                         f"({'met' if gap_dense >= -1.5 else 'missed'})")
+            lines.append(line)
     if IMAGENET_PATH.is_file():
         ip = json.loads(IMAGENET_PATH.read_text())
         d, c = ip["dense_ms"], ip["cropped_ms"]
