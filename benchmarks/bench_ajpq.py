@@ -45,6 +45,39 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     return report
 
 
+def latency_check(name: str, repeat: int) -> dict:
+    """Do cropped channels show up as speed? The same 8-bit integer model with all channels vs
+    L1-pruned to half the MACs (``uniform_plan`` at ``macs=0.5``), compiled and timed in
+    alternating rounds (no accuracy: the point is the kernels)."""
+    import numpy as np
+    import torch
+
+    from tvm_compress import zoo
+    from tvm_compress.ajpq import Budget, JointPlan, JointSpace, realize, uniform_plan
+    from tvm_compress.compiler import build
+    from tvm_compress.data import fashion_mnist
+
+    torch.set_num_threads(1)
+    calib = fashion_mnist("calib")[0][:64]
+    space = JointSpace(zoo.torch_model(name), torch.zeros(1, 1, 28, 28), calib=calib)
+    plans = {"8-bit, all channels": JointPlan({}, {x.name: 8.0 for x in space.layers}),
+             "8-bit, L1-pruned to <= 0.5 MACs": uniform_plan(space, Budget(1.0, 0.5), 8)}
+    fp32 = build(space.model)
+    compiled = {k: build(realize(space, p, calib[:32]).quantized.model)
+                for k, p in plans.items()}
+    times: dict[str, list[float]] = {"fp32": [], **{k: [] for k in plans}}
+    for _ in range(3):
+        times["fp32"].append(fp32.latency(repeat=repeat).median_ms)
+        for k, c in compiled.items():
+            times[k].append(c.latency(repeat=repeat).median_ms)
+    rows = {k: {"median_ms": float(np.median(v)),
+                "macs_fraction": 1.0 if k == "fp32" else space.plan_macs(plans[k]) /
+                space.fp32_macs} for k, v in times.items()}
+    out = {"model": name, "rows": rows, "load_avg": list(os.getloadavg())}
+    (RESULTS / f"ajpq_latency_{name}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def merge() -> None:
     reports = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("ajpq_fmnist_*.json"))]
     reports.sort(key=lambda r: (r["model"], -r["settings"]["finetune_lr"]))
@@ -89,6 +122,17 @@ def merge() -> None:
                 f"{e['accuracy_drop_points']:+.2f} | {e['tvm_vs_proxy_top1_agreement']:.3f} | "
                 f"{e['latency']['median_ms']:.3f} | {e['speedup_vs_fp32']:.2f} |")
     lines += ["", "Plots: `ajpq_<model>/ajpq_<model>.png` (episode rewards; accuracy vs size)."]
+    for p in sorted(RESULTS.glob("ajpq_latency_*.json")):
+        lat = json.loads(p.read_text())
+        base = lat["rows"]["fp32"]["median_ms"]
+        lines += ["", f"**Cropped channels as speed** ({lat['model']}, TVM x86, batch 1, median "
+                  "of 3 alternating rounds, load "
+                  f"{', '.join(f'{x:.1f}' for x in lat['load_avg'])}):", "",
+                  "| model variant | MACs / fp32 | latency ms | speedup vs fp32 |",
+                  "|---|---:|---:|---:|"]
+        for k, r in lat["rows"].items():
+            lines.append(f"| {k} | {r['macs_fraction']:.3f} | {r['median_ms']:.3f} | "
+                         f"{base / r['median_ms']:.2f} |")
     (RESULTS / "ajpq.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -105,8 +149,13 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=0.002)
     p.add_argument("--repeat", type=int, default=50)
     p.add_argument("--merge", action="store_true", help="only merge per-model results")
+    p.add_argument("--latency-check", action="store_true",
+                   help="only time all-channel vs half-MAC pruned 8-bit models (then merge)")
     args = p.parse_args()
-    if not args.merge:
+    if args.latency_check:
+        for name in args.models:
+            latency_check(name, args.repeat)
+    elif not args.merge:
         for name in args.models:
             run_model(name, args)
     merge()
