@@ -161,7 +161,18 @@ def _synflow(module: nn.Module, sample_shape: tuple[int, ...], sparsity: float,
 
     if iterations < 1:
         raise UserError(f"synflow needs iterations >= 1, got {iterations}")
-    work = _linearize(module)
+    flush = torch.set_flush_denormal(True)  # tiny float64 products are slow as denormals
+    try:
+        return _synflow_rounds(_linearize(module), sample_shape, sparsity, iterations)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _synflow_rounds(work: nn.Module, sample_shape: tuple[int, ...], sparsity: float,
+                    iterations: int) -> dict[str, np.ndarray]:
+    import torch
+
     layers = weight_layers(work)
     weights = [m.weight for m in layers.values()]
     originals = [w.detach().clone() for w in weights]
