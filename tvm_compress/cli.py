@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,11 @@ from typing import Any
 import numpy as np
 
 from tvm_compress.errors import UserError
+
+# PyTorch's OpenMP workers spin while waiting by default; on a machine whose cores are shared
+# (CI, other jobs) that made eager MobileNetV2 10x slower in `bench`/`demo`. Must be set before
+# torch is first imported, which the commands do lazily.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODEL_HELP = "an ONNX file path or zoo:NAME (see `tvm-compress inspect --list`)"
 
