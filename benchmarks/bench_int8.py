@@ -164,34 +164,21 @@ def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
     import tvm
     from tvm import relax
 
+    from tvm_compress.bench import kernel_call_times
     from tvm_compress.schedules import default_schedule_pipeline
 
     target = _target()
     scheduled = default_schedule_pipeline(target)(tvm.ir.load_json(path.read_text()))
     vm = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())
     x = tvm.runtime.tensor(np.random.default_rng(0).random((1, 3, 224, 224), "float32"))
-    calls: dict[str, list[float]] = collections.defaultdict(list)
-    started: dict[str, float] = {}
-
-    def instrument(_func, symbol, before, _ret, *_args) -> int:
-        if before:
-            started[symbol] = time.perf_counter()
-        else:
-            calls[symbol].append(time.perf_counter() - started[symbol])
-        return 0
-
-    for _ in range(3):
-        vm["main"](x)
-    vm.set_instrument(instrument)
-    for _ in range(runs):
-        vm["main"](x)
+    calls = kernel_call_times(vm, x, runs=runs, warmup=3)
     out = {}
     kernels = {gv.name_hint for gv in scheduled.get_global_vars()}
     for name, seconds in calls.items():
         if name not in kernels:  # VM builtins (allocation)
             continue
         func = scheduled[name]
-        per_call = np.array(seconds).reshape(runs, -1).min(axis=0) * 1e3
+        per_call = seconds * 1e3
         out[name] = {"calls": len(per_call), "ms": float(per_call.sum()),
                      "input": [int(d) for d in func.params[0].shape],
                      "output": [int(d) for d in func.params[-1].shape]}

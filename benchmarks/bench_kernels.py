@@ -16,7 +16,6 @@ of each round's fastest call. Kernel times are per-call minima inside the runnin
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import tempfile
@@ -231,37 +230,20 @@ def kernel_table(model: Any, compiled: Any, x: np.ndarray, runs: int = 5) -> lis
     import tvm
     from tvm import s_tir, tirx
 
+    from tvm_compress.bench import kernel_call_times
     from tvm_compress.tuning_ms import tuning_module
 
     target = compiled.target
     unscheduled = tuning_module(model, target)
-    calls: dict[str, list[float]] = collections.defaultdict(list)
-    started: dict[str, float] = {}
-
-    def instrument(_func, symbol, before, _ret, *_args) -> int:
-        if before:
-            started[symbol] = time.perf_counter()
-        else:
-            calls[symbol].append(time.perf_counter() - started[symbol])
-        return 0
-
-    vm = compiled.vm
-    arg = tvm.runtime.tensor(x)
-    for _ in range(2):
-        vm["main"](arg)
-    vm.set_instrument(instrument)
-    for _ in range(runs):
-        vm["main"](arg)
-    vm.set_instrument(None)
+    calls = kernel_call_times(compiled.vm, tvm.runtime.tensor(x), runs=runs)
     names = {gv.name_hint for gv in unscheduled.get_global_vars()}
     rows = []
-    for name, seconds in calls.items():
+    for name, per_call in calls.items():
         if name not in names or ("conv2d" not in name and "matmul" not in name):
             continue
         func = unscheduled[name]
         if not isinstance(func, tirx.PrimFunc):
             continue
-        per_call = np.array(seconds).reshape(runs, -1).min(axis=0)
         flops = float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
         nbytes = sum(int(np.prod([int(d) for d in p.ty.shape])) * np.dtype(str(p.ty.dtype)).itemsize
                      for p in func.params)

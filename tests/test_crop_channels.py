@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from tvm import relax
 
-from tvm_compress.channel_groups import analyze, analyze_channel_groups
+from tvm_compress.channel_groups import analyze, analyze_channel_groups, out_channels_after
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import Model, export_onnx, from_onnx, from_torch
 from tvm_compress.layers import LayerTable
@@ -133,17 +133,6 @@ def _random_plan(mod: tvm.IRModule, rng: np.random.Generator, low: float = 0.0
     raise AssertionError("no valid random plan in 100 draws")
 
 
-def _expected_out_channels(groups: list, plan: dict[int, list[int]]) -> dict[str, int]:
-    """Output channels of every producer layer after cropping, from the group members."""
-    out: dict[str, int] = {}
-    for g in groups:
-        keep = set(plan.get(g.id, range(g.size)))
-        for m in g.members:
-            if m.kind in ("conv_out", "depthwise", "linear_out"):
-                out[m.name] = out.get(m.name, 0) + sum(c in keep for c in m.channels if c >= 0)
-    return out
-
-
 def _check_crop(module: nn.Module, x: np.ndarray, seed: int, *, masked: bool = True,
                 low: float = 0.0, model: Model | None = None) -> dict[int, list[int]]:
     model = model or from_torch(module, torch.from_numpy(x))
@@ -152,7 +141,7 @@ def _check_crop(module: nn.Module, x: np.ndarray, seed: int, *, masked: bool = T
     assert relax.analysis.check_well_formed(cropped)
     table = LayerTable.from_module(cropped)
     assert table.names == model.layers.names
-    expected = _expected_out_channels(analyze_channel_groups(model.mod), plan)
+    expected = out_channels_after(analyze_channel_groups(model.mod), plan)
     assert {layer.name: layer.out_channels for layer in table} == expected
     got = _run(cropped, x)
     if masked:

@@ -12,6 +12,7 @@ import torch
 import tvm
 from tvm import relax
 
+from tvm_compress.channel_groups import out_channels_after
 from tvm_compress.cli import main
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import from_torch
@@ -169,16 +170,6 @@ def test_budget_parsing():
 
 # -------------------------------------------------------------------------------- channel plans
 
-def _expected_out_channels(groups, plan):  # noqa: ANN001, ANN202
-    out: dict[str, int] = {}
-    for g in groups:
-        keep = set(plan.get(g.id, range(g.size)))
-        for m in g.members:
-            if m.kind in ("conv_out", "depthwise", "linear_out"):
-                out[m.name] = out.get(m.name, 0) + sum(c in keep for c in m.channels if c >= 0)
-    return out
-
-
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "shufflenet_v2"])
 def test_precrop_on_fmnist_zoo_meets_budget_with_coupled_rounded_widths(fmnist_fresh, arch):
     module, example, dense = fmnist_fresh[arch]
@@ -193,7 +184,7 @@ def test_precrop_on_fmnist_zoo_meets_budget_with_coupled_rounded_widths(fmnist_f
                                                        plan.achieved["macs"])
     # Coupled groups: every member layer has the group's kept channels.
     assert {x.name: x.out_channels for x in after} == \
-        _expected_out_channels(cb.groups, plan.crop)
+        out_channels_after(cb.groups, plan.crop)
     for gid, keep in plan.crop.items():
         size = cb.groups[gid].size
         assert len(keep) % 8 == 0 and 8 <= len(keep) < size, (gid, len(keep), size)

@@ -27,6 +27,37 @@ def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency
     return latency_stats(seconds)
 
 
+def kernel_call_times(vm: Any, *args: Any, runs: int, warmup: int = 2) -> dict[str, np.ndarray]:
+    """Per-call-site minimum seconds of every function ``vm["main"](*args)`` calls.
+
+    The VM is instrumented for ``runs`` calls after ``warmup`` plain ones; a function called k
+    times per run gets k entries (the minimum over runs of each call site). VM builtins are
+    included; callers filter by the kernel names they know.
+    """
+    from collections import defaultdict
+
+    calls: dict[str, list[float]] = defaultdict(list)
+    started: dict[str, float] = {}
+
+    def instrument(_func: Any, symbol: str, before: bool, _ret: Any, *_args: Any) -> int:
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            calls[symbol].append(time.perf_counter() - started[symbol])
+        return 0
+
+    for _ in range(warmup):
+        vm["main"](*args)
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            vm["main"](*args)
+    finally:
+        vm.set_instrument(None)
+    return {name: np.array(seconds).reshape(runs, -1).min(axis=0)
+            for name, seconds in calls.items()}
+
+
 def onnxruntime_session(onnx_model: Any, *, threads: int) -> Any:
     import onnxruntime as ort
 

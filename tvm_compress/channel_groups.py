@@ -172,6 +172,22 @@ def check_plan(groups: Sequence[ChannelGroup], plan: CropPlan) -> dict[int, np.n
     return out
 
 
+def out_channels_after(groups: Sequence[ChannelGroup], plan: CropPlan) -> dict[str, int]:
+    """Output channels of every conv / linear layer once ``plan`` is applied, from the groups.
+
+    Counted from the group members alone (not by cropping), so it predicts - and tests can check
+    - what CropChannels produces. Groups missing from ``plan`` keep all their channels.
+    """
+    out: dict[str, int] = {}
+    for group in groups:
+        keep = set(plan.get(group.id, range(group.size)))
+        for member in group.members:
+            if member.kind in ("conv_out", "depthwise", "linear_out"):
+                out[member.name] = out.get(member.name, 0) + sum(
+                    c in keep for c in member.channels if c >= 0)
+    return out
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
