@@ -178,3 +178,17 @@ def test_cli_zeroq_bad_inputs(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "no BatchNorm" in capsys.readouterr().err
     assert main(["zeroq", "zoo:fmnist_resnet", "--size-budget", "lots", "--json"]) == 2
     assert main(["zeroq", "zoo:fmnist_resnet", "--avg-bits", "1", "--json"]) == 2
+
+
+def test_cli_quantize_with_distilled_calibration(capsys) -> None:  # noqa: ANN001
+    """`quantize --calib distilled`: data-free W8A8 of a zoo model stays close to fp32."""
+    import json
+
+    from tvm_compress.cli import main
+
+    code = main(["quantize", "zoo:fmnist_vgg", "--calib", "distilled", "--calib-samples", "8",
+                 "--limit", "300", "--repeat", "0", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantized"]["accuracy"] >= result["fp32"]["accuracy"] - 0.03, result
+    assert result["weight_bytes"]["quantized"] < 0.3 * result["weight_bytes"]["fp32"]
