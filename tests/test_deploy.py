@@ -24,6 +24,13 @@ MODEL = "zoo:fmnist_vgg"  # the quickest zoo model to import and quantize
 QEMU = shutil.which("qemu-aarch64-static")
 
 
+def _require_qemu() -> None:
+    """The aarch64 bundle must run here: `make setup` installs qemu-user-static (as root)."""
+    if QEMU is None:
+        pytest.fail("qemu-aarch64-static not found: run `make setup` as root or "
+                    "`apt-get install qemu-user-static`")
+
+
 def _elf_machine(path) -> int:
     data = path.read_bytes()[:20]
     assert data[:4] == b"\x7fELF"
@@ -111,10 +118,10 @@ def test_cli_writes_a_self_contained_aarch64_bundle(tiny_onnx, tiny_cnn, tiny_in
     assert meta["bytes"] == deploy.bundle_sizes(bundle)
     print(f"aarch64 bundle of the tiny CNN: {meta['bytes']['total']:,} bytes")
     assert meta["bytes"]["total"] < 16 * 2**20  # the runtime libraries, not the compiler (240 MB)
-    if QEMU is not None:
-        outs, _ = deploy.run_bundle(bundle, [tiny_input])
-        expected = tiny_cnn(torch.from_numpy(tiny_input)).detach().numpy()
-        np.testing.assert_allclose(outs[0], expected, rtol=1e-4, atol=1e-4)
+    _require_qemu()
+    outs, _ = deploy.run_bundle(bundle, [tiny_input])
+    expected = tiny_cnn(torch.from_numpy(tiny_input)).detach().numpy()
+    np.testing.assert_allclose(outs[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_aarch64_bundle_size(bundles):
@@ -125,9 +132,8 @@ def test_aarch64_bundle_size(bundles):
     assert runtime < 8 * 2**20
 
 
-@pytest.mark.skipif(QEMU is None,
-                    reason="qemu-user-static is not installed (make setup installs it as root)")
 def test_aarch64_fp32_under_qemu_matches_x86(bundles, fmnist):
+    _require_qemu()
     _, x = fmnist
     outs, report = deploy.run_bundle(bundles["fp32-a64"], [x], repeat=1)
     ref = bundles["fp32-x86-ref"]
@@ -136,9 +142,8 @@ def test_aarch64_fp32_under_qemu_matches_x86(bundles, fmnist):
     assert outs[0].argmax() == ref.argmax()
 
 
-@pytest.mark.skipif(QEMU is None,
-                    reason="qemu-user-static is not installed (make setup installs it as root)")
 def test_aarch64_int8_under_qemu_equals_x86_exactly(bundles, fmnist):
+    _require_qemu()
     _, x = fmnist
     a64, _ = deploy.run_bundle(bundles["int8-a64"], [x])
     x86, _ = deploy.run_bundle(bundles["int8-x86"], [x])
@@ -177,8 +182,7 @@ def _free_port() -> int:
 def rpc_farm():
     """A loopback device farm: TVM's tracker, TVM's Python server (key x86) and the bundle's C++
     server for aarch64 under qemu (key aarch64; Python itself cannot run under qemu here)."""
-    if QEMU is None:
-        pytest.skip("qemu-user-static is not installed (make setup installs it as root)")
+    _require_qemu()
     from concurrent.futures import ThreadPoolExecutor
 
     from tvm.rpc.server import Server
