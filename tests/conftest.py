@@ -8,6 +8,25 @@ import torch
 from torch import nn
 
 
+def relax_main(x_type: object, body) -> object:  # noqa: ANN001
+    """A one-input Relax ``main``: ``body(bb, x)`` emits bindings and returns the output expr.
+
+    ``x_type`` is a ``relax.TensorType`` or a float32 shape.
+    """
+    import tvm  # noqa: F401  (imported late: conftest is loaded before every test file)
+    from tvm import relax
+
+    if not isinstance(x_type, relax.TensorType):
+        x_type = relax.TensorType(tuple(x_type), "float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", x_type)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 class TinyCNN(nn.Module):
     """conv-bn-relu, depthwise, a residual add, global pool, linear: every layer kind we name."""
 
@@ -26,7 +45,8 @@ class TinyCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _randomize_bn(module: nn.Module, seed: int) -> nn.Module:
+def randomize_bn(module: nn.Module, seed: int) -> nn.Module:
+    """Random (seeded) BatchNorm statistics and affine parameters, so BN folding is exercised."""
     gen = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -40,7 +60,7 @@ def _randomize_bn(module: nn.Module, seed: int) -> nn.Module:
 @pytest.fixture
 def tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return _randomize_bn(TinyCNN(), 0)
+    return randomize_bn(TinyCNN(), 0)
 
 
 @pytest.fixture

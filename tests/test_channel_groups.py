@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import relax_main
 from tvm import relax
 
 from tvm_compress.channel_groups import ChannelGroup, analyze_channel_groups, check_plan
@@ -15,15 +16,7 @@ from tvm_compress.zoo import fmnist
 RNG = np.random.default_rng(0)
 
 
-def _module(shape: tuple[int, ...], body) -> relax.Function:  # noqa: ANN001
-    """A one-input main; ``body(bb, x)`` emits bindings and returns the output expr."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
+_module = relax_main
 
 
 def _conv(bb: relax.BlockBuilder, x: relax.Expr, cin: int, cout: int, groups: int = 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import randomize_bn, relax_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,13 +27,7 @@ X_SHAPE = (1, 2, 4, 4)
 
 
 def _module(body, shape: tuple[int, ...] = X_SHAPE) -> tvm.IRModule:  # noqa: ANN001
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
+    return relax_main(shape, body)
 
 
 def _c(array: np.ndarray) -> relax.Expr:
@@ -205,7 +200,7 @@ def test_mobilenet_v2_imagenet_crop(mobilenet_v2_model, mobilenet_v2_torch, imag
 @pytest.mark.parametrize("arch", sorted(fmnist.ARCHITECTURES))
 def test_fmnist_zoo_groups_and_random_crop(arch):
     torch.manual_seed(0)
-    module = _randomize(fmnist.ARCHITECTURES[arch](), 1)
+    module = randomize_bn(fmnist.ARCHITECTURES[arch](), 1)
     x = np.random.default_rng(1).standard_normal((1, 1, 28, 28)).astype("float32")
     model = from_torch(module, torch.from_numpy(x))
     groups = analyze_channel_groups(model.mod)
@@ -219,17 +214,6 @@ def test_fmnist_zoo_groups_and_random_crop(arch):
 
 
 # --------------------------------------------------------------- property: random small CNNs
-
-def _randomize(module: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return module.eval()
-
 
 class Residual(nn.Module):
     def __init__(self, c: int) -> None:
@@ -304,6 +288,6 @@ BLOCKS = st.tuples(st.sampled_from(["conv", "depthwise", "grouped", "residual", 
        seed=st.integers(0, 2**16))
 def test_random_cnn_crop_matches_masked_and_torch(spec, flatten, seed):
     torch.manual_seed(seed)
-    module = _randomize(RandomCNN(spec, flatten), seed)
+    module = randomize_bn(RandomCNN(spec, flatten), seed)
     x = np.random.default_rng(seed).standard_normal((1, 3, 4, 4)).astype("float32")
     _check_crop(module, x, seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from conftest import relax_main
 from tvm import relax, tirx
 from tvm.target.codegen import target_has_features
 
@@ -42,14 +43,7 @@ def _conv_block(bb: relax.BlockBuilder, x: relax.Expr, weight: np.ndarray, *, st
                             "uint8", 4)
 
 
-def _module(x_type: relax.TensorType, body) -> tvm.IRModule:  # noqa: ANN001
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", x_type)
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
+_module = relax_main
 
 
 def _compare(mod: tvm.IRModule, x: np.ndarray) -> tvm.IRModule:

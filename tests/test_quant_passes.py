@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from conftest import relax_main
 from hypothesis import given
 from hypothesis import strategies as st
 from tvm import relax
@@ -25,14 +26,7 @@ X_TYPE = relax.TensorType((1, 2, 4, 4), "float32")
 
 
 def _module(body) -> tvm.IRModule:  # noqa: ANN001
-    """A one-input main: ``body(bb, x)`` emits bindings and returns the (unbound) output expr."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", X_TYPE)
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(body(bb, x))
-        bb.emit_func_output(out)
-    return bb.get()
+    return relax_main(X_TYPE, body)
 
 
 def _const(value, dtype: str) -> relax.Expr:  # noqa: ANN001

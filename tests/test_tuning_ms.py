@@ -31,10 +31,10 @@ from tvm_compress.tuning_ms import (
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """One tiny tuning run through the CLI into the (redirected) per-target cache."""
-    from conftest import TinyCNN, _randomize_bn
+    from conftest import TinyCNN, randomize_bn
 
     torch.manual_seed(0)
-    module = _randomize_bn(TinyCNN(), 0)
+    module = randomize_bn(TinyCNN(), 0)
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype("float32")
     root = tmp_path_factory.mktemp("tuning")
     onnx_path = export_onnx(module, x, root / "tiny.onnx")
