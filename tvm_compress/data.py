@@ -15,13 +15,16 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
 
 from tvm_compress.errors import UserError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# the Debian package dataset-fashion-mnist; TVM_COMPRESS_FASHION_MNIST_DIR points elsewhere
+FASHION_MNIST_DIR = Path(os.environ.get("TVM_COMPRESS_FASHION_MNIST_DIR",
+                                        "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 FASHION_MNIST_SPLITS = ("train", "val", "calib", "test")

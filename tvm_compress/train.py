@@ -36,7 +36,8 @@ def evaluate_accuracy(model: nn.Module, images: np.ndarray | torch.Tensor,
                       labels: np.ndarray | torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``images`` (N,1,28,28) against ``labels`` (N,).
 
-    The model runs in eval mode; its previous train/eval mode is restored afterwards.
+    The model runs in eval mode (on the device of its parameters); its previous train/eval mode
+    is restored afterwards.
     """
     images, labels = _as_tensor(images), _as_tensor(labels)
     if len(images) != len(labels) or len(images) == 0:
@@ -44,9 +45,10 @@ def evaluate_accuracy(model: nn.Module, images: np.ndarray | torch.Tensor,
                         f"{len(images)} images and {len(labels)} labels")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(images), batch_size):
-        logits = model(images[start:start + batch_size])
+        logits = model(images[start:start + batch_size].to(device)).cpu()
         correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
     model.train(was_training)
     return correct / len(images)
@@ -83,14 +85,15 @@ def _progress(enabled: bool):  # noqa: ANN202 (rich is imported lazily)
 
 
 def _run_epoch(model, optimizer, scheduler, images, labels, *, batch_size, generator,
-               progress, task) -> float:
+               progress, task, device) -> float:
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total, count = 0.0, 0
     for start in range(0, len(images), batch_size):
         index = order[start:start + batch_size]
-        batch = augment(images[index], generator).contiguous(memory_format=torch.channels_last)
-        loss = nn.functional.cross_entropy(model(batch), labels[index])
+        batch = augment(images[index], generator).to(device)  # augmented on the CPU: seeded
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        loss = nn.functional.cross_entropy(model(batch), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -102,7 +105,8 @@ def _run_epoch(model, optimizer, scheduler, images, labels, *, batch_size, gener
 
 def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, seed: int = 0,
           weight_decay: float = 5e-4, progress: bool = True,
-          train_data: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+          train_data: tuple[np.ndarray, np.ndarray] | None = None,
+          device: str = "cpu") -> dict[str, Any]:
     """Train ``model`` in place on Fashion-MNIST and report held-out accuracy.
 
     Parameters
@@ -121,6 +125,8 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
         Show a rich progress bar and one line per epoch.
     train_data
         (images, labels) to train on instead of the "train" split, e.g. a subset for speed.
+    device
+        Where the model trains ("cpu", "cuda"); it is returned on the CPU.
 
     Returns
     -------
@@ -134,6 +140,7 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
     val_images, val_labels = fashion_mnist("val")
     torch.manual_seed(seed)  # dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)
+    model.to(device)
     optimizer = _optimizer(model, lr, weight_decay)
     steps = (len(images) + batch_size - 1) // batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
@@ -145,7 +152,7 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
             task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss=0.0)
             start = time.perf_counter()
             loss = _run_epoch(model, optimizer, scheduler, images, labels, batch_size=batch_size,
-                              generator=generator, progress=bar, task=task)
+                              generator=generator, progress=bar, task=task, device=device)
             seconds += time.perf_counter() - start
             val = evaluate_accuracy(model, val_images, val_labels)
             history.append({"epoch": epoch + 1, "loss": round(loss, 4), "val_accuracy": val})
@@ -155,6 +162,8 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     test_images, test_labels = fashion_mnist("test")
-    return {"test_accuracy": evaluate_accuracy(model, test_images, test_labels),
+    test_accuracy = evaluate_accuracy(model, test_images, test_labels)
+    model.to("cpu")
+    return {"test_accuracy": test_accuracy,
             "val_accuracy": history[-1]["val_accuracy"], "epochs": epochs,
             "seconds": round(seconds, 1), "history": history}
