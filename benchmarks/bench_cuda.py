@@ -350,7 +350,8 @@ def report(args: argparse.Namespace) -> int:
         "PyTorch is bound by kernel launches from Python, which TVM's VM avoids.",
         "",
         "int8 on the GPU runs the realized integer graph through dlight's default schedules: "
-        "no dp4a / tensor-core int8 kernels yet. On MobileNetV2 int8 is therefore slower than "
+        "no int8 tensor-core schedules (nvcc may still turn the int8 loops into dp4a). On "
+        "MobileNetV2 int8 is therefore slower than "
         "fp32 on the GPU (its large int8 convolutions fall back to generic schedules); on the "
         "small Fashion-MNIST models it is faster. The x86 int8 micro-kernels do not apply to CUDA.",
         "",

@@ -266,6 +266,66 @@ def test_server_dying_mid_run_keeps_finished_records(builds, fmnist, tmp_path):
         measure(spec, [Candidate("a", compiled)], x=x)
 
 
+def test_tune_through_tracker_on_aarch64_server(rpc_farm, tiny_onnx, tmp_path, capsys):
+    """A short meta-schedule search measured on the aarch64 server (qemu) through the tracker;
+    the database it writes is picked up by an aarch64 build."""
+    from tvm_compress import load
+    from tvm_compress.compiler import build
+
+    db = tmp_path / "db"
+    assert main(["tune", str(tiny_onnx), "--target", "aarch64", "--tracker", rpc_farm, "--key",
+                 "aarch64", "--trials", "2", "--top", "1", "--population", "8", "--keep-all",
+                 "--db", str(db), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured_on"] == f"tracker {rpc_farm} key 'aarch64'"
+    [task] = out["tasks"]
+    assert task["trials"] >= 1 and task["kept"] and task["default_us"] > 0 < task["tuned_us"]
+    compiled = build(load(str(tiny_onnx)), target="aarch64", database=db)
+    assert compiled.tuned_functions == 1
+
+
+def test_tune_keeps_measured_candidates_when_the_server_dies(builds, tiny_onnx, tmp_path,
+                                                             capsys, monkeypatch):
+    from tvm_compress import remote_tune
+    from tvm_compress.tuning_ms import open_database
+
+    port = _free_port()
+
+    def serve():
+        proc = subprocess.Popen([str(deploy.build_runner(deploy.host_arch())), "rpc", "--host",
+                                 "127.0.0.1", "--port", str(port)], stderr=subprocess.PIPE)
+        assert b"listening" in proc.stderr.readline()
+        return proc
+
+    server = serve()
+    original = remote_tune.RemoteSession.time_library
+
+    def die_after_one(self, *args, **kwargs):
+        if self.measured == 1:
+            server.kill()
+            server.wait()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(remote_tune.RemoteSession, "time_library", die_after_one)
+    db = tmp_path / "db"
+    argv = ["tune", str(tiny_onnx), "--target", "x86", "--rpc", f"127.0.0.1:{port}",
+            "--trials", "4", "--top", "1", "--population", "8", "--db", str(db)]
+    code, err = main(argv), capsys.readouterr().err
+    assert code == 2, err
+    assert f"RPC server 127.0.0.1:{port} failed during tuning" in err
+    assert "1 candidate(s) measured" in err and str(db / "raw") in err
+    kept = len(open_database(db / "raw").get_all_tuning_records())
+    assert kept >= 1  # the measured candidate survived the failure
+    monkeypatch.setattr(remote_tune.RemoteSession, "time_library", original)
+    server = serve()
+    try:  # the same command again resumes from those records
+        assert main(argv) == 0
+    finally:
+        server.kill()
+        server.wait()
+    assert len(open_database(db / "raw").get_all_tuning_records()) > kept
+
+
 def test_remote_flags_are_checked(capsys):
     with pytest.raises(UserError, match="needs --key"):
         parse_remote(tracker="127.0.0.1:9190")

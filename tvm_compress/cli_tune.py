@@ -2,7 +2,8 @@
 
 Later ``compile``/``bench``/``eval``/``demo`` runs for the same target pick the database up
 automatically (``tvm_compress.tuning_ms``); ``--db DIR`` writes elsewhere (then pass the
-directory to ``compiler.build(..., database=DIR)``).
+directory to ``compiler.build(..., database=DIR)``). ``--rpc HOST:PORT`` or ``--tracker HOST:PORT
+--key KEY`` measure the candidates on a remote device (``tvm_compress.remote_tune``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                 "$TVM_COMPRESS_TUNING_DIR or ~/.cache/tvm-compress/tuning/KEY)")
     p.add_argument("--population", type=int, default=128,
                    help="evolutionary search population per round (default 128)")
+    from tvm_compress.remote import add_remote_args
+
+    add_remote_args(p, records=False)
     p.add_argument("--keep-all", action="store_true",
                    help="store each task's best tuned schedule even when the default "
                         "schedule is faster")
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
 
     from tvm_compress.cli import load_model
     from tvm_compress.errors import UserError
+    from tvm_compress.remote import parse_remote
     from tvm_compress.targets import resolve_target
     from tvm_compress.tuning_ms import tune
 
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         raise UserError(f"--top must be 0 (all tasks) or positive (got {args.top})")
     if args.population < 2:
         raise UserError(f"--population must be at least 2 (got {args.population})")
+    remote = parse_remote(args.rpc, args.tracker, args.key)
     target = resolve_target(args.target)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
@@ -57,7 +63,8 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
             progress.update(bar, completed=min(done, total), description=note)
 
         result = tune(model, target, trials=args.trials, db_dir=args.db, top=args.top or None,
-                      population=args.population, report=report, keep_all=args.keep_all)
+                      population=args.population, report=report, keep_all=args.keep_all,
+                      remote=remote)
     rows = [[t.name, t.weight, t.trials, t.default_us,
              t.tuned_us if t.tuned_us is not None else "-", "yes" if t.kept else "no"]
             for t in result.tasks]
@@ -67,4 +74,5 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
                   f"{len(result.tasks)} kernels stored ({result.seconds:.0f} s)")
     out = result.as_dict()
     out["model"] = model.name
+    out["measured_on"] = remote.describe() if remote else "this machine"
     return out

@@ -64,14 +64,15 @@ def parse_remote(rpc: str | None = None, tracker: str | None = None,
     return None
 
 
-def add_remote_args(p: argparse.ArgumentParser) -> None:
-    """``--rpc``, ``--tracker``, ``--key``, ``--records`` for a measuring command."""
+def add_remote_args(p: argparse.ArgumentParser, *, records: bool = True) -> None:
+    """``--rpc``, ``--tracker``, ``--key`` (and ``--records``) for a measuring command."""
     p.add_argument("--rpc", metavar="HOST:PORT",
                    help="measure on a TVM RPC server (device) instead of this machine")
     p.add_argument("--tracker", metavar="HOST:PORT",
                    help="measure on a device from a TVM RPC tracker (needs --key)")
     p.add_argument("--key", help="device key registered with the tracker (e.g. aarch64)")
-    p.add_argument("--records", help="append each remote measurement to this JSONL file")
+    if records:
+        p.add_argument("--records", help="append each remote measurement to this JSONL file")
 
 
 def connect(spec: RemoteSpec, *, timeout: float = 60.0) -> Any:

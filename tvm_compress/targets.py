@@ -34,7 +34,10 @@ def _x86(mcpu: str) -> Callable[[], dict[str, Any]]:
 
 
 def _aarch64(*mattr: str) -> Callable[[], dict[str, Any]]:
-    return lambda: {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(mattr)}
+    # num-cores: meta-schedule's parallelization rules need one; 4 is the common board (A53 to
+    # A78 clusters); pass a target dict with another "num-cores" for other devices
+    return lambda: {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(mattr),
+                    "num-cores": 4}
 
 
 def _cuda(arch: str) -> Callable[[], dict[str, Any]]:

@@ -23,6 +23,7 @@ cached database never makes a build slower than the default schedules.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -182,6 +183,8 @@ def without_tensor_intrinsics() -> Iterator[None]:
         yield
         return
     stub = types.ModuleType(name)
+    # submodules stay importable one by one (e.g. the ARM intrinsics an aarch64 search needs)
+    stub.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
     sys.modules[name] = stub
     try:
         yield
@@ -268,9 +271,10 @@ def build_without_intrinsics(mod: tvm.IRModule, target: tvm.target.Target,
     return tvm_build(mod, target=target)
 
 
-def make_builder(timeout_sec: float = 60.0) -> ms.builder.LocalBuilder:
+def make_builder(timeout_sec: float = 60.0, f_export: Any = None) -> ms.builder.LocalBuilder:
+    kwargs = {"f_export": f_export} if f_export is not None else {}
     return ms.builder.LocalBuilder(max_workers=1, timeout_sec=timeout_sec,
-                                   f_build=build_without_intrinsics)
+                                   f_build=build_without_intrinsics, **kwargs)
 
 
 def make_runner(timeout_sec: float = 60.0) -> ms.runner.LocalRunner:
@@ -357,7 +361,7 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
          top: int | None = None, trials_per_iter: int = 16,
          report: Callable[[int, int, str], None] | None = None, seed: int = 0,
          population: int = 256, raw_dir: str | Path | None = None,
-         keep_all: bool = False) -> TuneResult:
+         keep_all: bool = False, remote: Any = None) -> TuneResult:
     """Tune the float32 kernels of ``model`` for ``target`` and update its database.
 
     Parameters
@@ -381,6 +385,9 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
         Store each task's best tuned schedule even when our default schedule is faster.
     report : callable(done, total, note), optional
         Progress callback after each measured batch.
+    remote : remote.RemoteSpec, optional
+        Measure candidates (and the final default-vs-tuned comparison) on this RPC server or
+        tracker device instead of this machine (``tvm_compress.remote_tune``).
     """
     if target.kind.name != "llvm":
         raise UserError(f"tune: target {target.kind.name!r} is not a CPU target; meta-schedule "
@@ -395,9 +402,13 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
     if not tasks:
         raise UserError("tune: the model has no float32 convolution or matmul to tune")
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_logger.level == logging.NOTSET:
-        ms_logger.setLevel(logging.WARNING)  # per-task details go to <raw>/logs, not the console
+    # meta-schedule sizes its console handler by this level on every call (and then resets the
+    # level to DEBUG): per-task details go to <raw>/logs, only warnings to the console
+    ms_logger.setLevel(logging.WARNING)
     with without_tensor_intrinsics():
+        if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+            # meta-schedule's ARM rules name the NEON / dot-product intrinsics
+            importlib.import_module("tvm.s_tir.tensor_intrin.arm_cpu")
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
     for handler in ms_logger.handlers:  # keep stdout for --json
@@ -408,11 +419,26 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
     if report is not None:
         callbacks = [*callbacks, _Progress(trials, report)]
     per_iter = max(1, min(trials_per_iter, trials))
+    builder, runner, timer, session = make_builder(), make_runner(), None, None
+    if remote is not None:
+        from tvm_compress import remote_tune as rt
+
+        session = rt.RemoteSession(remote)
+        builder = make_builder(f_export=rt.export_aarch64 if rt.is_aarch64(target)
+                               else rt.export_shared)
+        runner, timer = rt.RemoteRunner(session), rt.remote_timer(session, target)
     ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(raw_path),
                        max_trials_global=trials, num_trials_per_iter=per_iter,
-                       builder=make_builder(), runner=make_runner(), database=raw,
+                       builder=builder, runner=runner, database=raw,
                        measure_callbacks=callbacks, task_scheduler="gradient")
-    infos = keep_winners(tasks, raw, db_path, target, keep_all=keep_all)
+    if session is not None and session.failure is not None:
+        raise UserError(rt.failure_message(session, raw_path, start))
+    try:
+        infos = keep_winners(tasks, raw, db_path, target, keep_all=keep_all, timer=timer)
+    except Exception as exc:
+        if session is not None and session.failure is not None:
+            raise UserError(rt.failure_message(session, raw_path, start)) from exc
+        raise
     counts = _trial_counts(raw)
     for info, task in zip(infos, tasks, strict=True):
         info.trials = counts.get(_workload_hash(raw, task), 0)
@@ -441,22 +467,26 @@ def _trial_counts(db: ms.database.Database) -> dict[str, int]:
 
 
 def keep_winners(tasks: list[ms.ExtractedTask], raw: ms.database.Database, db_path: Path,
-                 target: tvm.target.Target, *, keep_all: bool = False) -> list[TaskInfo]:
-    """Time each task's best tuned and default schedule; put the tuned ones that win into the
-    database at ``db_path`` (replacing older entries of the same workload)."""
+                 target: tvm.target.Target, *, keep_all: bool = False,
+                 timer: Callable[[tirx.PrimFunc], float] | None = None) -> list[TaskInfo]:
+    """Time each task's best tuned and default schedule (``timer``: microseconds, default this
+    machine); put the tuned ones that win into the database at ``db_path`` (replacing older
+    entries of the same workload)."""
+    if timer is None:
+        timer = lambda func: time_func(func, target)  # noqa: E731
     infos: list[TaskInfo] = []
     winners: list[ms.database.TuningRecord] = []
     for task in tasks:
         workload = task.dispatched[0]
         func = workload["main"]
         info = TaskInfo(task.task_name, int(task.weight), _flops(workload))
-        info.default_us = time_func(default_scheduled(func, target), target)
+        info.default_us = timer(default_scheduled(func, target))
         if raw.has_workload(workload):
             top = raw.get_top_k(raw.commit_workload(workload), 1)
             if top:
                 sch = raw.query_schedule(workload, target, "main")
                 if sch is not None:
-                    info.tuned_us = time_func(_finish(sch, target), target)
+                    info.tuned_us = timer(_finish(sch, target))
                     if keep_all or info.tuned_us < info.default_us:
                         info.kept = True
                         winners.append(top[0])
