@@ -371,22 +371,16 @@ def report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="step", required=True)
-    a = sub.add_parser("prepare")
-    a.add_argument("--dir", default=str(ROOT / ".gpu"))
-    a.add_argument("--target", default="cuda-sm90")
-    b = sub.add_parser("device")
-    b.add_argument("--dir", default=str(ROOT / ".gpu"))
-    b.add_argument("--out", default=os.environ.get("OUT", "."))
-    b.add_argument("--arch", default="sm_90")
-    b.add_argument("--number", type=int, default=10)
-    b.add_argument("--repeat", type=int, default=30)
-    c = sub.add_parser("report")
-    c.add_argument("--device-json", required=True)
-    c.add_argument("--when", default=None)
-    args = p.parse_args(argv)
-    return {"prepare": prepare, "device": device, "report": report}[args.step](args)
+    from gpu_steps import dir_option, out_option, run_steps
+
+    return run_steps(__doc__, {
+        "prepare": (prepare, [dir_option(ROOT / ".gpu"), ("--target", {"default": "cuda-sm90"})]),
+        "device": (device, [dir_option(ROOT / ".gpu"), out_option(),
+                            ("--arch", {"default": "sm_90"}),
+                            ("--number", {"type": int, "default": 10}),
+                            ("--repeat", {"type": int, "default": 30})]),
+        "report": (report, [("--device-json", {"required": True}), ("--when", {"default": None})]),
+    }, argv)
 
 
 if __name__ == "__main__":

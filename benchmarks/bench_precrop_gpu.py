@@ -246,23 +246,20 @@ def report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="step", required=True)
-    a = sub.add_parser("prepare")
-    a.add_argument("--dir", default=str(ROOT / ".gpu"))
-    a.add_argument("--seeds", type=int, default=3)
-    a.add_argument("--epochs", type=int, default=15)
-    b = sub.add_parser("device")
-    b.add_argument("--dir", default=str(ROOT / ".gpu"))
-    b.add_argument("--out", default=os.environ.get("OUT", "."))
-    b.add_argument("--workers", type=int, default=8)
-    b.add_argument("--epochs", type=int, default=0, help="0: the manifest's")
-    b.add_argument("--only", default="", help="comma-separated job names to run")
-    b.add_argument("--rank-offset", type=int, default=0, help="first worker's record file number")
-    c = sub.add_parser("report")
-    c.add_argument("records", nargs="+")
-    args = p.parse_args(argv)
-    return {"prepare": prepare, "device": device, "report": report}[args.step](args)
+    from gpu_steps import dir_option, out_option, run_steps
+
+    return run_steps(__doc__, {
+        "prepare": (prepare, [dir_option(ROOT / ".gpu"), ("--seeds", {"type": int, "default": 3}),
+                              ("--epochs", {"type": int, "default": 15})]),
+        "device": (device, [dir_option(ROOT / ".gpu"), out_option(),
+                            ("--workers", {"type": int, "default": 8}),
+                            ("--epochs", {"type": int, "default": 0,
+                                          "help": "0: the manifest's"}),
+                            ("--only", {"default": "", "help": "comma-separated job names"}),
+                            ("--rank-offset", {"type": int, "default": 0,
+                                               "help": "first worker's record file number"})]),
+        "report": (report, [("records", {"nargs": "+"})]),
+    }, argv)
 
 
 if __name__ == "__main__":

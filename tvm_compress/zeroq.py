@@ -92,7 +92,8 @@ def bn_loss(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     import torch
 
     dims = [0, *range(2, x.dim())]
-    terms = [(x.mean(dims), x.std(dims), torch.zeros(x.shape[1]), torch.ones(x.shape[1])),
+    terms = [(x.mean(dims), x.std(dims), torch.zeros(x.shape[1], device=x.device),
+              torch.ones(x.shape[1], device=x.device)),
              *stats]
     total = x.new_zeros(())
     for mean, std, ref_mean, ref_std in terms:
@@ -103,6 +104,7 @@ def bn_loss(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | None = None,
             batch: int = DEFAULT_BATCH, iterations: int = DEFAULT_ITERATIONS,
             lr: float = DEFAULT_LR, seed: int = 0, threads: int = 1, label_weight: float = 0.0,
+            device: str = "cpu",
             progress: bool = True) -> Distilled:
     """ZeroQ distilled data for a model with BatchNorm.
 
@@ -124,6 +126,8 @@ def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | N
     threads : int
         Torch threads (1 by default: on a shared 2-core machine OpenMP with 2 threads is many
         times slower).
+    device : str
+        Where the optimization runs ("cpu", "cuda"); the images come back as NumPy either way.
 
     Raises
     ------
@@ -165,11 +169,12 @@ def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | N
     try:
         with torch_threads(threads):
             gen = torch.Generator().manual_seed(seed)
-            x = torch.randn((batch, *sample_shape), generator=gen).requires_grad_(True)
+            module.to(device)
+            x = torch.randn((batch, *sample_shape), generator=gen).to(device).requires_grad_(True)
             if label_weight > 0:
                 with torch.no_grad():
                     classes = module(x[:1]).reshape(1, -1).shape[1]
-                targets = torch.randint(classes, (batch,), generator=gen)
+                targets = torch.randint(classes, (batch,), generator=gen).to(device)
             opt = torch.optim.Adam([x], lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1),
                                                                eta_min=lr * 0.01)
@@ -201,7 +206,8 @@ def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | N
             h.remove()
         for p, flag in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-    result.images = x.detach().numpy().astype(np.float32)
+        module.to("cpu")
+    result.images = x.detach().cpu().numpy().astype(np.float32)
     result.seconds = time.perf_counter() - start
     return result
 
