@@ -217,3 +217,18 @@ def test_export_rejects_unknown_exposed_tensor(quantized_tiny) -> None:  # noqa:
 def test_export_rejects_the_realized_module(quantized_tiny) -> None:  # noqa: ANN001
     with pytest.raises(UserError, match="simulated"):
         qdq_onnx_model(quantized_tiny.model.mod)
+
+
+def test_ort_quantize_static_calibrates_a_static_batch(tiny_cnn, tmp_path: Path) -> None:
+    """A batch-4 model is calibrated in batches of 4 (5 samples: one batch, the rest dropped)
+    and the QDQ model it returns runs at batch 4 and stays close to fp32."""
+    from tvm_compress.ort_quant import ort_quantize_static
+
+    x = _inputs(4, 1)
+    fp32 = onnx.load(str(export_onnx(tiny_cnn, x, tmp_path / "b4.onnx")))
+    qdq = ort_quantize_static(fp32, _inputs(5, 2))
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) > 0
+    ref = _session(fp32).run(None, {fp32.graph.input[0].name: x})[0]
+    out = _session(qdq).run(None, {qdq.graph.input[0].name: x})[0]
+    assert out.shape == ref.shape == (4, 10)
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()

@@ -22,10 +22,15 @@ def ort_quantize_static(onnx_model: Any, calib: np.ndarray, *, per_channel: bool
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     input_name = onnx_model.graph.input[0].name
+    dim0 = onnx_model.graph.input[0].type.tensor_type.shape.dim[0]
+    batch = dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else 1
+    if len(calib) < batch:  # a static batch larger than the calibration set: repeat it
+        calib = np.concatenate([calib] * -(-batch // len(calib)))
 
     class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(calib[i:i + 1] for i in range(len(calib)))
+        def __init__(self) -> None:  # batches of the model's static batch size
+            self.items = iter(calib[i:i + batch] for i in range(0, len(calib) - batch + 1,
+                                                                batch))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             item = next(self.items, None)
