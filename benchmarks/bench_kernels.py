@@ -27,8 +27,8 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
-ENGINES = ["tvm_untuned", "tvm_tuned", "tvm_int8", "onnxruntime_fp32", "onnxruntime_int8",
-           "pytorch_eager"]
+ENGINES = ["tvm_untuned", "tvm_tuned", "tvm_int8", "tvm_cropped_int8", "onnxruntime_fp32",
+           "onnxruntime_int8", "pytorch_eager"]
 MODELS = ["mobilenet_v2", "fmnist_resnet", "fmnist_mobilenet_v2", "fmnist_shufflenet_v2",
           "fmnist_squeezenet", "fmnist_googlenet", "fmnist_vgg"]
 
@@ -140,7 +140,9 @@ def _engine(kind: str, name: str, batch: int, tmp: Path) -> tuple[Any, dict]:
     from tvm_compress.compiler import build
 
     target = _target()
-    if kind == "tvm_int8":
+    if kind == "tvm_cropped_int8":
+        compiled = _cropped_int8(name, batch, tmp, target)
+    elif kind == "tvm_int8":
         from tvm_compress.qconfig import QuantConfig
         from tvm_compress.quantize import quantize
 
@@ -157,6 +159,27 @@ def _engine(kind: str, name: str, batch: int, tmp: Path) -> tuple[Any, dict]:
     return run, info
 
 
+def _cropped_int8(name: str, batch: int, tmp: Path, target: Any) -> Any:
+    """The int8 model with its channel groups L1-pruned to <= half the MACs (AJPQ's joint space,
+    8 bits everywhere, channels physically removed): latency only, not accuracy."""
+    import torch
+
+    from tvm_compress import zoo
+    from tvm_compress.ajpq import Budget, JointSpace, realize, uniform_plan
+    from tvm_compress.compiler import build
+
+    if not name.startswith("fmnist_") or batch != 1:
+        raise NotApplicable("cropped+int8 rows: Fashion-MNIST models at batch 1")
+    calib = np.load(tmp / "calib.npy")
+    space = JointSpace(zoo.torch_model(name), torch.zeros(1, 1, 28, 28), calib=calib)
+    plan = uniform_plan(space, Budget(1.0, 0.5), 8)
+    return build(realize(space, plan, calib).quantized.model, target=target)
+
+
+class NotApplicable(RuntimeError):
+    """This engine does not apply to this row (shown as "-", not as an error)."""
+
+
 def _worker(kind: str, name: str, batch: int, tmp: str, conn) -> None:
     if kind == "pytorch_eager":  # OpenMP threads block instead of spinning between calls
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -165,6 +188,9 @@ def _worker(kind: str, name: str, batch: int, tmp: str, conn) -> None:
         run, info = _engine(kind, name, batch, Path(tmp))
         x = np.load(Path(tmp) / "x.npy")
         run(x)
+    except NotApplicable:
+        conn.send({"error": "n/a"})
+        return
     except Exception as err:  # noqa: BLE001 - reported in the results
         conn.send({"error": f"{type(err).__name__}: {err}"[:300]})
         return
@@ -306,6 +332,10 @@ def markdown(result: dict) -> str:
         f"Measured fp32 peak: {peak['matmul_gflops']:.1f} GFLOP/s (best of 200 short BLAS "
         f"matmuls, {peak['best_of']}, 2 threads), copy bandwidth {peak['copy_gbs']:.1f} GB/s.",
         "",
+        "tvm_cropped_int8: the int8 model with its channel groups L1-pruned to <= 0.5 of the "
+        "MACs (channels removed by CropChannels; latency only, Fashion-MNIST models); '-' = not "
+        "applicable.",
+        "",
         "| model | batch | " + " | ".join(ENGINES) + " | tuned kernels |",
         "|---|---|" + "---|" * (len(ENGINES) + 1),
     ]
@@ -315,7 +345,7 @@ def markdown(result: dict) -> str:
         for kind in ENGINES:
             t = row["timings"].get(kind)
             if t is None:
-                cells.append("error")
+                cells.append("-" if row.get("errors", {}).get(kind) == "n/a" else "error")
             elif ort:
                 cells.append(f"{t['typical_ms']:.2f} ms ({t['typical_ms'] / ort:.2f}x)")
             else:
@@ -324,8 +354,9 @@ def markdown(result: dict) -> str:
                      + f" | {row['tuned_functions']} |")
     lines += ["", "Ratios in parentheses are to ONNX Runtime fp32 of the same row.", ""]
     for row in result["models"]:
-        if row.get("errors"):
-            lines.append(f"Errors in {row['model']} (batch {row['batch']}): {row['errors']}")
+        errors = {k: v for k, v in row.get("errors", {}).items() if v != "n/a"}
+        if errors:
+            lines.append(f"Errors in {row['model']} (batch {row['batch']}): {errors}")
     lines += ["", "## Hot kernels of the tuned builds (GFLOP/s vs measured peak)", "",
               "| model | kernel | kind | calls | us/call | GFLOP/s | % of peak |",
               "|---|---|---|---|---|---|---|"]
