@@ -34,13 +34,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
                             val_samples=args.val_samples, finetune_samples=args.finetune_samples,
                             test_samples=args.test_samples, latency_repeat=args.repeat,
                             finetune_lr=args.finetune_lr)
-    out = RESULTS / f"ajpq_{name}"
+    suffix = "" if args.finetune_lr == 0.002 else f"_lr{args.finetune_lr:g}"
+    if args.budget != "size=0.2":  # other budgets get their own files
+        suffix += "_" + args.budget.replace("=", "").replace(",", "_")
+    out = RESULTS / f"ajpq_{name}{suffix}"
     report = run_ajpq(zoo.torch_model(name), settings, name=name, out_dir=out, progress=True,
                       log=print)
     report["machine"] = {"cpu": platform.processor() or platform.machine(),
                          "cores": os.cpu_count(), "torch_threads": 1,
                          "load_avg_end": list(os.getloadavg())}
-    suffix = "" if args.finetune_lr == 0.002 else f"_lr{args.finetune_lr:g}"
     (RESULTS / f"ajpq_{name}{suffix}.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
@@ -80,7 +82,8 @@ def latency_check(name: str, repeat: int) -> dict:
 
 def merge() -> None:
     reports = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("ajpq_fmnist_*.json"))]
-    reports.sort(key=lambda r: (r["model"], -r["settings"]["finetune_lr"]))
+    reports.sort(key=lambda r: (r["model"], r["settings"]["budget"] != "size=0.2",
+                                r["settings"]["budget"], -r["settings"]["finetune_lr"]))
     (RESULTS / "ajpq.json").write_text(json.dumps(reports, indent=1))
     lines = ["# AJPQ: joint pruning + mixed precision, realized in TVM", ""]
     if reports:
@@ -111,11 +114,13 @@ def merge() -> None:
         fp = r["fp32"]
         lat = (fp.get("latency") or {}).get("median_ms")
         lr = r["settings"]["finetune_lr"]
-        lines.append(f"| {r['model']} | - | fp32 | 1 | 1.0x | 1 | - | - | - | "
+        budget = r["settings"]["budget"]
+        label = r["model"] if budget == "size=0.2" else f"{r['model']} @ {budget}"
+        lines.append(f"| {label} | - | fp32 | 1 | 1.0x | 1 | - | - | - | "
                      f"{fp['test_accuracy']:.4f} | - | - | {lat:.3f} | 1.00 |")
         for m, e in r["methods"].items():
             lines.append(
-                f"| {r['model']} | {lr:g} | {m} | {e['size_fraction']:.4f} | "
+                f"| {label} | {lr:g} | {m} | {e['size_fraction']:.4f} | "
                 f"{e['compression']:.1f}x | "
                 f"{e['macs_fraction']:.3f} | {e['evaluations']} | {e['best_proxy_reward']:.3f} "
                 f"| {e['test_accuracy_before_finetune']:.4f} | {e['test_accuracy']:.4f} | "

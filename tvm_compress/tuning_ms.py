@@ -405,12 +405,21 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
     # meta-schedule sizes its console handler by this level on every call (and then resets the
     # level to DEBUG): per-task details go to <raw>/logs, only warnings to the console
     ms_logger.setLevel(logging.WARNING)
-    with without_tensor_intrinsics():
-        if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-            # meta-schedule's ARM rules name the NEON / dot-product intrinsics
-            importlib.import_module("tvm.s_tir.tensor_intrin.arm_cpu")
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
+    # meta-schedule re-lists the logger's handlers by name on every call; unnamed ones (e.g.
+    # pytest's capture handlers, copied there by an earlier call) would break it: set them aside
+    unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_logger.removeHandler(h)
+    try:
+        with without_tensor_intrinsics():
+            if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+                # meta-schedule's ARM rules name the NEON / dot-product intrinsics
+                importlib.import_module("tvm.s_tir.tensor_intrin.arm_cpu")
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
+    finally:
+        for h in unnamed:
+            ms_logger.addHandler(h)
     for handler in ms_logger.handlers:  # keep stdout for --json
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
             handler.setStream(sys.stderr)
