@@ -15,6 +15,7 @@ from tvm_compress.ajpq import (
     parse_budget,
     realize,
     run_policy,
+    uniform_plan,
     within_budget,
 )
 from tvm_compress.ajpq_agent import ajpq_search, random_search
@@ -174,3 +175,24 @@ def test_realized_tvm_matches_proxy(space: JointSpace) -> None:
     fp32 = space.proxy_logits(JointPlan({}, {n.name: 8.0 for n in space.layers}),
                               torch.from_numpy(x))
     assert np.mean(fp32.argmax(1) == ref.argmax(1)) < 0.99  # the plan changes the model
+
+
+def test_l1_plan_keeps_every_slice_of_a_channel_split() -> None:
+    """ShuffleNet splits channel groups in halves; the L1 plan at half the MACs keeps a channel
+    on every side of every split (it used to empty one and fail in CropChannels) and realizes."""
+    calib = fashion_mnist("calib")[0][:16]
+    space = JointSpace(zoo.torch_model("fmnist_shufflenet_v2"), torch.zeros(1, 1, 28, 28),
+                       calib=calib)
+    plan = uniform_plan(space, Budget(1.0, 0.5), 8)
+    slices = 0
+    for gid, count in plan.keep.items():
+        kept = set(space.order[gid][:count].tolist())
+        for m in space.groups[gid].members:
+            ch = {int(c) for c in m.channels if c >= 0}
+            if 0 < len(ch) < space.groups[gid].size:
+                slices += 1
+                assert ch & kept, f"group {gid}: member {m.name} loses all its channels"
+    assert slices > 0  # the model does split groups
+    realized = realize(space, plan, calib)
+    assert space.plan_macs(plan) <= 0.5 * space.fp32_macs
+    assert realized.quantized.model.mod is not None

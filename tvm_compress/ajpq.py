@@ -202,6 +202,26 @@ class JointSpace:
                              layer.pixels for layer in self.layers)
 
     # ------------------------------------------------------------------------ construction
+    @staticmethod
+    def _slice_safe_order(group: Any, importance: np.ndarray) -> np.ndarray:
+        """Channels by importance, except that the best channel of every slice (a member tensor
+        holding only part of the group: one side of a channel split, one input of a concat)
+        comes first, so any kept count >= the number of slices leaves every tensor non-empty."""
+        order = np.argsort(-importance, kind="stable")
+        firsts: list[int] = []
+        for m in group.members:
+            ch = np.asarray(m.channels)
+            ch = np.unique(ch[ch >= 0])
+            if 0 < len(ch) < group.size:
+                best = int(ch[np.argmax(importance[ch])])
+                if best not in firsts:
+                    firsts.append(best)
+        if not firsts:
+            return order
+        firsts.sort(key=lambda c: (-importance[c], c))
+        rest = [int(c) for c in order if int(c) not in set(firsts)]
+        return np.array(firsts + rest, dtype=np.int64)
+
     def _build_layers(self) -> None:
         from torch import nn
 
@@ -255,7 +275,8 @@ class JointSpace:
                 int(layer.stride[0]) if layer.stride else 1, None))
         self.importance = importance
         # rank of each group channel by importance (0 = most important); stable order
-        self.order = [np.argsort(-imp, kind="stable") for imp in importance]
+        self.order = [self._slice_safe_order(g, imp) for g, imp in zip(self.groups, importance,
+                                                                        strict=True)]
         rank = []
         for order in self.order:
             r = np.empty(len(order), dtype=np.int64)
