@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import platform
 import subprocess
@@ -40,7 +41,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = (("mobilenet_v2", 1), ("mobilenet_v2", 16), ("fmnist_resnet", 1),
           ("fmnist_mobilenet_v2", 1))
 TVM_VERSION = "0.27.0.post1"
-FFI_VERSION = "0.1.14.post0"
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -52,8 +52,6 @@ def batch_input(x1, batch: int):  # noqa: ANN001, ANN201
 
 
 def _xz(path: Path) -> Path:
-    import lzma
-
     packed = path.with_suffix(path.suffix + ".xz")
     packed.write_bytes(lzma.compress(path.read_bytes(), preset=6))
     path.unlink()
@@ -62,31 +60,21 @@ def _xz(path: Path) -> Path:
 
 def _stage_runtime(out: Path) -> dict[str, int]:
     """The apache-tvm Python package minus its compiler library, and a cp312 tvm-ffi wheel."""
-    wheels = out / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    pyver = os.environ.get("GPU_PYTHON", "3.12")
-    tag = "cp" + pyver.replace(".", "")
-    common = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-              "--python-version", pyver, "--implementation", "cp",
-              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
-              "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64",
-              "-d", str(wheels)]
-    if not list(wheels.glob(f"apache_tvm_ffi-{FFI_VERSION}-{tag}-*.whl")):
-        subprocess.run([*common, f"apache-tvm-ffi=={FFI_VERSION}"], check=True)
-    tvm_whl = wheels / "tvm.whl"
-    if not list(wheels.glob(f"apache_tvm-{TVM_VERSION}-*.whl")):
-        subprocess.run([*common, f"apache-tvm=={TVM_VERSION}"], check=True)
-    src = next(wheels.glob(f"apache_tvm-{TVM_VERSION}-*.whl"))
-    # repack without libtvm_compiler.so (260 MB): the GPU machine only loads and runs modules
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out / "tvm_runtime.zip", "w",
-                                                        zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            if item.filename.startswith("tvm/") and not item.filename.endswith(
-                    "libtvm_compiler.so") and "/__pycache__/" not in item.filename:
-                zout.writestr(item, zin.read(item.filename))
-    src.unlink()
-    tvm_whl.unlink(missing_ok=True)
-    return {"tvm_runtime.zip": (out / "tvm_runtime.zip").stat().st_size}
+    from gpu_steps import FFI_VERSION, download_wheel
+
+    download_wheel("apache-tvm-ffi", FFI_VERSION, out / "wheels")
+    runtime = out / "tvm_runtime.zip"
+    if not runtime.exists():
+        src = download_wheel("apache-tvm", TVM_VERSION, out / "tvm_wheel")
+        # repack without libtvm_compiler.so (260 MB): the GPU machine only loads and runs modules
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(runtime, "w",
+                                                            zipfile.ZIP_DEFLATED) as zout:
+            for item in zin.infolist():
+                if item.filename.startswith("tvm/") and not item.filename.endswith(
+                        "libtvm_compiler.so") and "/__pycache__/" not in item.filename:
+                    zout.writestr(item, zin.read(item.filename))
+        src.unlink()  # 100 MB: must not travel to the GPU machine
+    return {"tvm_runtime.zip": runtime.stat().st_size}
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -248,8 +236,6 @@ def device(args: argparse.Namespace) -> int:
         ref = np.load(models / entry["reference"])
         try:
             t0 = time.perf_counter()
-            import lzma
-
             so = Path("/tmp") / entry["lib"].removesuffix(".xz")
             so.write_bytes(lzma.decompress((models / entry["lib"]).read_bytes()))
             lib = tvm.runtime.load_module(str(so))  # CUDA source -> nvcc -> fatbin

@@ -17,7 +17,8 @@ for several seeds; the training runs on an NVIDIA GPU.
    (same seed, same initialization), into ``benchmarks/results/precrop_gpu.json`` / ``.md``.
 
     .venv/bin/python benchmarks/bench_precrop_gpu.py prepare --seeds 3
-    python3 benchmarks/bench_precrop_gpu.py device --dir .gpu --out OUTDIR      # GPU machine
+    # GPU machine (install the staged tvm-ffi wheel first: see benchmarks/gpu_steps.py)
+    python3 benchmarks/bench_precrop_gpu.py device --dir .gpu --out OUTDIR
     .venv/bin/python benchmarks/bench_precrop_gpu.py report OUTDIR/precrop_gpu_*.jsonl
 """
 
@@ -58,6 +59,7 @@ def prepare(args: argparse.Namespace) -> int:
     import copy
 
     import torch
+    from gpu_steps import FFI_VERSION, download_wheel
 
     from tvm_compress.data import FASHION_MNIST_DIR
     from tvm_compress.frontend import from_torch
@@ -66,6 +68,7 @@ def prepare(args: argparse.Namespace) -> int:
 
     out = Path(args.dir)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
+    download_wheel("apache-tvm-ffi", FFI_VERSION, out / "wheels")
     (out / "fmnist").mkdir(exist_ok=True)
     for f in FASHION_MNIST_DIR.glob("*-ubyte.gz"):
         shutil.copy(f, out / "fmnist" / f.name)

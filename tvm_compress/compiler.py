@@ -13,7 +13,7 @@ from tvm import relax
 
 from tvm_compress.errors import UserError
 from tvm_compress.frontend import Model
-from tvm_compress.targets import is_host_runnable, resolve_target
+from tvm_compress.targets import export_compiler, is_host_runnable, resolve_target
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,13 @@ class CompiledModel:
         return latency_stats(list(timer(arg).results))
 
     def export(self, path: str | Path, **kwargs: Any) -> Path:
-        """Write the compiled library (``.so``); kwargs go to ``export_library``."""
+        """Write the compiled library (``.so``), cross-compiled for aarch64 targets; kwargs go to
+        ``export_library``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        fcompile = export_compiler(self.target)
+        if fcompile is not None:
+            kwargs.setdefault("fcompile", fcompile)
         self.executable.export_library(str(path), **kwargs)
         return path
 

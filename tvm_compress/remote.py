@@ -95,16 +95,6 @@ def _first_line(exc: BaseException) -> str:
     return next((line for line in reversed(text) if line.strip()), type(exc).__name__)[:200]
 
 
-def export_for(compiled: Any, path: Path) -> Path:
-    """Write the library, cross-compiled when the target is aarch64."""
-    kwargs: dict[str, Any] = {}
-    if str(compiled.target.attrs.get("mtriple", "")).startswith("aarch64"):
-        from tvm.support import cc
-
-        kwargs["fcompile"] = cc.cross_compiler("aarch64-linux-gnu-g++")
-    return compiled.export(path, **kwargs)
-
-
 @dataclass
 class Candidate:
     """One thing to measure: a name (record id) and a CPU ``CompiledModel``."""
@@ -144,7 +134,7 @@ def measure(spec: RemoteSpec, candidates: Sequence[Candidate], *, repeat: int = 
                     spec_in.shape).astype(spec_in.dtype)
                 lib_name = f"cand{i}_{os.getpid()}.so"
                 start = time.perf_counter()
-                export_for(cand.compiled, Path(tmp) / lib_name)
+                cand.compiled.export(Path(tmp) / lib_name)
                 session.upload(str(Path(tmp) / lib_name))
                 rlib = session.load_module(lib_name)
                 dev = session.cpu()

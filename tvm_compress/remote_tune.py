@@ -16,19 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
 from tvm_compress.errors import UserError
-from tvm_compress.remote import RemoteSpec, connect
-
-AARCH64_CXX = "aarch64-linux-gnu-g++"
-
-
-def is_aarch64(target: tvm.target.Target) -> bool:
-    return str(target.attrs.get("mtriple", "")).startswith("aarch64")
+from tvm_compress.remote import RemoteSpec, _first_line, connect
+from tvm_compress.targets import AARCH64_CXX, export_compiler
+from tvm_compress.tuning_ms import param_shapes, random_args
 
 
 def _export(mod: Any, cross: bool) -> str:
@@ -49,16 +44,9 @@ def export_aarch64(mod: Any) -> str:
     return _export(mod, cross=True)
 
 
-def _random_args(arg_shapes: list[tuple[str, tuple[int, ...]]], dev: Any) -> list[Any]:
-    rng = np.random.default_rng(0)
-    out = []
-    for dtype, shape in arg_shapes:
-        if dtype.startswith("float"):
-            data = rng.standard_normal(shape).astype(dtype)
-        else:
-            data = rng.integers(-8, 8, size=shape).astype(dtype)
-        out.append(tvm.runtime.tensor(data, dev))
-    return out
+def builder_export(target: tvm.target.Target) -> Any:
+    """The export function of meta-schedule's builder for candidates of ``target``."""
+    return export_aarch64 if export_compiler(target) is not None else export_shared
 
 
 class RemoteSession:
@@ -88,7 +76,7 @@ class RemoteSession:
             session.upload(path, target=name)
             rmod = session.load_module(name)
             dev = session.cpu()
-            args = _random_args(arg_shapes, dev)
+            args = random_args(arg_shapes, dev)
             timer = rmod.time_evaluator("main", dev, number=number, repeat=repeat,
                                         min_repeat_ms=min_repeat_ms)
             secs = [float(s) for s in timer(*args).results]
@@ -96,10 +84,7 @@ class RemoteSession:
             self.failure = str(exc)
             raise
         except Exception as exc:  # noqa: BLE001 - any RPC failure ends the remote search
-            text = str(exc).strip().splitlines()
-            self.failure = next((t for t in reversed(text) if t.strip()),
-                                type(exc).__name__)[:200]
-            self._session = None
+            self.failure = _first_line(exc)
             raise
         self.measured += 1
         return secs
@@ -137,24 +122,20 @@ def remote_timer(session: RemoteSession, target: tvm.target.Target):  # noqa: AN
         lib = tvm_build(tvm.IRModule({"main": func}), target=target)
         with tempfile.TemporaryDirectory(prefix="tvm-compress-ms-") as tmp:
             path = Path(tmp) / "timed.so"
-            lib.export_library(str(path), fcompile=_cross(target))
-            shapes = [(str(p.ty.dtype), tuple(int(d) for d in p.ty.shape))
-                      for p in func.params]
-            secs = session.time_library(str(path), shapes, number=5, repeat=7, min_repeat_ms=20)
+            lib.export_library(str(path), fcompile=export_compiler(target))
+            secs = session.time_library(str(path), param_shapes(func), number=5, repeat=7,
+                                        min_repeat_ms=20)
         return 1e6 * min(secs)
 
     return timer
 
 
-def _cross(target: tvm.target.Target) -> Any:
-    if not is_aarch64(target):
-        return None
-    from tvm.support import cc
-
-    return cc.cross_compiler(AARCH64_CXX)
-
-
-def failure_message(session: RemoteSession, raw_path: Path, started: float) -> str:
-    return (f"the {session.spec.describe()} failed during tuning ({session.failure}); "
-            f"{session.measured} candidate(s) measured in {time.perf_counter() - started:.0f} s "
-            f"are kept in {raw_path}; restart the server and run the same command to resume")
+def raise_if_failed(session: RemoteSession | None, raw_path: Path, started: float,
+                    cause: BaseException | None = None) -> None:
+    """One UserError saying what was kept, if the remote device failed during the search."""
+    if session is None or session.failure is None:
+        return
+    raise UserError(f"the {session.spec.describe()} failed during tuning ({session.failure}); "
+                    f"{session.measured} candidate(s) measured in "
+                    f"{time.perf_counter() - started:.0f} s are kept in {raw_path}; restart the "
+                    "server and run the same command to resume") from cause

@@ -69,6 +69,21 @@ def resolve_target(target: str | dict[str, Any] | tvm.target.Target) -> tvm.targ
     return tvm.target.Target(_PRESETS[target]())
 
 
+AARCH64_CXX = "aarch64-linux-gnu-g++"
+
+
+def export_compiler(target: tvm.target.Target) -> Any:
+    """``fcompile`` for ``export_library`` of a module built for ``target`` on this machine: the
+    aarch64 cross g++ for aarch64 CPU targets, None (the host compiler) otherwise."""
+    from tvm_compress.schedules.hardware import is_aarch64
+
+    if target.kind.name != "llvm" or is_host_runnable(target) or not is_aarch64(target):
+        return None
+    from tvm.support import cc
+
+    return cc.cross_compiler(AARCH64_CXX)
+
+
 def is_host_runnable(target: tvm.target.Target) -> bool:
     """Whether a module built for ``target`` runs on this machine's CPU."""
     if target.kind.name != "llvm":

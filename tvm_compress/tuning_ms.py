@@ -193,6 +193,30 @@ def without_tensor_intrinsics() -> Iterator[None]:
             del sys.modules[name]
 
 
+@contextmanager
+def quiet_meta_schedule_logs() -> Iterator[None]:
+    """Around meta-schedule's logger setup: per-task details to ``<raw>/logs``, only warnings
+    to the console, and on stderr (stdout stays clean for ``--json``).
+
+    meta-schedule sizes its console handler by the logger's level on every call (then resets
+    the level to DEBUG), and re-lists the logger's handlers by name: unnamed ones (pytest's
+    capture handlers, copied there by an earlier call) would break it, so they are set aside.
+    """
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)
+    unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            ms_logger.addHandler(h)
+        for handler in ms_logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
+
+
 # ----------------------------------------------------------------------------------- tasks
 
 
@@ -286,18 +310,22 @@ def make_runner(timeout_sec: float = 60.0) -> ms.runner.LocalRunner:
 # ------------------------------------------------------------------------------- measuring
 
 
-def _random_args(func: tirx.PrimFunc) -> list[tvm.runtime.Tensor]:
+def param_shapes(func: tirx.PrimFunc) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each buffer parameter of ``func``."""
+    return [(str(p.ty.dtype), tuple(int(d) for d in p.ty.shape)) for p in func.params]
+
+
+def random_args(shapes: list[tuple[str, tuple[int, ...]]], dev: Any = None
+                ) -> list[tvm.runtime.Tensor]:
+    """Seeded random tensors of those (dtype, shape)s on ``dev`` (default: this CPU)."""
     rng = np.random.default_rng(0)
     args = []
-    for param in func.params:
-        buf = param.ty
-        shape = [int(d) for d in buf.shape]
-        dtype = str(buf.dtype)
+    for dtype, shape in shapes:
         if dtype.startswith("float"):
             data = rng.standard_normal(shape).astype(dtype)
         else:
             data = rng.integers(-8, 8, size=shape).astype(dtype)
-        args.append(tvm.runtime.tensor(data))
+        args.append(tvm.runtime.tensor(data, dev) if dev is not None else tvm.runtime.tensor(data))
     return args
 
 
@@ -306,7 +334,7 @@ def time_func(func: tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = 7
     from tvm.driver import build as tvm_build
 
     lib = tvm_build(tvm.IRModule({"main": func}), target=target)
-    args = _random_args(func)
+    args = random_args(param_shapes(func))
     timer = lib.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat, min_repeat_ms=20)
     return 1e6 * min(timer(*args).results)
 
@@ -401,28 +429,13 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
     tasks = select_tasks(mod, target, top=top)
     if not tasks:
         raise UserError("tune: the model has no float32 convolution or matmul to tune")
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    # meta-schedule sizes its console handler by this level on every call (and then resets the
-    # level to DEBUG): per-task details go to <raw>/logs, only warnings to the console
-    ms_logger.setLevel(logging.WARNING)
-    # meta-schedule re-lists the logger's handlers by name on every call; unnamed ones (e.g.
-    # pytest's capture handlers, copied there by an earlier call) would break it: set them aside
-    unnamed = [h for h in ms_logger.handlers if h.get_name() is None]
-    for h in unnamed:
-        ms_logger.removeHandler(h)
-    try:
-        with without_tensor_intrinsics():
-            if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-                # meta-schedule's ARM rules name the NEON / dot-product intrinsics
-                importlib.import_module("tvm.s_tir.tensor_intrin.arm_cpu")
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
-    finally:
-        for h in unnamed:
-            ms_logger.addHandler(h)
-    for handler in ms_logger.handlers:  # keep stdout for --json
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
+    from tvm_compress.schedules.hardware import is_aarch64
+
+    with quiet_meta_schedule_logs(), without_tensor_intrinsics():
+        if is_aarch64(target):  # meta-schedule's ARM rules name the NEON / dot-product ones
+            importlib.import_module("tvm.s_tir.tensor_intrin.arm_cpu")
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
     raw = open_database(raw_path, create=True)
     callbacks = ms.measure_callback.MeasureCallback.create("default")
     if report is not None:
@@ -433,20 +446,19 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
         from tvm_compress import remote_tune as rt
 
         session = rt.RemoteSession(remote)
-        builder = make_builder(f_export=rt.export_aarch64 if rt.is_aarch64(target)
-                               else rt.export_shared)
+        builder = make_builder(f_export=rt.builder_export(target))
         runner, timer = rt.RemoteRunner(session), rt.remote_timer(session, target)
     ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(raw_path),
                        max_trials_global=trials, num_trials_per_iter=per_iter,
                        builder=builder, runner=runner, database=raw,
                        measure_callbacks=callbacks, task_scheduler="gradient")
-    if session is not None and session.failure is not None:
-        raise UserError(rt.failure_message(session, raw_path, start))
+    if session is not None:
+        rt.raise_if_failed(session, raw_path, start)
     try:
         infos = keep_winners(tasks, raw, db_path, target, keep_all=keep_all, timer=timer)
     except Exception as exc:
-        if session is not None and session.failure is not None:
-            raise UserError(rt.failure_message(session, raw_path, start)) from exc
+        if session is not None:
+            rt.raise_if_failed(session, raw_path, start, cause=exc)
         raise
     counts = _trial_counts(raw)
     for info, task in zip(infos, tasks, strict=True):
