@@ -30,6 +30,43 @@ def test_distillation_reduces_bn_loss_and_is_seeded(tiny_cnn: nn.Module) -> None
     assert all(p.requires_grad for p in tiny_cnn.parameters())
 
 
+def test_input_range_keeps_distilled_inputs_in_the_box(tiny_cnn: nn.Module) -> None:
+    free = distill(tiny_cnn, sample_shape=(3, 16, 16), batch=8, iterations=40, lr=1.0,
+                   progress=False)
+    low, high = np.array([-1.0, -0.5, 0.0]), np.array([1.0, 0.5, 2.0])
+    assert (free.images.min(axis=(0, 2, 3)) < low).all()  # the box below is binding
+    boxed = distill(tiny_cnn, sample_shape=(3, 16, 16), batch=8, iterations=40, lr=1.0,
+                    input_range=(low, high), progress=False)
+    per_channel = boxed.images.transpose(1, 0, 2, 3).reshape(3, -1)
+    assert (per_channel.min(axis=1) >= low.astype(np.float32)).all()
+    assert (per_channel.max(axis=1) <= high.astype(np.float32)).all()
+    assert (per_channel.min(axis=1) == low.astype(np.float32)).all()  # it reaches the bound
+    assert boxed.final_loss < 0.9 * boxed.initial_loss  # a tight box: less room than free
+    assert boxed.settings["input_range"] == [low.tolist(), high.tolist()]
+    with pytest.raises(UserError, match="1 or 3"):
+        distill(tiny_cnn, sample_shape=(3, 16, 16), iterations=1, input_range=([0, 0], [1, 1]),
+                progress=False)
+    with pytest.raises(UserError, match="below high"):
+        distill(tiny_cnn, sample_shape=(3, 16, 16), iterations=1, input_range=(1, 0),
+                progress=False)
+
+
+def test_auto_input_range_is_the_zoo_pixel_range() -> None:
+    import tvm_compress as tc
+    from tvm_compress.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+
+    model = tc.load("zoo:fmnist_vgg")
+    d = distill(model, batch=2, iterations=3, progress=False)
+    low = -FASHION_MNIST_MEAN / FASHION_MNIST_STD
+    high = (1 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    np.testing.assert_allclose(d.settings["input_range"], [[low], [high]], rtol=1e-6)
+    real, _ = fashion_mnist("calib")  # real images span exactly that range
+    np.testing.assert_allclose([real.min(), real.max()], [low, high], rtol=1e-5)
+    assert low - 1e-6 <= d.images.min() and d.images.max() <= high + 1e-6
+    free = distill(model, batch=2, iterations=3, input_range=None, progress=False)
+    assert free.settings["input_range"] is None and free.images.max() > high
+
+
 def test_distill_rejects_model_without_batchnorm() -> None:
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(UserError, match="no BatchNorm"):
@@ -178,6 +215,10 @@ def test_cli_zeroq_bad_inputs(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "no BatchNorm" in capsys.readouterr().err
     assert main(["zeroq", "zoo:fmnist_resnet", "--size-budget", "lots", "--json"]) == 2
     assert main(["zeroq", "zoo:fmnist_resnet", "--avg-bits", "1", "--json"]) == 2
+    assert main(["zeroq", "zoo:fmnist_resnet", "--input-range", "1", "--json"]) == 2
+    assert "LOW,HIGH" in capsys.readouterr().err
+    assert main(["zeroq", "zoo:fmnist_resnet", "--input-range", "2,1", "--json"]) == 2
+    assert main(["zeroq", "zoo:fmnist_resnet", "--threads", "0", "--json"]) == 2
 
 
 def test_cli_quantize_with_distilled_calibration(capsys) -> None:  # noqa: ANN001

@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-weight", type=float, default=1.0,
                    help="cross-entropy to random classes in the distillation loss (0: the paper's "
                         "BN-only loss; default 1, see tvm_compress.zeroq.distill)")
+    p.add_argument("--input-range", default="auto",
+                   help="keep distilled inputs within LOW,HIGH (model input units), 'auto' (the "
+                        "normalized pixel range of zoo models, none otherwise) or 'none' (the "
+                        "paper); default auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for distillation and sensitivity (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sens-samples", type=int, default=8,
                    help="distilled inputs used for the sensitivity KL (default 8)")
@@ -56,6 +62,9 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         raise UserError(f"--avg-bits must be between 2 and 8, got {args.avg_bits}")
     if args.samples < 1 or args.sens_samples < 1:
         raise UserError("--samples and --sens-samples must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    input_range = parse_input_range(args.input_range)
     target = resolve_target(args.target)
     base = QuantConfig(activation=QuantSpec(args.abits, "asymmetric"),
                        calib_samples=args.samples)
@@ -66,7 +75,8 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     module = torch_module_of(model)
     t = time.perf_counter()
     distilled = distill(model, batch=args.samples, iterations=args.iterations, lr=args.lr,
-                        seed=args.seed, label_weight=args.label_weight, progress=not args.json)
+                        seed=args.seed, label_weight=args.label_weight, input_range=input_range,
+                        threads=args.threads, progress=not args.json)
     times["distill_s"] = time.perf_counter() - t
     result: dict[str, Any] = {"model": model.name, "target": args.target,
                               "distillation": {**distilled.settings,
@@ -76,7 +86,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     if size_budget is not None or args.avg_bits is not None:
         t = time.perf_counter()
         sens = sensitivity(model, module, distilled.images[: args.sens_samples],
-                           progress=not args.json)
+                           threads=args.threads, progress=not args.json)
         times["sensitivity_s"] = time.perf_counter() - t
         t = time.perf_counter()
         plan = plan_mixed(model, module, sens, size_budget=size_budget, avg_bits=args.avg_bits)
@@ -108,6 +118,22 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         result["output"] = str(out)
     _print(con, result)
     return result
+
+
+def parse_input_range(text: str) -> str | tuple[float, float] | None:
+    """``--input-range``: "auto", "none", or "LOW,HIGH" (a UserError names the fix)."""
+    from tvm_compress.errors import UserError
+
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--input-range {text!r}: give LOW,HIGH (e.g. -1,1), auto or "
+                        "none") from None
+    if not low < high:
+        raise UserError(f"--input-range {text!r}: LOW must be below HIGH")
+    return low, high
 
 
 def _evaluate(model: Any, compiled: Any, args: argparse.Namespace, con: Any) -> dict[str, Any]:

@@ -37,6 +37,22 @@ _SPLIT_SEED = 0
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+
+def pixel_range(task: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (low, high) of a zoo task's normalized inputs: pixels 0..1 after normalizing.
+
+    None for an unknown task (an imported model's preprocessing is not known).
+    """
+    if task == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif task == "fashion_mnist":
+        mean = np.array([FASHION_MNIST_MEAN], np.float32)
+        std = np.array([FASHION_MNIST_STD], np.float32)
+    else:
+        return None
+    return (-mean / std).astype(np.float32), ((1 - mean) / std).astype(np.float32)
+
+
 # scikit-image photos that ship inside the wheel (no network). "cat" is the same picture as
 # "chelsea", so only one of them is used; for stereo_motorcycle only the left view is used.
 # The sets are disjoint by source photo and mix people/objects/animals/scientific images alike.

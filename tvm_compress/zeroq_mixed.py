@@ -64,7 +64,7 @@ def _kl(log_p: torch.Tensor, logits: torch.Tensor) -> float:
 
 def sensitivity(model: Model, module: torch.nn.Module, images: np.ndarray, *,
                 bits: Sequence[int] = CANDIDATE_BITS, weight: QuantSpec | None = None,
-                threads: int = 1, progress: bool = True) -> dict[str, dict[int, float]]:
+                threads: int | None = None, progress: bool = True) -> dict[str, dict[int, float]]:
     """Mean KL(fp32 || only-this-layer-quantized) for every layer and candidate bit-width.
 
     Parameters
@@ -73,6 +73,8 @@ def sensitivity(model: Model, module: torch.nn.Module, images: np.ndarray, *,
         Distilled (or real) inputs, (N, ...); all are used in one batch.
     weight : QuantSpec, optional
         Weight scheme / granularity (bits are replaced); default symmetric per-channel.
+    threads : int, optional
+        Torch threads (default: every core this process may use).
     """
     import torch
     from rich.progress import Progress
