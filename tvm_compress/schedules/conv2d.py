@@ -81,10 +81,14 @@ def schedule_conv2d_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *
     sizes = {len(r.source.shape): _buffer_bytes(r.source) for r in sch.get(block).reads}
     data_bytes, weight_bytes = sizes.get(5, 0), sizes.get(6, 0)
     outer = [n, oc_o, y_o, x_o] if weight_bytes > data_bytes else [n, y_o, oc_o, x_o]
-    sch.reorder(*outer, ico, ry, rx, ici, oc_i, y_i, x_i, oi)
+    # Pixels outside output-channel blocks: LLVM then keeps the tile's weight vectors in
+    # registers and broadcasts one input scalar at a time (accumulators + t_oc + 1 registers, as
+    # pick_tile budgets). The other order hoisted all t_x broadcasts and spilled them to the
+    # stack for a 3x4 tile (14% slower on 56x56 layers).
+    sch.reorder(*outer, ico, ry, rx, ici, y_i, x_i, oc_i, oi)
     tail = fuse_epilogue(sch, block, x_o)
     parallelize(sch, outer[:-1], cores)
-    for loop in (oc_i, y_i, x_i):
+    for loop in (y_i, x_i, oc_i):
         sch.unroll(loop)
     sch.vectorize(oi)
     init = sch.decompose_reduction(block, ico)
