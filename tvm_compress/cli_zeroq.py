@@ -20,12 +20,16 @@ HELP = "data-free quantization (ZeroQ): distilled calibration, Pareto mixed prec
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tvm_compress.cli import add_common
+    from tvm_compress.qconfig import CALIBRATIONS
 
     add_common(p, target=True)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--size-budget", help="mixed precision: weight+bias bytes, e.g. 2.5MB")
     budget.add_argument("--avg-bits", type=float, help="mixed precision: average weight bits")
     p.add_argument("--abits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--calibration", default="percentile", choices=CALIBRATIONS,
+                   help="activation ranges from the distilled inputs (default percentile: "
+                        "8-sample min/max ranges are set by a few extreme pixels)")
     p.add_argument("--samples", type=int, default=32, help="distilled inputs (default 32)")
     p.add_argument("--iterations", type=int, default=500, help="distillation steps (default 500)")
     p.add_argument("--lr", type=float, default=0.5, help="distillation Adam lr (default 0.5)")
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     input_range = parse_input_range(args.input_range)
     target = resolve_target(args.target)
     base = QuantConfig(activation=QuantSpec(args.abits, "asymmetric"),
-                       calib_samples=args.samples)
+                       calibration=args.calibration, calib_samples=args.samples)
     times: dict[str, float] = {}
     start = time.perf_counter()
     with con.step(f"importing {args.model}"):
