@@ -209,7 +209,8 @@ def _write_md(data: dict[str, Any]) -> None:
     if rows:
         lines += ["", "## Fashion-MNIST zoo", "",
                   f"Test subset: first {data.get('fmnist_test', 2000)} test images. "
-                  "Distillation: batch 32, settings in zeroq.json. Mixed: average 4 weight bits "
+                  "Distillation: batch 32, inputs kept in the normalized pixel range, settings "
+                  "in zeroq.json. Mixed: average 4 weight bits "
                   "(candidates 2, 3, 4, 5, 6, 8), activations 8 bits, both calibrated on the "
                   "distilled data.", "",
                   "| model | fp32 acc | W8A8 data-free acc (drop) | uniform 4-bit acc / SQNR / "
