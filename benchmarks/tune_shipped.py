@@ -1,6 +1,11 @@
 """Tune the zoo models' float32 kernels on the reference target and update the shipped database.
 
-Usage: ``.venv/bin/python benchmarks/tune_shipped.py [--trials N] [--top K] [MODEL ...]``
+Usage: ``.venv/bin/python benchmarks/tune_shipped.py [--recheck] [--trials N] [--top K]
+[MODEL ...]``
+
+``--recheck`` first re-times every shipped schedule against today's default schedules and drops
+the ones that no longer win (run it whenever the default schedules change); ``--recheck
+--no-tune`` only does that.
 
 Writes ``tvm_compress/tuned/llvm-core-avx2`` (package data: only the schedules that beat our
 default ones when timed here) and keeps every measured candidate in ``benchmarks/tuning_raw``
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from tvm_compress import load
 from tvm_compress.targets import resolve_target
-from tvm_compress.tuning_ms import REFERENCE_KEY, SHIPPED_DIR, tune
+from tvm_compress.tuning_ms import REFERENCE_KEY, SHIPPED_DIR, recheck_database, tune
 
 HERE = Path(__file__).parent
 RAW = HERE / "tuning_raw" / REFERENCE_KEY
@@ -34,8 +39,24 @@ def main() -> None:
     parser.add_argument("--small-trials", type=int, default=64, help="trials per fmnist model")
     parser.add_argument("--top", type=int, default=12, help="heaviest kernel tasks per model")
     parser.add_argument("--population", type=int, default=128)
+    parser.add_argument("--recheck", action="store_true",
+                        help="first drop shipped schedules that lose to today's defaults")
+    parser.add_argument("--no-tune", action="store_true", help="with --recheck: only recheck")
     args = parser.parse_args()
     target = resolve_target("x86-avx2")
+    if args.recheck:
+        start = time.time()
+        infos = recheck_database(SHIPPED_DIR / REFERENCE_KEY, target)
+        record = {"recheck": True, "seconds": time.time() - start, "load": os.getloadavg(),
+                  "tasks": [vars(i) for i in infos]}
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        with LOG.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for i in infos:
+            print(f"[recheck] {i.name}: default {i.default_us:.1f} us, shipped {i.tuned_us:.1f} us"
+                  f" -> {'kept' if i.kept else 'dropped'}", flush=True)
+        if args.no_tune:
+            return
     for name in args.models:
         model = load(f"zoo:{name}")
         trials = args.trials if name == "mobilenet_v2" else args.small_trials

@@ -22,6 +22,7 @@ from tvm_compress.tuning_ms import (
     _workload,
     database_dirs,
     open_database,
+    recheck_database,
     target_key,
     tuning_module,
     without_tensor_intrinsics,
@@ -62,6 +63,36 @@ def test_tune_writes_a_database_per_target(tuned):
     assert database_dirs(target)[0] == db_dir  # found automatically (cache first)
     assert len(open_database(db_dir).get_all_tuning_records()) == 1
     assert (db_dir / "raw" / "database_tuning_record.json").stat().st_size > 0
+
+
+def test_recheck_drops_schedules_that_lose_to_the_defaults(tuned, tmp_path):
+    """After the default schedules change, a shipped record that no longer wins is dropped."""
+    import shutil
+
+    target = resolve_target("x86-avx2")
+    src = tuned["cache"] / target_key(target)
+    db = tmp_path / "db"
+    db.mkdir()
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        shutil.copy(src / name, db / name)
+    workload = open_database(db).get_all_tuning_records()[0].workload.mod
+
+    def default_is(us: float):  # the default schedule is the one our rules mark as scheduled
+        return lambda f: us if f.attrs and f.attrs.get("tirx.is_scheduled", False) else 50.0
+
+    infos = recheck_database(db, target, timer=default_is(80.0))  # tuned 50 < default 80
+    assert [(i.kept, i.default_us, i.tuned_us) for i in infos] == [(True, 80.0, 50.0)]
+    assert len(open_database(db).get_all_tuning_records()) == 1
+    infos = recheck_database(db, target, timer=default_is(20.0))  # now the default wins
+    assert [i.kept for i in infos] == [False]
+    assert open_database(db).get_all_tuning_records() == []
+    assert not open_database(db).has_workload(workload)
+    # measured for real on this machine, both schedules time and the record is kept or not
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        shutil.copy(src / name, db / name)
+    (info,) = recheck_database(db, target)
+    assert info.default_us > 0 and info.tuned_us > 0
+    assert len(open_database(db).get_all_tuning_records()) == int(info.kept)
 
 
 def test_build_applies_the_tuned_schedule_and_keeps_outputs(tuned):

@@ -516,6 +516,38 @@ def keep_winners(tasks: list[ms.ExtractedTask], raw: ms.database.Database, db_pa
     return infos
 
 
+def recheck_database(db_path: Path, target: tvm.target.Target, *,
+                     timer: Callable[[tirx.PrimFunc], float] | None = None) -> list[TaskInfo]:
+    """Re-time every record of the database at ``db_path`` against today's default schedule of
+    its workload and drop the records that no longer win (after the default schedules changed).
+
+    Returns one TaskInfo per record (``kept``: it still wins). The database is rewritten only
+    when something is dropped.
+    """
+    if timer is None:
+        timer = lambda func: time_func(func, target)  # noqa: E731
+    db = open_database(db_path)
+    infos, keep = [], []
+    for rec in db.get_all_tuning_records():
+        func = rec.workload.mod["main"]
+        info = TaskInfo(f"workload {int(tvm_ffi.structural_hash(rec.workload.mod)):x}"[:17], 1,
+                        _flops(rec.workload.mod))
+        info.default_us = timer(default_scheduled(func, target))
+        sch = s_tir.Schedule(rec.workload.mod)
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        info.tuned_us = timer(_finish(sch, target))
+        info.kept = info.tuned_us < info.default_us
+        if info.kept:
+            keep.append(rec)
+        infos.append(info)
+    if len(keep) < len(infos):
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            (db_path / name).unlink(missing_ok=True)
+        open_database(db_path, create=True)
+        _write_database(db_path, keep, target)
+    return infos
+
+
 def _write_database(db_path: Path, winners: list[ms.database.TuningRecord],
                     target: tvm.target.Target) -> None:
     """Merge ``winners`` into the database at ``db_path`` (one record per workload)."""
