@@ -12,7 +12,7 @@ import numpy as np
 
 from tvm_compress.compiler import CompiledModel, Latency, build, latency_stats
 from tvm_compress.frontend import Model, export_onnx
-from tvm_compress.targets import _host_cores
+from tvm_compress.targets import host_cores
 
 
 def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
@@ -89,7 +89,7 @@ def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: in
     """
     import torch
 
-    threads = _host_cores()
+    threads = host_cores()
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(model.input_dtype)
     compiled = compiled or build(model, target=target)
     results: dict[str, Any] = {"model": model.name, "target": str(compiled.target),

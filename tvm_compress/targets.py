@@ -20,17 +20,18 @@ def register_preset(name: str, factory: Callable[[], dict[str, Any]]) -> None:
     _PRESETS[name] = factory
 
 
-def _host_cores() -> int:
+def host_cores() -> int:
+    """The cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _host_x86() -> dict[str, Any]:
     return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-            "num-cores": _host_cores()}
+            "num-cores": host_cores()}
 
 
 def _x86(mcpu: str) -> Callable[[], dict[str, Any]]:
-    return lambda: {"kind": "llvm", "mcpu": mcpu, "num-cores": _host_cores()}
+    return lambda: {"kind": "llvm", "mcpu": mcpu, "num-cores": host_cores()}
 
 
 def _aarch64(*mattr: str) -> Callable[[], dict[str, Any]]:

@@ -339,6 +339,11 @@ def time_func(func: tirx.PrimFunc, target: tvm.target.Target, *, repeat: int = 7
     return 1e6 * min(timer(*args).results)
 
 
+def _local_timer(target: tvm.target.Target) -> Callable[[tirx.PrimFunc], float]:
+    """Microseconds per call of a PrimFunc built for ``target``, timed on this machine."""
+    return lambda func: time_func(func, target)
+
+
 def default_scheduled(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     from tvm_compress.schedules.rules import schedule_func
 
@@ -493,8 +498,7 @@ def keep_winners(tasks: list[ms.ExtractedTask], raw: ms.database.Database, db_pa
     """Time each task's best tuned and default schedule (``timer``: microseconds, default this
     machine); put the tuned ones that win into the database at ``db_path`` (replacing older
     entries of the same workload)."""
-    if timer is None:
-        timer = lambda func: time_func(func, target)  # noqa: E731
+    timer = timer or _local_timer(target)
     infos: list[TaskInfo] = []
     winners: list[ms.database.TuningRecord] = []
     for task in tasks:
@@ -524,35 +528,29 @@ def recheck_database(db_path: Path, target: tvm.target.Target, *,
     Returns one TaskInfo per record (``kept``: it still wins). The database is rewritten only
     when something is dropped.
     """
-    if timer is None:
-        timer = lambda func: time_func(func, target)  # noqa: E731
+    timer = timer or _local_timer(target)
     db = open_database(db_path)
     infos, keep = [], []
     for rec in db.get_all_tuning_records():
-        func = rec.workload.mod["main"]
-        info = TaskInfo(f"workload {int(tvm_ffi.structural_hash(rec.workload.mod)):x}"[:17], 1,
-                        _flops(rec.workload.mod))
-        info.default_us = timer(default_scheduled(func, target))
-        sch = s_tir.Schedule(rec.workload.mod)
-        rec.trace.apply_to_schedule(sch, remove_postproc=False)
-        info.tuned_us = timer(_finish(sch, target))
+        mod = rec.workload.mod
+        info = TaskInfo(f"workload {int(tvm_ffi.structural_hash(mod)):x}"[:17], 1, _flops(mod))
+        info.default_us = timer(default_scheduled(mod["main"], target))
+        info.tuned_us = timer(_finish(db.query_schedule(mod, target, "main"), target))
         info.kept = info.tuned_us < info.default_us
         if info.kept:
             keep.append(rec)
         infos.append(info)
     if len(keep) < len(infos):
-        for name in ("database_workload.json", "database_tuning_record.json"):
-            (db_path / name).unlink(missing_ok=True)
-        open_database(db_path, create=True)
-        _write_database(db_path, keep, target)
+        _write_database(db_path, keep, target, merge=False)
     return infos
 
 
 def _write_database(db_path: Path, winners: list[ms.database.TuningRecord],
-                    target: tvm.target.Target) -> None:
-    """Merge ``winners`` into the database at ``db_path`` (one record per workload)."""
+                    target: tvm.target.Target, *, merge: bool = True) -> None:
+    """Merge ``winners`` into the database at ``db_path`` (one record per workload); with
+    ``merge=False`` they replace its records."""
     old: dict[int, ms.database.TuningRecord] = {}
-    if (db_path / "database_workload.json").is_file():
+    if merge and (db_path / "database_workload.json").is_file():
         for rec in open_database(db_path).get_all_tuning_records():
             old[int(tvm_ffi.structural_hash(rec.workload.mod))] = rec
     for rec in winners:

@@ -10,7 +10,6 @@ keep it); an ONNX model with its BatchNorms preserved is converted with :mod:`on
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,9 +51,9 @@ def resolve_threads(threads: int | None) -> int:
     """``threads``, or every core this process may use when None."""
     if threads is not None:
         return max(1, threads)
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    from tvm_compress.targets import host_cores
+
+    return host_cores()
 
 
 @contextlib.contextmanager
@@ -201,7 +200,7 @@ def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | N
             x = torch.randn((batch, *sample_shape), generator=gen).to(device)
             box = None if input_range is None else _box(input_range, sample_shape, device)
             if box is not None:
-                x = torch.maximum(torch.minimum(x, box[1]), box[0])
+                x = x.clamp(*box)
             x.requires_grad_(True)
             if label_weight > 0:
                 with torch.no_grad():
@@ -234,7 +233,7 @@ def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | N
                     sched.step()
                     if box is not None:
                         with torch.no_grad():
-                            x.copy_(torch.maximum(torch.minimum(x, box[1]), box[0]))
+                            x.clamp_(*box)
                     bar.update(task, advance=1, description=f"distilling (loss {value:.3g})")
     finally:
         for h in handles:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import tvm
 from tvm.target.codegen import target_has_features
 
@@ -53,7 +51,9 @@ def num_cores(target: tvm.target.Target) -> int:
     cores = target.attrs.get("num-cores")
     if cores is not None and int(cores) > 0:
         return int(cores)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from tvm_compress.targets import host_cores
+
+    return host_cores()
 
 
 def has_avx2_int8(target: tvm.target.Target) -> bool:
