@@ -24,7 +24,7 @@ system-packages:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard tvm_compress/csrc/*)
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard tvm_compress/quant/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "scikit-build-core>=0.11" "apache-tvm-ffi==0.1.14.post0"

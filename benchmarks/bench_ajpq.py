@@ -27,7 +27,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     from tvm_compress import zoo
-    from tvm_compress.ajpq_run import AJPQSettings, run_ajpq
+    from tvm_compress.tuning.ajpq.run import AJPQSettings, run_ajpq
 
     torch.set_num_threads(1)
     settings = AJPQSettings(budget=args.budget, episodes=args.episodes, seed=args.seed,
@@ -55,9 +55,9 @@ def latency_check(name: str, repeat: int) -> dict:
     import torch
 
     from tvm_compress import zoo
-    from tvm_compress.ajpq import Budget, JointPlan, JointSpace, realize, uniform_plan
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
     from tvm_compress.data import fashion_mnist
+    from tvm_compress.tuning.ajpq.joint import Budget, JointPlan, JointSpace, realize, uniform_plan
 
     torch.set_num_threads(1)
     calib = fashion_mnist("calib")[0][:64]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_compress import entropy, native
+from tvm_compress.quant import entropy, native
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIST_BINS = 2048

@@ -82,10 +82,10 @@ def prepare(args: argparse.Namespace) -> int:
     import torch
 
     from tvm_compress import load
-    from tvm_compress.compiler import build
-    from tvm_compress.evaluation import task_data
-    from tvm_compress.qconfig import QuantConfig
-    from tvm_compress.quantize import quantize
+    from tvm_compress.backend.build import build
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.evaluation import task_data
     from tvm_compress.zoo import torch_model
 
     out = Path(args.dir)

@@ -71,7 +71,7 @@ def _engine(kind: str, workload: str) -> tuple[Callable[[], object], Callable[[]
         import tvm
         from tvm import relax
 
-        from tvm_compress.schedules import default_schedule_pipeline
+        from tvm_compress.backend.schedules import default_schedule_pipeline
 
         mod, target = _relax(model, x), _target()
         if kind == "tvm_default_schedules":
@@ -153,8 +153,8 @@ def per_kernel() -> list[dict]:
     import tvm
     from tvm import relax
 
-    from tvm_compress.schedules.pipeline import lower_passes
-    from tvm_compress.schedules.rules import apply_default_schedules
+    from tvm_compress.backend.schedules.pipeline import lower_passes
+    from tvm_compress.backend.schedules.rules import apply_default_schedules
 
     target = _target()
     with target:
@@ -207,10 +207,10 @@ def int8_microkernel() -> list[dict]:
     import tvm
     from tvm import s_tir, te
 
-    from tvm_compress.schedules.blocks import find_kernel
-    from tvm_compress.schedules.compute import CONV_NCHWC, conv2d_nchwc
-    from tvm_compress.schedules.conv2d import schedule_conv2d_nchwc
-    from tvm_compress.schedules.int8 import (
+    from tvm_compress.backend.schedules.blocks import find_kernel
+    from tvm_compress.backend.schedules.compute import CONV_NCHWC, conv2d_nchwc
+    from tvm_compress.backend.schedules.conv2d import schedule_conv2d_nchwc
+    from tvm_compress.backend.schedules.int8 import (
         CONV_NCHWC_U8S8,
         conv2d_nchwc_u8s8,
         schedule_conv2d_nchwc_u8s8,

@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _crop_plan(mod, keep: float) -> dict[int, list[int]]:
-    from tvm_compress.channel_groups import analyze_channel_groups
+    from tvm_compress.graph.channel_groups import analyze_channel_groups
 
     return {g.id: list(range(max(1, math.ceil(keep * g.size))))
             for g in analyze_channel_groups(mod) if g.prunable}
@@ -36,10 +36,10 @@ def _crop_plan(mod, keep: float) -> dict[int, list[int]]:
 
 def _cases(quick: bool):
     from tvm_compress import load
-    from tvm_compress.evaluation import task_data
     from tvm_compress.passes.crop_channels import crop_channels
-    from tvm_compress.qconfig import QuantConfig
-    from tvm_compress.quantize import quantize
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.evaluation import task_data
 
     mnv2 = load("zoo:mobilenet_v2")
     photos, _ = task_data("imagenet", "test")
@@ -63,8 +63,8 @@ def main() -> int:
     args = parser.parse_args()
     import tvm
 
-    from tvm_compress import deploy
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
+    from tvm_compress.runtime import deploy
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:

@@ -48,11 +48,11 @@ def prepare(tmp: Path, calib_n: int) -> dict:
     import tvm
 
     import tvm_compress as tc
-    from tvm_compress.bench import onnx_of
     from tvm_compress.data import real_photos
-    from tvm_compress.ort_quant import ort_quantize_static
-    from tvm_compress.qconfig import QuantConfig, QuantSpec
-    from tvm_compress.quantize import quantize
+    from tvm_compress.quant.config import QuantConfig, QuantSpec
+    from tvm_compress.quant.ort_quant import ort_quantize_static
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.bench import onnx_of
 
     model = tc.load("zoo:mobilenet_v2")
     calib = real_photos("calib", n=calib_n)
@@ -80,7 +80,7 @@ def _engine(kind: str, tmp: Path):
         import tvm
         from tvm import relax
 
-        from tvm_compress.schedules import default_schedule_pipeline
+        from tvm_compress.backend.schedules import default_schedule_pipeline
 
         mod = tvm.ir.load_json((tmp / f"{kind[4:]}.json").read_text())
         target = _target()
@@ -90,7 +90,7 @@ def _engine(kind: str, tmp: Path):
     if kind.startswith("onnxruntime"):
         import onnx
 
-        from tvm_compress.bench import onnxruntime_session
+        from tvm_compress.runtime.bench import onnxruntime_session
 
         session = onnxruntime_session(onnx.load(str(tmp / f"{kind[12:]}.onnx")), threads=THREADS)
         name = session.get_inputs()[0].name
@@ -164,8 +164,8 @@ def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
     import tvm
     from tvm import relax
 
-    from tvm_compress.bench import kernel_call_times
-    from tvm_compress.schedules import default_schedule_pipeline
+    from tvm_compress.backend.schedules import default_schedule_pipeline
+    from tvm_compress.runtime.bench import kernel_call_times
 
     target = _target()
     scheduled = default_schedule_pipeline(target)(tvm.ir.load_json(path.read_text()))
@@ -214,7 +214,7 @@ def compare_kernels(int8: dict, fp32: dict) -> list[dict]:
 
 
 def accuracy(logits: dict, labels: np.ndarray) -> dict:
-    from tvm_compress.metrics import top1_agreement
+    from tvm_compress.runtime.metrics import top1_agreement
 
     reference = logits["tvm_fp32"]
     return {kind: {"labelled_correct": int(np.sum(np.argmax(v[:20], 1) == labels)),

@@ -78,7 +78,7 @@ def _timed(fn: Any) -> float:
 
 def _calibration(model: Any, n: int) -> np.ndarray:
     from tvm_compress.data import real_photos
-    from tvm_compress.evaluation import task_data
+    from tvm_compress.runtime.evaluation import task_data
 
     if model.input_shape[-1] == 224:
         return real_photos("calib", n=n)
@@ -91,8 +91,8 @@ def prepare(name: str, batch: int, calib_n: int, tmp: Path) -> np.ndarray:
     import onnx
 
     import tvm_compress as tc
-    from tvm_compress.bench import onnx_of
-    from tvm_compress.ort_quant import ort_quantize_static
+    from tvm_compress.quant.ort_quant import ort_quantize_static
+    from tvm_compress.runtime.bench import onnx_of
 
     model = tc.load(f"zoo:{name}", batch=batch)
     calib = _calibration(model, calib_n).astype(model.input_dtype)
@@ -116,7 +116,7 @@ def _engine(kind: str, name: str, batch: int, tmp: Path) -> tuple[Any, dict]:
     if kind.startswith("onnxruntime"):
         import onnx
 
-        from tvm_compress.bench import onnxruntime_session
+        from tvm_compress.runtime.bench import onnxruntime_session
 
         path = tmp / f"{kind[12:]}.onnx"
         if not path.exists():
@@ -137,14 +137,14 @@ def _engine(kind: str, name: str, batch: int, tmp: Path) -> tuple[Any, dict]:
         return run, {}
     import tvm
 
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
 
     target = _target()
     if kind == "tvm_cropped_int8":
         compiled = _cropped_int8(name, batch, tmp, target)
     elif kind == "tvm_int8":
-        from tvm_compress.qconfig import QuantConfig
-        from tvm_compress.quantize import quantize
+        from tvm_compress.quant.config import QuantConfig
+        from tvm_compress.quant.quantize import quantize
 
         calib = np.load(tmp / "calib.npy")
         qmodel = quantize(model, QuantConfig(calib_samples=len(calib)), calib, progress=False)
@@ -165,8 +165,8 @@ def _cropped_int8(name: str, batch: int, tmp: Path, target: Any) -> Any:
     import torch
 
     from tvm_compress import zoo
-    from tvm_compress.ajpq import Budget, JointSpace, realize, uniform_plan
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
+    from tvm_compress.tuning.ajpq.joint import Budget, JointSpace, realize, uniform_plan
 
     if not name.startswith("fmnist_") or batch != 1:
         raise NotApplicable("cropped+int8 rows: Fashion-MNIST models at batch 1")
@@ -256,8 +256,8 @@ def kernel_table(model: Any, compiled: Any, x: np.ndarray, runs: int = 5) -> lis
     import tvm
     from tvm import s_tir, tirx
 
-    from tvm_compress.bench import kernel_call_times
-    from tvm_compress.tuning_ms import tuning_module
+    from tvm_compress.backend.tuning_ms import tuning_module
+    from tvm_compress.runtime.bench import kernel_call_times
 
     target = compiled.target
     unscheduled = tuning_module(model, target)

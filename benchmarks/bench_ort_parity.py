@@ -94,8 +94,8 @@ def cut_onnx(model, names: list[str]):  # noqa: ANN001, ANN201
 def quantized_mobilenet(calib_n: int):  # noqa: ANN201
     import tvm_compress
     from tvm_compress.data import real_photos
-    from tvm_compress.qconfig import QuantConfig
-    from tvm_compress.quantize import quantize
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
 
     model = tvm_compress.load("zoo:mobilenet_v2")
     return quantize(model, QuantConfig(), real_photos("calib", n=calib_n), progress=False)
@@ -103,7 +103,7 @@ def quantized_mobilenet(calib_n: int):  # noqa: ANN201
 
 def point_names(qmodel) -> list[str]:  # noqa: ANN001
     """``q_<point>`` tensors present in both the simulated and the realized module."""
-    from tvm_compress.graph import bindings
+    from tvm_compress.graph.dataflow import bindings
     from tvm_compress.passes.insert_qdq import int_tensor_name
 
     present = [{b.var.name for b in bindings(m["main"])}
@@ -116,7 +116,7 @@ def compile_relax(mod, n_inputs: int):  # noqa: ANN001, ANN201
     import tvm
     from tvm import relax
 
-    from tvm_compress.targets import resolve_target
+    from tvm_compress.backend.targets import resolve_target
 
     vm = relax.VirtualMachine(tvm.compile(mod, target=resolve_target("x86")), tvm.cpu())
 
@@ -128,7 +128,7 @@ def compile_relax(mod, n_inputs: int):  # noqa: ANN001, ANN201
 
 
 def exposed_relax(mod, names: list[str]):  # noqa: ANN001, ANN201
-    from tvm_compress.graph import bindings
+    from tvm_compress.graph.dataflow import bindings
     from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
 
     by_name = {b.var.name: b.var for b in bindings(mod["main"])}
@@ -166,7 +166,7 @@ ORT_MODES = ("int8", "int8_default", "reference")
 def engines(qmodel, names: list[str]) -> tuple[dict, dict]:  # noqa: ANN001
     """Engine name -> ``run(x)`` (end to end) and -> ``run(x, feeds)`` (teacher forced); each
     returns ``[logits, *q tensors]``."""
-    from tvm_compress.onnx_qdq import qdq_onnx_model
+    from tvm_compress.quant.onnx_qdq import qdq_onnx_model
 
     onnx_model = qdq_onnx_model(qmodel.simulated, input_name="input", expose=names)
     cut_model = cut_onnx(onnx_model, names)
@@ -223,8 +223,8 @@ def compile_for_timing(mod) -> tuple[object, str]:  # noqa: ANN001
     import tvm
     from tvm import relax
 
-    from tvm_compress.schedules.pipeline import default_schedule_pipeline
-    from tvm_compress.targets import resolve_target
+    from tvm_compress.backend.schedules.pipeline import default_schedule_pipeline
+    from tvm_compress.backend.targets import resolve_target
 
     target = resolve_target("x86")
     try:
@@ -253,7 +253,7 @@ def latencies(engines: dict, x: np.ndarray, rounds: int, per_round: int) -> dict
 
 
 def timing(qmodel, fp32_onnx: bytes, x: np.ndarray, rounds: int, per_round: int) -> dict:  # noqa: ANN001
-    from tvm_compress.onnx_qdq import qdq_onnx_model
+    from tvm_compress.quant.onnx_qdq import qdq_onnx_model
 
     plain = qdq_onnx_model(qmodel.simulated, input_name="input")
     ours, how = compile_for_timing(qmodel.model.mod)
@@ -276,7 +276,7 @@ def fp32_onnx_bytes() -> bytes:
 
     import torch
 
-    from tvm_compress.frontend import export_onnx
+    from tvm_compress.frontend.importers import export_onnx
     from tvm_compress.zoo import torch_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,8 +297,8 @@ def import_check(fp32_onnx: bytes, calib: np.ndarray, images: np.ndarray) -> dic
         quantize_static,
     )
 
-    from tvm_compress.onnx_qdq import from_onnx_qdq
-    from tvm_compress.quantize import float_layers
+    from tvm_compress.quant.onnx_qdq import from_onnx_qdq
+    from tvm_compress.quant.quantize import float_layers
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -23,13 +23,13 @@ import tvm
 from tvm import relax
 
 import tvm_compress as tc
-from tvm_compress.compiler import CompiledModel, InputSpec
+from tvm_compress.backend.build import CompiledModel, InputSpec
+from tvm_compress.backend.schedules import default_schedule_pipeline
+from tvm_compress.backend.targets import resolve_target
 from tvm_compress.data import fashion_mnist, real_photos
 from tvm_compress.passes.pack_constants import PackConstants
-from tvm_compress.qconfig import QuantConfig, QuantSpec
-from tvm_compress.quantize import collect_calibration, quantize
-from tvm_compress.schedules import default_schedule_pipeline
-from tvm_compress.targets import resolve_target
+from tvm_compress.quant.config import QuantConfig, QuantSpec
+from tvm_compress.quant.quantize import collect_calibration, quantize
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -9,7 +9,7 @@ budgets 0.5 and 0.3, train with one recipe and seed:
 * precrop: SynFlow densities -> sqrt-rule channel counts (multiple 8) -> cropped, trained;
 * uniform: every channel group scaled by one factor to the same budget (the trivial baseline).
 
-Then compiled TVM latency (tvm_compress.compiler.build, target x86, default schedules) of each
+Then compiled TVM latency (tvm_compress.backend.build.build, target x86, default schedules) of each
 dense vs cropped model, and of the ImageNet MobileNetV2 dense vs PreCrop-cropped at 50% MACs.
 
 Runs are appended to benchmarks/results/precrop.json as they finish (rerun to resume).
@@ -30,11 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tvm_compress.compiler import build
+from tvm_compress.backend.build import build
 from tvm_compress.data import fashion_mnist
-from tvm_compress.precrop import achieved_layer_densities, fresh_model, precrop, scoring_data
-from tvm_compress.precrop_scores import apply_masks, layer_masks, remove_masks, score_weights
-from tvm_compress.train import train
+from tvm_compress.tuning.precrop.crop import (
+    achieved_layer_densities,
+    fresh_model,
+    precrop,
+    scoring_data,
+)
+from tvm_compress.tuning.precrop.scores import apply_masks, layer_masks, remove_masks, score_weights
+from tvm_compress.zoo.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH = RESULTS / "precrop.json"
@@ -81,8 +86,8 @@ def _latency(mod_or_model, spec=None, repeat: int = 50) -> float:  # noqa: ANN00
 
 
 def run_arch(arch: str, state: dict, data: tuple, epochs: int) -> None:
-    from tvm_compress.compiler import InputSpec
-    from tvm_compress.frontend import from_torch
+    from tvm_compress.backend.build import InputSpec
+    from tvm_compress.frontend.importers import from_torch
 
     fresh, example, task = fresh_model(f"zoo:fmnist_{arch}", seed=0)
     dense = from_torch(fresh, example, name=f"fmnist_{arch}")
@@ -137,8 +142,8 @@ def run_arch(arch: str, state: dict, data: tuple, epochs: int) -> None:
 
 
 def run_imagenet_latency() -> dict:
-    from tvm_compress.compiler import InputSpec
-    from tvm_compress.frontend import from_torch
+    from tvm_compress.backend.build import InputSpec
+    from tvm_compress.frontend.importers import from_torch
 
     if IMAGENET_PATH.is_file():
         return json.loads(IMAGENET_PATH.read_text())
@@ -228,7 +233,7 @@ def report(state: dict, args: argparse.Namespace) -> None:
                   f"Speedup {d / c:.2f}x at {ip['achieved']['macs'] / ip['dense']['macs']:.2f} "
                   "of the MACs (median of 30 runs, best of two interleaved rounds; load average "
                   f"{ip['load_average'][0]:.1f} while measuring)."]
-    lines += ["", "Latency: tvm_compress.compiler.build(target='x86'), median of 100 runs "
+    lines += ["", "Latency: tvm_compress.backend.build.build(target='x86'), median of 100 runs "
               "(best of two rounds), batch 1, same build settings for dense and cropped.", "",
               "![accuracy vs params](precrop.png)"]
     (RESULTS / "precrop.md").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ for several seeds; the training runs on an NVIDIA GPU.
    uniformly narrowed models at the same budgets. Each job is a pickled torch module (+ masks) in
    ``--dir``; the Fashion-MNIST files are copied beside them.
 2. ``device`` (the GPU machine; torch only): trains every job with
-   :func:`tvm_compress.train.train` on ``cuda`` in ``--workers`` processes and appends one JSON
+   :func:`tvm_compress.zoo.train.train` on ``cuda`` in ``--workers`` processes and appends one JSON
    line per finished job to ``OUT/precrop_gpu_<worker>.jsonl`` (nothing is lost if it stops).
 3. ``report`` (this machine): mean and standard deviation over seeds, paired differences
    (same seed, same initialization), into ``benchmarks/results/precrop_gpu.json`` / ``.md``.
@@ -62,9 +62,14 @@ def prepare(args: argparse.Namespace) -> int:
     from gpu_steps import FFI_VERSION, download_wheel
 
     from tvm_compress.data import FASHION_MNIST_DIR
-    from tvm_compress.frontend import from_torch
-    from tvm_compress.precrop import achieved_layer_densities, fresh_model, precrop, scoring_data
-    from tvm_compress.precrop_scores import layer_masks, score_weights
+    from tvm_compress.frontend.importers import from_torch
+    from tvm_compress.tuning.precrop.crop import (
+        achieved_layer_densities,
+        fresh_model,
+        precrop,
+        scoring_data,
+    )
+    from tvm_compress.tuning.precrop.scores import layer_masks, score_weights
 
     out = Path(args.dir)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
@@ -113,8 +118,8 @@ def prepare(args: argparse.Namespace) -> int:
 def _worker(rank: int, jobs: list[dict], src: str, out: str, epochs: int) -> None:
     import torch
 
-    from tvm_compress.precrop_scores import apply_masks, remove_masks
-    from tvm_compress.train import train
+    from tvm_compress.tuning.precrop.scores import apply_masks, remove_masks
+    from tvm_compress.zoo.train import train
 
     torch.set_num_threads(2)
     path = Path(out) / f"precrop_gpu_{rank}.jsonl"
@@ -182,7 +187,7 @@ def report(args: argparse.Namespace) -> int:
         "# PreCrop vs PAI mask vs uniform width vs dense: full recipe, several seeds (GPU)",
         "",
         f"Fashion-MNIST, fresh zoo initializations (seed s for initialization, scoring, "
-        f"shuffling and augmentation), trained with `tvm_compress.train.train`: all 55,000 "
+        f"shuffling and augmentation), trained with `tvm_compress.zoo.train.train`: all 55,000 "
         f"training images, {epochs} epochs, SGD + Nesterov one-cycle lr {LR}, batch 128, on an "
         f"{rows[0]['gpu']}. Test accuracy (%) on the official 10,000 test images, mean ± "
         f"standard deviation over seeds {seeds}. Scorer {SCORER} ({ITERATIONS} rounds); PAI = "

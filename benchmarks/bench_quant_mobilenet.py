@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 import tvm_compress as tc
-from tvm_compress.compiler import build
+from tvm_compress.backend.build import build
 from tvm_compress.data import imagenet_photos, real_photos
-from tvm_compress.metrics import top1_agreement
-from tvm_compress.qconfig import QuantConfig, QuantSpec
-from tvm_compress.quantize import quantize
+from tvm_compress.quant.config import QuantConfig, QuantSpec
+from tvm_compress.quant.quantize import quantize
+from tvm_compress.runtime.metrics import top1_agreement
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import tvm_compress as tc
-from tvm_compress.compiler import build
+from tvm_compress.backend.build import build
 from tvm_compress.data import fashion_mnist
-from tvm_compress.metrics import accuracy
-from tvm_compress.qconfig import QuantConfig, QuantSpec
-from tvm_compress.quantize import collect_calibration, quantize
+from tvm_compress.quant.config import QuantConfig, QuantSpec
+from tvm_compress.quant.quantize import collect_calibration, quantize
+from tvm_compress.runtime.metrics import accuracy
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("resnet", "mobilenet_v2", "shufflenet_v2", "squeezenet", "googlenet", "vgg")

@@ -74,10 +74,10 @@ def run_one(recs, space, prior, tuner: str, seed: int, best: float) -> list[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tvm_compress.tuning.quantune import SHIPPED_PRIOR
+    from tvm_compress.tuning.quantune.space import SearchSpace
+    from tvm_compress.tuning.quantune.tuner import SHIPPED_PRIOR
     from tvm_compress.tuning.records import read_records
     from tvm_compress.tuning.replay import ReplayEvaluator, group_records
-    from tvm_compress.tuning.space import SearchSpace
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=Path, default=SHIPPED_PRIOR)

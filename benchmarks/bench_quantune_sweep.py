@@ -10,7 +10,7 @@ schedules) and measured by :class:`tvm_compress.tuning.evaluator.QuantEvaluator`
   unlabelled crops of real photos (default 64), calibration sizes 1 / 3 / 32 from 32 crops of other
   photos; with ``--mobilenet-calib`` the space is restricted to those calibration sizes.
 
-Records are appended (flush + fsync) to ``tvm_compress/tuning/prior/paper_space.jsonl`` as each
+Records are appended (flush + fsync) to ``tvm_compress/tuning/quantune/prior/paper_space.jsonl`` as each
 trial finishes, so the sweep runs in chunks: kill it, rerun it, it resumes where it stopped. That
 file ships with the package as Quantune's prior. Calibration statistics are collected once per
 (calibration size, fp32 layers) and shared by the 16 configurations of the group.
@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIOR = ROOT / "tuning" / "prior" / "paper_space.jsonl"
+PRIOR = ROOT / "tuning" / "quantune" / "prior" / "paper_space.jsonl"
 # cheapest builds first, so the sweep completes whole models early
 FMNIST = ("fmnist_resnet", "fmnist_vgg", "fmnist_squeezenet", "fmnist_mobilenet_v2",
           "fmnist_shufflenet_v2", "fmnist_googlenet")
@@ -41,7 +41,7 @@ def evaluator_for(name: str, records: Path, *, val: int, photos: int):  # noqa: 
     from tvm_compress import load
     from tvm_compress.data import fashion_mnist, real_photos
     from tvm_compress.tuning.evaluator import QuantEvaluator
-    from tvm_compress.tuning.space import SearchSpace
+    from tvm_compress.tuning.quantune.space import SearchSpace
 
     # batched imports: 10 VM calls per evaluation instead of 500
     model = load(f"zoo:{name}", batch=50 if name.startswith("fmnist_") else 16)

@@ -24,12 +24,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must n
 import torch  # noqa: E402
 
 import tvm_compress as tc  # noqa: E402
-from tvm_compress.compiler import build
-from tvm_compress.metrics import accuracy, sqnr_db, top1_agreement
-from tvm_compress.qconfig import QuantConfig, QuantSpec
-from tvm_compress.quantize import quantize
-from tvm_compress.zeroq import distill, gaussian_images
-from tvm_compress.zeroq_mixed import plan_mixed, plot_frontier, sensitivity
+from tvm_compress.backend.build import build
+from tvm_compress.quant.config import QuantConfig, QuantSpec
+from tvm_compress.quant.quantize import quantize
+from tvm_compress.runtime.metrics import accuracy, sqnr_db, top1_agreement
+from tvm_compress.tuning.zeroq.distill import distill, gaussian_images
+from tvm_compress.tuning.zeroq.mixed import plan_mixed, plot_frontier, sensitivity
 
 RESULTS = Path(__file__).parent / "results"
 JSON = RESULTS / "zeroq.json"

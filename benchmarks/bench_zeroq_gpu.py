@@ -7,7 +7,7 @@ calibration, integer build and evaluation stay on this machine, as in `bench_zer
 1. ``prepare`` (here): the zoo MobileNetV2 weights and a tvm-ffi wheel into ``--dir`` (install it
    on the GPU machine as ``benchmarks/gpu_steps.py`` says).
 2. ``device`` (GPU machine, torch only): distills 32 inputs for each recipe in ``RECIPES``
-   (Adam, cosine lr, seed 0) with :func:`tvm_compress.zeroq.distill` on ``cuda``; writes
+   (Adam, cosine lr, seed 0) with :func:`tvm_compress.tuning.zeroq.distill.distill` on ``cuda``; writes
    ``zeroq_<recipe>.npy`` (float16, to fit the transfer limit) and ``zeroq_gpu.json``.
 3. ``evaluate`` (here): W8A8 calibrated on each distilled set, on 32 real photo crops and on
    Gaussian noise, with minmax and percentile calibration; top-1 agreement with fp32 on the 20
@@ -50,7 +50,7 @@ def device(args: argparse.Namespace) -> int:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tvm_compress.zeroq import distill
+    from tvm_compress.tuning.zeroq.distill import distill
     from tvm_compress.zoo.mobilenet_v2 import MobileNetV2
 
     net = MobileNetV2()
@@ -74,12 +74,12 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.report_only:
         return _report(json.loads((RESULTS / "zeroq_gpu.json").read_text()))
     import tvm_compress as tc
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
     from tvm_compress.data import imagenet_photos, real_photos
-    from tvm_compress.metrics import top1_agreement
-    from tvm_compress.qconfig import QuantConfig
-    from tvm_compress.quantize import quantize
-    from tvm_compress.zeroq import gaussian_images
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.metrics import top1_agreement
+    from tvm_compress.tuning.zeroq.distill import gaussian_images
 
     src = Path(args.device_dir)
     report = json.loads((src / "zeroq_gpu.json").read_text())

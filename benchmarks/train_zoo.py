@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from tvm_compress.train import train
 from tvm_compress.zoo.fmnist import ARCHITECTURES, CHECKPOINT_DIR, checkpoint_path
+from tvm_compress.zoo.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCURACY_FILE = CHECKPOINT_DIR / "accuracy.json"

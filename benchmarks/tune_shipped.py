@@ -7,7 +7,7 @@ Usage: ``.venv/bin/python benchmarks/tune_shipped.py [--recheck] [--trials N] [-
 the ones that no longer win (run it whenever the default schedules change); ``--recheck
 --no-tune`` only does that.
 
-Writes ``tvm_compress/tuned/llvm-core-avx2`` (package data: only the schedules that beat our
+Writes ``tvm_compress/backend/tuned/llvm-core-avx2`` (package data: only the schedules that beat our
 default ones when timed here) and keeps every measured candidate in ``benchmarks/tuning_raw``
 (not committed) so that a second run resumes from the best candidates so far. One process, one
 builder and one runner worker: the machine's two cores are shared.
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from tvm_compress import load
-from tvm_compress.targets import resolve_target
-from tvm_compress.tuning_ms import REFERENCE_KEY, SHIPPED_DIR, recheck_database, tune
+from tvm_compress.backend.targets import resolve_target
+from tvm_compress.backend.tuning_ms import REFERENCE_KEY, SHIPPED_DIR, recheck_database, tune
 
 HERE = Path(__file__).parent
 RAW = HERE / "tuning_raw" / REFERENCE_KEY

@@ -2,7 +2,7 @@
 
 Requires: a module as the frontends produce it (NCHW conv2d / matmul with constant weights, with or
 without ``batch_norm``) and a crop plan ``{group_id: kept channel indices}`` whose ids come from
-:func:`tvm_compress.channel_groups.analyze_channel_groups` on the same module.
+:func:`tvm_compress.graph.channel_groups.analyze_channel_groups` on the same module.
 Guarantees: every weight, bias / scale constant and BatchNorm parameter of a cropped group loses the
 removed channels; depthwise convs get their new ``groups``; reshapes (flatten, channel shuffle) and
 channel slices / splits get their new sizes; all shapes are re-inferred. Layer names are kept.
@@ -19,9 +19,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.channel_groups import ChannelAnalysis, CropPlan, analyze
-from tvm_compress.channel_shapes import CH, slice_bounds, split_points
-from tvm_compress.graph import is_const, op_name
+from tvm_compress.graph.channel_groups import ChannelAnalysis, CropPlan, analyze
+from tvm_compress.graph.channel_shapes import CH, slice_bounds, split_points
+from tvm_compress.graph.dataflow import is_const, op_name
 
 _BINARY_ZEROED = ("relax.add", "relax.subtract", "relax.maximum", "relax.minimum")
 

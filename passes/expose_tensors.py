@@ -10,7 +10,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from tvm_compress.graph import bindings
+from tvm_compress.graph.dataflow import bindings
 
 
 def binding_positions(func: relax.Function, tensors: list[relax.Var]) -> list[int]:

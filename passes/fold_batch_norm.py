@@ -14,7 +14,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from tvm_compress.layers import restore_layer_names
+from tvm_compress.frontend.layers import restore_layer_names
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="tvmc.FoldBatchNorm")

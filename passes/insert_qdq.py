@@ -1,7 +1,7 @@
 """InsertQDQ: simulated quantization - quantize/dequantize pairs per a QuantConfig.
 
 Requires: a BatchNorm-folded fp32 module (``FoldBatchNorm``) and the activation parameters of every
-calibrated point of :func:`tvm_compress.qgraph.analyze` on that same module.
+calibrated point of :func:`tvm_compress.graph.qgraph.analyze` on that same module.
 Guarantees: every quantized layer's weight becomes ``dequantize(int constant)``; every activation
 point ``t`` is followed by ``dequantize(quantize(t))`` and all users of ``t`` read the dequantized
 value. Layer names are kept. Layers the config keeps fp32 are untouched. The result runs in fp32
@@ -14,10 +14,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.graph import emit_named
-from tvm_compress.qconfig import QuantConfig
-from tvm_compress.qgraph import LayerSite, QuantGraph, analyze
-from tvm_compress.qparams import QParams, weight_qparams
+from tvm_compress.graph.dataflow import emit_named
+from tvm_compress.graph.qgraph import LayerSite, QuantGraph, analyze
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.quant.qparams import QParams, weight_qparams
 
 _DTYPE_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 

@@ -26,8 +26,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_compress.graph import DataflowView, emit_named, is_const, op_name
-from tvm_compress.qgraph import ADD, CONCAT, CONV, MATMUL, SCALE_PRESERVING
+from tvm_compress.graph.dataflow import DataflowView, emit_named, is_const, op_name
+from tvm_compress.graph.qgraph import ADD, CONCAT, CONV, MATMUL, SCALE_PRESERVING
 
 REQUANT_SHIFT = 24  # fixed-point fraction bits of the add / concat rescaling multipliers
 

@@ -77,7 +77,7 @@ def mobilenet_v2_torch() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def mobilenet_v2_model(mobilenet_v2_torch):  # noqa: ANN001, ANN201
-    from tvm_compress.frontend import from_torch
+    from tvm_compress.frontend.importers import from_torch
 
     return from_torch(mobilenet_v2_torch, torch.zeros(1, 3, 224, 224), name="mobilenet_v2",
                       task="imagenet")
@@ -85,7 +85,7 @@ def mobilenet_v2_model(mobilenet_v2_torch):  # noqa: ANN001, ANN201
 
 @pytest.fixture(scope="session")
 def mobilenet_v2_onnx_path(mobilenet_v2_torch, tmp_path_factory):  # noqa: ANN001, ANN201
-    from tvm_compress.frontend import export_onnx
+    from tvm_compress.frontend.importers import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "mobilenet_v2.onnx"
     return export_onnx(mobilenet_v2_torch, torch.zeros(1, 3, 224, 224), path)

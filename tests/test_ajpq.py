@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from tvm_compress import zoo
-from tvm_compress.ajpq import (
+from tvm_compress.cli.main import main
+from tvm_compress.data import fashion_mnist
+from tvm_compress.errors import UserError
+from tvm_compress.tuning.ajpq.agent import ajpq_search, random_search
+from tvm_compress.tuning.ajpq.joint import (
     Budget,
     JointPlan,
     JointSpace,
@@ -18,10 +22,6 @@ from tvm_compress.ajpq import (
     uniform_plan,
     within_budget,
 )
-from tvm_compress.ajpq_agent import ajpq_search, random_search
-from tvm_compress.cli import main
-from tvm_compress.data import fashion_mnist
-from tvm_compress.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,8 @@ def test_agent_beats_random_search_on_structured_reward(space: JointSpace) -> No
 
 
 def test_realized_tvm_matches_proxy(space: JointSpace) -> None:
-    from tvm_compress.compiler import build
-    from tvm_compress.metrics import weight_bytes
+    from tvm_compress.backend.build import build
+    from tvm_compress.runtime.metrics import weight_bytes
 
     keep = {g: space.sizes[g] // 2 for g in list(space.prunable_groups)[:3]}
     bits = {x.name: [5.0, 3.0, 8.0, 6.0][x.index % 4] for x in space.layers}

@@ -8,9 +8,9 @@ import torch
 from conftest import relax_main
 from tvm import relax
 
-from tvm_compress.channel_groups import ChannelGroup, analyze_channel_groups, check_plan
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import export_onnx, from_onnx, from_torch
+from tvm_compress.frontend.importers import export_onnx, from_onnx, from_torch
+from tvm_compress.graph.channel_groups import ChannelGroup, analyze_channel_groups, check_plan
 from tvm_compress.zoo import fmnist
 
 RNG = np.random.default_rng(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tvm
 
-from tvm_compress.cli import main
-from tvm_compress.frontend import export_onnx
+from tvm_compress.cli.main import main
+from tvm_compress.frontend.importers import export_onnx
 
 
 @pytest.fixture

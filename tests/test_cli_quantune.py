@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvm_compress.cli import main
-from tvm_compress.frontend import export_onnx
-from tvm_compress.tuning.quantune import SHIPPED_PRIOR
+from tvm_compress.cli.main import main
+from tvm_compress.frontend.importers import export_onnx
+from tvm_compress.tuning.quantune.tuner import SHIPPED_PRIOR
 from tvm_compress.tuning.records import read_records
 
 

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from torch import nn
 from tvm import relax
 
-from tvm_compress.channel_groups import analyze, analyze_channel_groups, out_channels_after
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import Model, export_onnx, from_onnx, from_torch
-from tvm_compress.layers import LayerTable
+from tvm_compress.frontend.importers import Model, export_onnx, from_onnx, from_torch
+from tvm_compress.frontend.layers import LayerTable
+from tvm_compress.graph.channel_groups import analyze, analyze_channel_groups, out_channels_after
+from tvm_compress.graph.torch_crop import crop_torch_module
 from tvm_compress.passes.crop_channels import CropChannels, crop_channels, zero_channels
-from tvm_compress.torch_crop import crop_torch_module
 from tvm_compress.zoo import fmnist
 from tvm_compress.zoo.fmnist import channel_shuffle, conv_bn
 

@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from tvm_compress import deploy
-from tvm_compress.cli import main
+from tvm_compress.cli.main import main
 from tvm_compress.errors import UserError
-from tvm_compress.remote import Candidate, RemoteSpec, measure, parse_remote
+from tvm_compress.runtime import deploy
+from tvm_compress.runtime.remote import Candidate, RemoteSpec, measure, parse_remote
 
 MODEL = "zoo:fmnist_vgg"  # the quickest zoo model to import and quantize
 QEMU = shutil.which("qemu-aarch64-static")
@@ -50,8 +50,8 @@ def fmnist():
 @pytest.fixture(scope="session")
 def fmnist_int8(fmnist):
     from tvm_compress.data import fashion_mnist
-    from tvm_compress.qconfig import QuantConfig
-    from tvm_compress.quantize import quantize
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
 
     model, _ = fmnist
     calib, _ = fashion_mnist("calib")
@@ -61,7 +61,7 @@ def fmnist_int8(fmnist):
 @pytest.fixture(scope="session")
 def builds(fmnist, fmnist_int8):
     """fp32 and int8 fmnist_vgg built once per target, shared by the bundle and RPC tests."""
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
 
     model, _ = fmnist
     return {f"{kind}-{arch}": build(mod, target=target)
@@ -86,7 +86,7 @@ def bundles(fmnist, builds, tmp_path_factory):
 
 @pytest.fixture
 def tiny_onnx(tiny_cnn, tiny_input, tmp_path):
-    from tvm_compress.frontend import export_onnx
+    from tvm_compress.frontend.importers import export_onnx
 
     return export_onnx(tiny_cnn, tiny_input, tmp_path / "tiny.onnx")
 
@@ -223,7 +223,7 @@ def rpc_farm():
 def test_bench_through_tracker_on_x86_and_aarch64_servers(rpc_farm, tiny_onnx, tmp_path,
                                                           capsys):
     from tvm_compress import load
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
 
     records = tmp_path / "records.jsonl"
     assert main(["bench", str(tiny_onnx), "--target", "aarch64", "--tracker", rpc_farm, "--key",
@@ -270,7 +270,7 @@ def test_tune_through_tracker_on_aarch64_server(rpc_farm, tiny_onnx, tmp_path, c
     """A short meta-schedule search measured on the aarch64 server (qemu) through the tracker;
     the database it writes is picked up by an aarch64 build."""
     from tvm_compress import load
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
 
     db = tmp_path / "db"
     assert main(["tune", str(tiny_onnx), "--target", "aarch64", "--tracker", rpc_farm, "--key",
@@ -286,8 +286,8 @@ def test_tune_through_tracker_on_aarch64_server(rpc_farm, tiny_onnx, tmp_path, c
 
 def test_tune_keeps_measured_candidates_when_the_server_dies(builds, tiny_onnx, tmp_path,
                                                              capsys, monkeypatch):
-    from tvm_compress import remote_tune
-    from tvm_compress.tuning_ms import open_database
+    from tvm_compress.backend.tuning_ms import open_database
+    from tvm_compress.runtime import remote_tune
 
     port = _free_port()
 
@@ -364,7 +364,7 @@ def test_compile_cuda_fp32_writes_source_and_ptx(tiny_onnx, tmp_path, capsys):
 
 
 def test_compile_cuda_int8_kernels(fmnist_int8, tmp_path):
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
 
     compiled = build(fmnist_int8, target="cuda-sm90")
     deploy.write_cuda_package(compiled, tmp_path / "int8", model_name="fmnist_vgg-int8",
@@ -384,7 +384,7 @@ def _has_gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU on this machine")
 def test_cuda_build_runs_on_gpu_like_cpu(fmnist, fmnist_int8):
-    from tvm_compress.compiler import build
+    from tvm_compress.backend.build import build
 
     model, x = fmnist
     for mod, target in ((model, "cuda-sm80"), (fmnist_int8, "cuda-sm80")):

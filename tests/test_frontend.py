@@ -8,10 +8,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from tvm_compress.compiler import build
+from tvm_compress.backend.build import build
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import export_onnx, from_onnx, from_torch
-from tvm_compress.layers import LayerTable, restore_layer_names
+from tvm_compress.frontend.importers import export_onnx, from_onnx, from_torch
+from tvm_compress.frontend.layers import LayerTable, restore_layer_names
 
 
 def test_torch_import_matches_torch(tiny_cnn, tiny_input):

@@ -13,11 +13,11 @@ from conftest import relax_main
 from tvm import relax, tirx
 from tvm.target.codegen import target_has_features
 
-from tvm_compress.compiler import InputSpec, build
+from tvm_compress.backend.build import InputSpec, build
+from tvm_compress.backend.schedules import default_schedule_pipeline
+from tvm_compress.backend.schedules.int8 import pick_kind
+from tvm_compress.backend.schedules.requantize import lower_requantize
 from tvm_compress.passes.realize_integer import requantize_int32
-from tvm_compress.schedules import default_schedule_pipeline
-from tvm_compress.schedules.int8 import pick_kind
-from tvm_compress.schedules.requantize import lower_requantize
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                           "num-cores": 2})

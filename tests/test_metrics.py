@@ -3,16 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tvm_compress.backend.targets import preset_names, resolve_target
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import from_torch
-from tvm_compress.metrics import (
+from tvm_compress.frontend.importers import from_torch
+from tvm_compress.runtime.metrics import (
     accuracy,
     constant_bytes,
     sqnr_db,
     top1_agreement,
     weight_bytes,
 )
-from tvm_compress.targets import preset_names, resolve_target
 
 
 def test_accuracy_and_agreement():

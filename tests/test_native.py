@@ -1,4 +1,4 @@
-"""The native calibration kernels agree with the NumPy references in tvm_compress.entropy."""
+"""The native calibration kernels agree with the NumPy references in tvm_compress.quant.entropy."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tvm_compress
-from tvm_compress import entropy, native
 from tvm_compress.errors import UserError
+from tvm_compress.quant import entropy, native
 
 RNG_SEED = 1234
 

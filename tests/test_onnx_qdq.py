@@ -12,14 +12,14 @@ import torch
 import tvm
 from tvm import relax
 
+from tvm_compress.backend.targets import resolve_target
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import export_onnx, from_onnx, from_torch
-from tvm_compress.graph import bindings, op_name
-from tvm_compress.onnx_qdq import export_qdq_onnx, from_onnx_qdq, qdq_onnx_model
+from tvm_compress.frontend.importers import export_onnx, from_onnx, from_torch
+from tvm_compress.graph.dataflow import bindings, op_name
 from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
-from tvm_compress.qconfig import QuantConfig, QuantSpec
-from tvm_compress.quantize import float_layers, quantize
-from tvm_compress.targets import resolve_target
+from tvm_compress.quant.config import QuantConfig, QuantSpec
+from tvm_compress.quant.onnx_qdq import export_qdq_onnx, from_onnx_qdq, qdq_onnx_model
+from tvm_compress.quant.quantize import float_layers, quantize
 
 SHAPE = (1, 3, 16, 16)
 
@@ -222,7 +222,7 @@ def test_export_rejects_the_realized_module(quantized_tiny) -> None:  # noqa: AN
 def test_ort_quantize_static_calibrates_a_static_batch(tiny_cnn, tmp_path: Path) -> None:
     """A batch-4 model is calibrated in batches of 4 (5 samples: one batch, the rest dropped)
     and the QDQ model it returns runs at batch 4 and stays close to fp32."""
-    from tvm_compress.ort_quant import ort_quantize_static
+    from tvm_compress.quant.ort_quant import ort_quantize_static
 
     x = _inputs(4, 1)
     fp32 = onnx.load(str(export_onnx(tiny_cnn, x, tmp_path / "b4.onnx")))

@@ -12,12 +12,12 @@ import torch
 import tvm
 from tvm import relax
 
-from tvm_compress.channel_groups import out_channels_after
-from tvm_compress.cli import main
+from tvm_compress.cli.main import main
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import from_torch
-from tvm_compress.layers import LayerTable
-from tvm_compress.precrop import (
+from tvm_compress.frontend.importers import from_torch
+from tvm_compress.frontend.layers import LayerTable
+from tvm_compress.graph.channel_groups import out_channels_after
+from tvm_compress.tuning.precrop.crop import (
     Budget,
     ChannelBudget,
     PreCropPlan,
@@ -27,7 +27,7 @@ from tvm_compress.precrop import (
     parse_budget,
     precrop,
 )
-from tvm_compress.precrop_scores import (
+from tvm_compress.tuning.precrop.scores import (
     SCORERS,
     apply_masks,
     layer_densities,

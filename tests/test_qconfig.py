@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tvm_compress.errors import UserError
-from tvm_compress.qconfig import (
+from tvm_compress.quant.config import (
     CALIBRATIONS,
     GRANULARITIES,
     SCHEMES,
@@ -16,7 +16,7 @@ from tvm_compress.qconfig import (
     QuantConfig,
     QuantSpec,
 )
-from tvm_compress.qparams import range_qparams, weight_qparams
+from tvm_compress.quant.qparams import range_qparams, weight_qparams
 
 
 @given(wbits=st.integers(2, 8), abits=st.integers(2, 8), scheme=st.sampled_from(SCHEMES),

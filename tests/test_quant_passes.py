@@ -10,17 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tvm import relax
 
-from tvm_compress.compiler import InputSpec, build
+from tvm_compress.backend.build import InputSpec, build
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import from_torch
-from tvm_compress.graph import bindings, op_name
+from tvm_compress.frontend.importers import from_torch
+from tvm_compress.graph.dataflow import bindings, op_name
 from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
 from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
 from tvm_compress.passes.insert_qdq import InsertQDQ
 from tvm_compress.passes.realize_integer import RealizeInteger, fixed_point
-from tvm_compress.qconfig import LayerOverride, QuantConfig, QuantSpec
-from tvm_compress.qparams import range_qparams
-from tvm_compress.quantize import quantize
+from tvm_compress.quant.config import LayerOverride, QuantConfig, QuantSpec
+from tvm_compress.quant.qparams import range_qparams
+from tvm_compress.quant.quantize import quantize
 
 X_TYPE = relax.TensorType((1, 2, 4, 4), "float32")
 

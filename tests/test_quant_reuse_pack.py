@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import from_torch
+from tvm_compress.frontend.importers import from_torch
 from tvm_compress.passes.pack_constants import UNPACK_ATTR, PackConstants, pack_bits, unpack_bits
-from tvm_compress.qconfig import QuantConfig, QuantSpec
-from tvm_compress.quantize import collect_calibration, quantize
+from tvm_compress.quant.config import QuantConfig, QuantSpec
+from tvm_compress.quant.quantize import collect_calibration, quantize
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def _weight_module(weight: np.ndarray):  # noqa: ANN202
 
 
 def test_pack_constants_structure():
-    from tvm_compress.graph import bindings
+    from tvm_compress.graph.dataflow import bindings
 
     rng = np.random.default_rng(0)
     w3 = rng.integers(-4, 4, (8, 4, 3, 3)).astype(np.int8)  # 3 bits, crosses byte borders
@@ -109,9 +109,9 @@ def test_pack_constants_structure():
 
 
 def test_packed_build_is_exact_and_stores_packed_weights(tiny_model, calib):  # noqa: ANN001
-    from tvm_compress.compiler import build
-    from tvm_compress.schedules import default_schedule_pipeline
-    from tvm_compress.targets import resolve_target
+    from tvm_compress.backend.build import build
+    from tvm_compress.backend.schedules import default_schedule_pipeline
+    from tvm_compress.backend.targets import resolve_target
 
     config = QuantConfig(weight=QuantSpec(4, "symmetric", "per_channel"), calib_samples=4)
     q = quantize(tiny_model, config, calib, progress=False)
@@ -134,11 +134,11 @@ def test_packed_build_is_exact_and_stores_packed_weights(tiny_model, calib):  # 
 
 
 def test_bias_correction_removes_the_weight_error_mean(tiny_model, calib):  # noqa: ANN001
-    from tvm_compress.bias_correction import bias_shift, correct_biases, layer_input_means
-    from tvm_compress.compiler import InputSpec, build
+    from tvm_compress.backend.build import InputSpec, build
+    from tvm_compress.graph.qgraph import analyze
     from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
     from tvm_compress.passes.insert_qdq import weight_params
-    from tvm_compress.qgraph import analyze
+    from tvm_compress.quant.bias_correction import bias_shift, correct_biases, layer_input_means
 
     config = QuantConfig(weight=QuantSpec(3, "symmetric", "per_tensor"), calib_samples=6)
     folded = FoldBatchNorm()(tiny_model.mod)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tvm_compress.tuning.quantune import SHIPPED_PRIOR
+from tvm_compress.tuning.quantune.space import SearchSpace
+from tvm_compress.tuning.quantune.tuner import SHIPPED_PRIOR
 from tvm_compress.tuning.records import read_records
 from tvm_compress.tuning.replay import ReplayEvaluator, group_records
 from tvm_compress.tuning.search import search
-from tvm_compress.tuning.space import SearchSpace
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from torch import nn
 from tvm import relax, tirx
 from tvm.target.codegen import target_has_features
 
-from tvm_compress.schedules import default_schedule_pipeline
-from tvm_compress.schedules.constants import fold_constants_numpy, layout_transform_array
-from tvm_compress.schedules.conv2d import pick_tile
-from tvm_compress.schedules.hardware import vector_lanes
-from tvm_compress.schedules.layout import PackChannels
+from tvm_compress.backend.schedules import default_schedule_pipeline
+from tvm_compress.backend.schedules.constants import fold_constants_numpy, layout_transform_array
+from tvm_compress.backend.schedules.conv2d import pick_tile
+from tvm_compress.backend.schedules.hardware import vector_lanes
+from tvm_compress.backend.schedules.layout import PackChannels
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                           "num-cores": 2})
@@ -275,8 +275,8 @@ def test_avx2_int8_microkernel_is_exact(cin: int, cout: int, size: int, kernel: 
                                         stride: int) -> None:
     from tvm import s_tir, te
 
-    from tvm_compress.schedules.blocks import find_kernel
-    from tvm_compress.schedules.int8 import (
+    from tvm_compress.backend.schedules.blocks import find_kernel
+    from tvm_compress.backend.schedules.int8 import (
         CONV_NCHWC_U8S8,
         conv2d_nchwc_u8s8,
         schedule_conv2d_nchwc_u8s8,
@@ -304,9 +304,9 @@ def test_avx2_int8_microkernel_is_exact(cin: int, cout: int, size: int, kernel: 
 
 def test_kernel_call_times_sees_every_kernel_call(tiny_cnn: nn.Module,
                                                   tiny_input: np.ndarray) -> None:
-    from tvm_compress.bench import kernel_call_times
-    from tvm_compress.compiler import build
-    from tvm_compress.frontend import from_torch
+    from tvm_compress.backend.build import build
+    from tvm_compress.frontend.importers import from_torch
+    from tvm_compress.runtime.bench import kernel_call_times
 
     compiled = build(from_torch(tiny_cnn, tiny_input), target="x86")
     calls = kernel_call_times(compiled.vm, tvm.runtime.tensor(tiny_input), runs=3)

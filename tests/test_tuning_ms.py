@@ -12,13 +12,10 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from tvm_compress.cli import main
-from tvm_compress.compiler import build
-from tvm_compress.errors import UserError
-from tvm_compress.frontend import export_onnx, from_onnx
-from tvm_compress.schedules import default_schedule_pipeline
-from tvm_compress.targets import resolve_target
-from tvm_compress.tuning_ms import (
+from tvm_compress.backend.build import build
+from tvm_compress.backend.schedules import default_schedule_pipeline
+from tvm_compress.backend.targets import resolve_target
+from tvm_compress.backend.tuning_ms import (
     TUNED_ATTR,
     _workload,
     database_dirs,
@@ -28,6 +25,9 @@ from tvm_compress.tuning_ms import (
     tuning_module,
     without_tensor_intrinsics,
 )
+from tvm_compress.cli.main import main
+from tvm_compress.errors import UserError
+from tvm_compress.frontend.importers import export_onnx, from_onnx
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_build_applies_the_tuned_schedule_and_keeps_outputs(tuned):
 
 
 def test_int8_build_still_works_with_a_database(tuned):
-    from tvm_compress.qconfig import QuantConfig
-    from tvm_compress.quantize import quantize
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
 
     model = from_onnx(tuned["onnx"])
     calib = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype("float32")
@@ -154,9 +154,9 @@ def test_stub_intrinsics_are_removed_afterwards():
 
 
 def test_shipped_database_covers_the_reference_target():
-    from tvm_compress.schedules.blocks import child_blocks
-    from tvm_compress.schedules.compute import KERNEL_ATTR
-    from tvm_compress.tuning_ms import REFERENCE_KEY, SHIPPED_DIR
+    from tvm_compress.backend.schedules.blocks import child_blocks
+    from tvm_compress.backend.schedules.compute import KERNEL_ATTR
+    from tvm_compress.backend.tuning_ms import REFERENCE_KEY, SHIPPED_DIR
 
     shipped = SHIPPED_DIR / REFERENCE_KEY
     assert shipped in database_dirs(resolve_target("x86-avx2"))

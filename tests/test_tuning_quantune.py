@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tvm_compress.errors import UserError
-from tvm_compress.tuning.quantune import QuantuneTuner
+from tvm_compress.tuning.quantune.space import SearchSpace
+from tvm_compress.tuning.quantune.tuner import QuantuneTuner
 from tvm_compress.tuning.records import Record, read_records
 from tvm_compress.tuning.search import search
-from tvm_compress.tuning.space import SearchSpace
 from tvm_compress.tuning.synthetic import SYNTHETIC_MODELS, SyntheticEvaluator
 from tvm_compress.tuning.tuner import Objective, Task, make_tuner
 

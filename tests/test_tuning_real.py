@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from tvm_compress.data import fashion_mnist
-from tvm_compress.frontend import Model, from_torch
+from tvm_compress.frontend.importers import Model, from_torch
 from tvm_compress.tuning.evaluator import QuantEvaluator
+from tvm_compress.tuning.quantune.space import SearchSpace, config_key
 from tvm_compress.tuning.records import read_records
 from tvm_compress.tuning.search import search
-from tvm_compress.tuning.space import SearchSpace, config_key
 
 
 class SmallNet(nn.Module):

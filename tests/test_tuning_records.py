@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.tuning.quantune.space import Knobs, SearchSpace, config_key
 from tvm_compress.tuning.records import RecordsFile, Result, read_records
 from tvm_compress.tuning.search import search
-from tvm_compress.tuning.space import Knobs, SearchSpace, config_key
 from tvm_compress.tuning.synthetic import SyntheticEvaluator
 
 SPACE = SearchSpace.paper()

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.tuning.quantune.space import Knobs, SearchSpace
 from tvm_compress.tuning.records import Result
 from tvm_compress.tuning.search import search
-from tvm_compress.tuning.space import Knobs, SearchSpace
 from tvm_compress.tuning.synthetic import SyntheticEvaluator
 from tvm_compress.tuning.tuner import (
     Objective,

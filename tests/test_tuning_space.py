@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import from_torch
-from tvm_compress.qconfig import QuantConfig
-from tvm_compress.tuning.features import (
+from tvm_compress.frontend.importers import from_torch
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.tuning.quantune.features import (
     DESCRIPTORS,
     feature_matrix,
     feature_names,
     model_descriptors,
 )
-from tvm_compress.tuning.space import (
+from tvm_compress.tuning.quantune.space import (
     Knobs,
     SearchSpace,
     calib_sizes,

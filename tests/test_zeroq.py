@@ -12,9 +12,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
-from tvm_compress.zeroq import distill, gaussian_images, torch_module_of
-from tvm_compress.zeroq_mixed import ParetoPoint, choose, fake_quant, pareto_frontier, parse_size
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.tuning.zeroq.distill import distill, gaussian_images, torch_module_of
+from tvm_compress.tuning.zeroq.mixed import (
+    ParetoPoint,
+    choose,
+    fake_quant,
+    pareto_frontier,
+    parse_size,
+)
 
 
 def test_distillation_reduces_bn_loss_and_is_seeded(tiny_cnn: nn.Module) -> None:
@@ -76,7 +82,7 @@ def test_distill_rejects_model_without_batchnorm() -> None:
 
 
 def test_onnx_model_converts_to_torch_for_distillation(tiny_cnn: nn.Module, tmp_path) -> None:
-    from tvm_compress.frontend import export_onnx, from_onnx
+    from tvm_compress.frontend.importers import export_onnx, from_onnx
 
     x = torch.randn(2, 3, 16, 16)
     path = export_onnx(tiny_cnn, x[:1], tmp_path / "tiny.onnx", keep_batchnorm=True)
@@ -129,7 +135,7 @@ def test_choose_and_budgets() -> None:
 
 
 def test_fake_quant_matches_int_grid() -> None:
-    from tvm_compress.qconfig import QuantSpec
+    from tvm_compress.quant.config import QuantSpec
 
     w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
     q = fake_quant(w, QuantSpec(4, "symmetric", "per_channel"))
@@ -153,9 +159,9 @@ def fmnist_case():  # noqa: ANN201
 
 
 def test_zeroq_calibration_beats_gaussian_noise(fmnist_case) -> None:  # noqa: ANN001
-    from tvm_compress.compiler import build
-    from tvm_compress.metrics import sqnr_db, top1_agreement
-    from tvm_compress.quantize import quantize
+    from tvm_compress.backend.build import build
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.metrics import sqnr_db, top1_agreement
 
     model, images, ref, distilled = fmnist_case
     assert distilled.final_loss < 0.3 * distilled.initial_loss
@@ -170,8 +176,8 @@ def test_zeroq_calibration_beats_gaussian_noise(fmnist_case) -> None:  # noqa: A
 
 
 def _fake_quant_logits(model, bits: dict[str, int], images: np.ndarray) -> np.ndarray:  # noqa: ANN001
-    from tvm_compress.qconfig import QuantSpec
-    from tvm_compress.zeroq_mixed import layer_modules
+    from tvm_compress.quant.config import QuantSpec
+    from tvm_compress.tuning.zeroq.mixed import layer_modules
 
     modules = layer_modules(model, model.torch_module)
     saved = {n: m.weight.data.clone() for n, m in modules.items()}
@@ -189,8 +195,8 @@ def _fake_quant_logits(model, bits: dict[str, int], images: np.ndarray) -> np.nd
 def test_mixed_precision_beats_uniform_at_equal_size(fmnist_case) -> None:  # noqa: ANN001
     """Weight-only (the part mixed precision changes), on real test images; the TVM integer build
     of the chosen configuration is measured in benchmarks/bench_zeroq.py."""
-    from tvm_compress.metrics import sqnr_db
-    from tvm_compress.zeroq_mixed import plan_mixed, sensitivity
+    from tvm_compress.runtime.metrics import sqnr_db
+    from tvm_compress.tuning.zeroq.mixed import plan_mixed, sensitivity
 
     model, images, ref, distilled = fmnist_case
     sens = sensitivity(model, model.torch_module, distilled.images[:8], progress=False)
@@ -206,8 +212,8 @@ def test_mixed_precision_beats_uniform_at_equal_size(fmnist_case) -> None:  # no
 
 
 def test_cli_zeroq_bad_inputs(tmp_path, capsys) -> None:  # noqa: ANN001
-    from tvm_compress.cli import main
-    from tvm_compress.frontend import export_onnx
+    from tvm_compress.cli.main import main
+    from tvm_compress.frontend.importers import export_onnx
 
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 2))
     path = export_onnx(plain, torch.zeros(1, 1, 28, 28), tmp_path / "plain.onnx")
@@ -225,7 +231,7 @@ def test_cli_quantize_with_distilled_calibration(capsys) -> None:  # noqa: ANN00
     """`quantize --calib distilled`: data-free W8A8 of a zoo model stays close to fp32."""
     import json
 
-    from tvm_compress.cli import main
+    from tvm_compress.cli.main import main
 
     code = main(["quantize", "zoo:fmnist_vgg", "--calib", "distilled", "--calib-samples", "8",
                  "--limit", "300", "--repeat", "0", "--json"])

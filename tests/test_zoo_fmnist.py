@@ -12,8 +12,8 @@ from torch import nn
 
 from tvm_compress.data import fashion_mnist
 from tvm_compress.errors import UserError
-from tvm_compress.train import evaluate_accuracy
 from tvm_compress.zoo import fmnist
+from tvm_compress.zoo.train import evaluate_accuracy
 
 ARCHS = list(fmnist.ARCHITECTURES)
 # Checkpoints are trained on this 2-core machine (~1 h each) and land one by one; the tests check
@@ -114,7 +114,7 @@ def _tiny() -> nn.Module:
 
 
 def test_train_is_seeded_and_learns() -> None:
-    from tvm_compress.train import train
+    from tvm_compress.zoo.train import train
 
     subset = tuple(a[:4096] for a in fashion_mnist("train"))
     runs = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tvm_compress.errors import UserError
-from tvm_compress.tuning.space import KNOB_NAMES, Knobs, SearchSpace
+from tvm_compress.tuning.quantune.space import KNOB_NAMES, Knobs, SearchSpace
 from tvm_compress.tuning.tuner import Task, Tuner, register_tuner
 
 

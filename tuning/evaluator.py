@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from tvm_compress.calibration import CalibrationStats
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import Model
-from tvm_compress.qconfig import QuantConfig
-from tvm_compress.tuning.features import model_descriptors
+from tvm_compress.frontend.importers import Model
+from tvm_compress.quant.calibration import CalibrationStats
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.tuning.quantune.features import model_descriptors
+from tvm_compress.tuning.quantune.space import Knobs, config_key, mixed_precision_layers
 from tvm_compress.tuning.records import BASELINE_KEY, Record, RecordsFile, Result
-from tvm_compress.tuning.space import Knobs, config_key, mixed_precision_layers
 
 
 class Evaluator(ABC):
@@ -113,7 +113,7 @@ def model_fingerprint(mod: tvm.IRModule) -> str:
     """Stable hash of a module's operators and constant values (the same across processes)."""
     from tvm import relax
 
-    from tvm_compress.graph import bindings, op_name
+    from tvm_compress.graph.dataflow import bindings, op_name
 
     digest = hashlib.sha256()
     for b in bindings(mod["main"]):
@@ -160,7 +160,7 @@ class QuantEvaluator(Evaluator):
     mixed_layers : sequence of str, optional
         Layers "mixed" precision keeps fp32 (default: first and last layer).
     schedule : {"default", "none"}
-        Passed to :func:`tvm_compress.compiler.build`; part of the cache identity, since it
+        Passed to :func:`tvm_compress.backend.build.build`; part of the cache identity, since it
         changes latency.
     """
 
@@ -189,8 +189,8 @@ class QuantEvaluator(Evaluator):
                          records=records, measure_latency=measure_latency)
 
     def _run(self, model: Model, *, is_reference: bool = False) -> Result:
-        from tvm_compress.compiler import build
-        from tvm_compress.metrics import accuracy, top1_agreement
+        from tvm_compress.backend.build import build
+        from tvm_compress.runtime.metrics import accuracy, top1_agreement
 
         compiled = build(model, target=self.target, schedule=self.schedule)
         logits = compiled.predict(self.images)
@@ -207,14 +207,14 @@ class QuantEvaluator(Evaluator):
     def reference(self) -> np.ndarray:
         """The fp32 model's outputs on the validation images (computed once)."""
         if self._reference is None:
-            from tvm_compress.compiler import build
+            from tvm_compress.backend.build import build
 
             compiled = build(self.fp32_model, target=self.target, schedule=self.schedule)
             self._reference = compiled.predict(self.images)
         return self._reference
 
     def measure(self, knobs: Knobs, config: QuantConfig) -> Result:
-        from tvm_compress.quantize import quantize
+        from tvm_compress.quant.quantize import quantize
 
         qmodel = quantize(self.folded_model(), config, self.calib, progress=False,
                           stats=self._calibration_stats(config))
@@ -232,7 +232,7 @@ class QuantEvaluator(Evaluator):
         """Calibration statistics shared by every config that calibrates the same points on the
         same samples (same ``calib_samples`` and fp32 layers): the fp32 model runs on the
         calibration data once per such group instead of once per trial."""
-        from tvm_compress.quantize import collect_calibration
+        from tvm_compress.quant.quantize import collect_calibration
 
         key = (min(config.calib_samples, len(self.calib)), config.overrides)
         if key not in self._stats:
@@ -241,7 +241,7 @@ class QuantEvaluator(Evaluator):
         return self._stats[key]
 
     def measure_baseline(self) -> Result:
-        from tvm_compress.quantize import folded_weight_bytes
+        from tvm_compress.quant.quantize import folded_weight_bytes
 
         return replace(self._run(self.fp32_model, is_reference=True),
                        weight_bytes=folded_weight_bytes(self.fp32_model))

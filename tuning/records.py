@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
-from tvm_compress.tuning.space import Knobs
+from tvm_compress.quant.config import QuantConfig
+from tvm_compress.tuning.quantune.space import Knobs
 
 RECORD_FORMAT = "tvm-compress/tuning-record"
 RECORD_VERSION = 1

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tvm_compress.errors import UserError
-from tvm_compress.qconfig import QuantConfig
+from tvm_compress.quant.config import QuantConfig
 from tvm_compress.tuning.evaluator import Evaluator
+from tvm_compress.tuning.quantune.space import Knobs, SearchSpace
 from tvm_compress.tuning.records import Record, Result
-from tvm_compress.tuning.space import Knobs, SearchSpace
 
 
 def group_records(records: Iterable[Record]) -> dict[str, list[Record]]:

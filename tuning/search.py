@@ -20,8 +20,8 @@ from typing import Any
 
 from tvm_compress.errors import UserError
 from tvm_compress.tuning.evaluator import Evaluator
+from tvm_compress.tuning.quantune.space import Knobs, SearchSpace, config_key
 from tvm_compress.tuning.records import Record, Result
-from tvm_compress.tuning.space import Knobs, SearchSpace, config_key
 from tvm_compress.tuning.tuner import Objective, Task, Tuner, make_tuner
 
 

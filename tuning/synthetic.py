@@ -15,11 +15,11 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from tvm_compress.qconfig import QuantConfig
+from tvm_compress.quant.config import QuantConfig
 from tvm_compress.tuning.evaluator import Evaluator
-from tvm_compress.tuning.features import DESCRIPTORS
+from tvm_compress.tuning.quantune.features import DESCRIPTORS
+from tvm_compress.tuning.quantune.space import Knobs
 from tvm_compress.tuning.records import RecordsFile, Result
-from tvm_compress.tuning.space import Knobs
 
 # Descriptor sets shaped like the six Fashion-MNIST zoo families (counts, not the real ones).
 SYNTHETIC_MODELS: dict[str, dict[str, float]] = {

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from tvm_compress.errors import UserError
+from tvm_compress.tuning.quantune.space import Knobs, SearchSpace
 from tvm_compress.tuning.records import Result
-from tvm_compress.tuning.space import Knobs, SearchSpace
 
 METRICS = ("accuracy", "latency", "size")
 _FAILED_SCORE = -1e6
@@ -163,7 +163,7 @@ class Tuner(ABC):
 # --------------------------------------------------------------------------------- registry
 
 _TUNERS: dict[str, type[Tuner]] = {}
-_BUILTIN_MODULES = ("tvm_compress.tuning.baselines", "tvm_compress.tuning.quantune")
+_BUILTIN_MODULES = ("tvm_compress.tuning.baselines", "tvm_compress.tuning.quantune.tuner")
 
 
 def register_tuner(cls: type[Tuner]) -> type[Tuner]:

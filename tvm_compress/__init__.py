@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from tvm_compress.frontend import Model
+    from tvm_compress.frontend.importers import Model
 
 _LAZY = {
-    "from_onnx": "tvm_compress.frontend", "from_torch": "tvm_compress.frontend",
-    "Model": "tvm_compress.frontend", "build": "tvm_compress.compiler",
-    "evaluate": "tvm_compress.evaluation", "benchmark": "tvm_compress.bench",
-    "LayerTable": "tvm_compress.layers", "UserError": "tvm_compress.errors",
+    "from_onnx": "tvm_compress.frontend.importers", "from_torch": "tvm_compress.frontend.importers",
+    "Model": "tvm_compress.frontend.importers", "build": "tvm_compress.backend.build",
+    "evaluate": "tvm_compress.runtime.evaluation", "benchmark": "tvm_compress.runtime.bench",
+    "LayerTable": "tvm_compress.frontend.layers", "UserError": "tvm_compress.errors",
 }
 
 
@@ -30,17 +30,7 @@ def __getattr__(name: str) -> Any:
 
 
 def load(ref: str, *, batch: int = 1) -> Model:
-    """Load ``zoo:NAME`` or an ONNX file path as a :class:`~tvm_compress.frontend.Model`."""
-    from pathlib import Path
+    """Load ``zoo:NAME`` or an ONNX file path as a :class:`~tvm_compress.frontend.importers.Model`."""
+    from tvm_compress.frontend.loader import load as _load
 
-    from tvm_compress.errors import UserError
-
-    if ref.startswith("zoo:"):
-        from tvm_compress.zoo import load_zoo
-
-        return load_zoo(ref[4:], batch=batch)
-    from tvm_compress.frontend import from_onnx
-
-    if not Path(ref).exists():
-        raise UserError(f"model file not found: {ref} (give an ONNX file path or zoo:NAME)")
-    return from_onnx(ref, batch=batch)
+    return _load(ref, batch=batch)

@@ -15,7 +15,7 @@ from tvm_compress.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from tvm_compress.frontend import Model
+    from tvm_compress.frontend.importers import Model
 
 FMNIST_ARCHS = ("resnet", "mobilenet_v2", "shufflenet_v2", "squeezenet", "googlenet", "vgg")
 
@@ -69,7 +69,7 @@ def load_zoo(name: str, *, batch: int = 1) -> Model:
     """Import a zoo model through the torch frontend at the given batch size."""
     import torch
 
-    from tvm_compress.frontend import from_torch
+    from tvm_compress.frontend.importers import from_torch
 
     entry = zoo_entry(name)
     example = torch.zeros((batch, *entry.sample_shape))

@@ -1,0 +1,1 @@
+"""AJPQ: joint pruning + mixed precision by hierarchical RL."""

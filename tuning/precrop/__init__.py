@@ -1,0 +1,1 @@
+"""PreCrop: channel cropping at initialization from pruning-at-init scores."""

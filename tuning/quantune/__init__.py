@@ -1,0 +1,1 @@
+"""Quantune: XGBoost-guided search over post-training quantization configurations."""

@@ -1,0 +1,1 @@
+"""ZeroQ: data-free quantization from BatchNorm-distilled data, Pareto mixed precision."""

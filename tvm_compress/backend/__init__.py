@@ -1,0 +1,1 @@
+"""Backend: target presets, build, default CPU schedules, meta-schedule databases."""

@@ -1,0 +1,67 @@
+"""What the schedules need to know about a CPU target: SIMD lanes, vector registers, cores."""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm.target.codegen import target_has_features
+
+
+def _has(feature: str, target: tvm.target.Target) -> bool:
+    try:
+        return bool(target_has_features(feature, target))
+    except (RuntimeError, ValueError):  # a feature name unknown to this target's LLVM backend
+        return False
+
+
+def is_aarch64(target: tvm.target.Target) -> bool:
+    """Whether ``target`` compiles for 64-bit ARM."""
+    triple = str(target.attrs.get("mtriple", ""))
+    return triple.startswith(("aarch64", "arm64"))
+
+
+def vector_bits(target: tvm.target.Target) -> int:
+    """Width of one SIMD register in bits.
+
+    ``llvm_get_vector_width`` reports 512 for AVX2-only CPUs such as znver3, so the width is
+    derived from the target's features instead.
+    """
+    if is_aarch64(target):
+        return 128
+    if _has("avx512f", target):
+        return 512
+    if _has("avx", target):
+        return 256
+    return 128
+
+
+def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
+    """How many elements of ``dtype_bits`` one SIMD register holds."""
+    return max(vector_bits(target) // dtype_bits, 1)
+
+
+def vector_registers(target: tvm.target.Target) -> int:
+    """Architectural SIMD registers: 32 on AArch64 and AVX-512, 16 on AVX/SSE."""
+    if is_aarch64(target) or _has("avx512f", target):
+        return 32
+    return 16
+
+
+def host_cores() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def num_cores(target: tvm.target.Target) -> int:
+    """The target's ``num-cores``, else the cores this process may use."""
+    cores = target.attrs.get("num-cores")
+    if cores is not None and int(cores) > 0:
+        return int(cores)
+    return host_cores()
+
+
+def has_avx2_int8(target: tvm.target.Target) -> bool:
+    """Whether the AVX2 int8 micro-kernel (``int8_intrin``) is the one to use: AVX2, 256-bit
+    registers (AVX-512 targets pack 16 channels, which that kernel does not cover)."""
+    return not is_aarch64(target) and _has("avx2", target) and vector_bits(target) == 256

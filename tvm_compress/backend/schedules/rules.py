@@ -1,0 +1,116 @@
+"""Dispatch: try each hand-written schedule on each PrimFunc, keep the first that applies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+
+from tvm_compress.backend.schedules.blocks import find_kernel
+from tvm_compress.backend.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
+from tvm_compress.backend.schedules.conv2d import schedule_conv2d_nchwc
+from tvm_compress.backend.schedules.dense import find_matmul, schedule_matmul
+from tvm_compress.backend.schedules.depthwise import schedule_depthwise_nchwc
+from tvm_compress.backend.schedules.depthwise_int8 import (
+    DEPTHWISE_NCHWC_INT8,
+    schedule_depthwise_nchwc_int8,
+)
+from tvm_compress.backend.schedules.generic import schedule_injective_func, schedule_reduction_func
+from tvm_compress.backend.schedules.hardware import num_cores, vector_lanes, vector_registers
+from tvm_compress.backend.schedules.int8 import CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8
+
+logger = logging.getLogger(__name__)
+
+Rule = Callable[[s_tir.Schedule, tvm.target.Target], bool]
+
+
+def _machine(target: tvm.target.Target) -> dict[str, int]:
+    return {"lanes": vector_lanes(target), "registers": vector_registers(target),
+            "cores": num_cores(target)}
+
+
+def _kernel_rule(kind: str, schedule: Callable) -> Rule:
+    def rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+        block = find_kernel(sch, kind)
+        if block is None:
+            return False
+        schedule(sch, block, **_machine(target))
+        return True
+
+    return rule
+
+
+def _matmul_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    block = find_matmul(sch)
+    if block is None:
+        return False
+    schedule_matmul(sch, block, **_machine(target))
+    return True
+
+
+def _reduction_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    return schedule_reduction_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
+
+
+def _injective_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    return schedule_injective_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
+
+
+def _dlight_rule(rule: dl.ScheduleRule) -> Rule:
+    """A dlight rule as a Rule: its schedule replaces the function held by ``sch``."""
+
+    def apply(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+        result = rule.apply(sch.mod["main"], target, False)
+        if isinstance(result, list):
+            result = result[0] if len(result) == 1 else None
+        if result is None:
+            return False
+        sch.mod["main"] = result.mod["main"]
+        return True
+
+    return apply
+
+
+# Most specific first: a function is scheduled by the first rule that applies cleanly.
+# TVM's dlight CPU rules cover what ours do not (GEMV with the reduction innermost, softmax
+# and norms with several reduction blocks).
+RULES: list[tuple[str, Rule]] = [
+    ("conv2d_nchwc", _kernel_rule(CONV_NCHWC, schedule_conv2d_nchwc)),
+    ("conv2d_nchwc_u8s8", _kernel_rule(CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8)),
+    ("depthwise_nchwc", _kernel_rule(DEPTHWISE_NCHWC, schedule_depthwise_nchwc)),
+    ("depthwise_nchwc_int8", _kernel_rule(DEPTHWISE_NCHWC_INT8, schedule_depthwise_nchwc_int8)),
+    ("matmul", _matmul_rule),
+    ("dlight.cpu.GEMV", _dlight_rule(dl.cpu.GEMV())),
+    ("reduction", _reduction_rule),
+    ("injective", _injective_rule),
+    ("dlight.cpu.Reduction", _dlight_rule(dl.cpu.Reduction())),
+]
+
+
+def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc | None:
+    """The first rule's schedule of ``func``, or None when no rule applies cleanly."""
+    for name, rule in RULES:
+        sch = s_tir.Schedule(func)
+        try:
+            applied = rule(sch, target)
+        except (RuntimeError, ValueError, IndexError, AssertionError) as err:
+            logger.debug("schedule rule %s failed: %s", name, err)
+            continue
+        if applied:
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return None
+
+
+def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every unscheduled PrimFunc of ``mod`` that a rule recognizes."""
+    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(mod.functions, mod.attrs)
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        scheduled = schedule_func(func, target)
+        if scheduled is not None:
+            mod[gv] = scheduled
+    return mod

@@ -1,0 +1,1 @@
+"""The ``tvm-compress`` command line: one module per command (``main`` dispatches)."""

@@ -1,0 +1,320 @@
+"""``tvm-compress`` command line: one subcommand per job, ``--json`` for machine-readable output.
+
+Errors caused by input print one line ``error: ...`` on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvm_compress.cli.common import (
+    MODEL_HELP,
+    Console,
+    _emit_json,
+    _print_bench,
+    add_common,
+    add_quantize_args,
+    load_model,
+    npz_images,
+    quant_config,
+    reference_outputs,
+)
+from tvm_compress.errors import UserError
+
+# PyTorch's OpenMP workers spin while waiting by default; on a machine whose cores are shared
+# (CI, other jobs) that made eager MobileNetV2 10x slower in `bench`/`demo`. Must be set before
+# torch is first imported, which the commands do lazily.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.quant.quantize import folded_weight_bytes
+    from tvm_compress.zoo import ZOO
+
+    if args.list:
+        rows = [[f"zoo:{e.name}", e.task, "x".join(map(str, e.sample_shape)), e.description]
+                for e in ZOO.values()]
+        con.table("model zoo", ["name", "task", "input", "description"], rows)
+        return {"zoo": {e.name: {"task": e.task, "input": list(e.sample_shape),
+                                 "description": e.description} for e in ZOO.values()}}
+    if not args.model:
+        raise UserError("inspect needs a MODEL (" + MODEL_HELP + ") or --list")
+    with con.step(f"importing {args.model}"):
+        model = load_model(args)
+    layers = model.layers
+    con.out.print(f"[bold]{model.name}[/bold]: input {model.input_name} "
+                  f"{list(model.input_shape)} {model.input_dtype}")
+    for note in model.notes:
+        con.err.print(f"[yellow]note:[/yellow] {note}")
+    con.table("layers", ["layer", "kind", "in", "out", "kernel", "groups", "MACs", "params"],
+              [[x.name, x.kind, x.in_channels, x.out_channels, "x".join(map(str, x.kernel)),
+                x.groups, x.macs, x.params] for x in layers])
+    wbytes = folded_weight_bytes(model)
+    con.out.print(f"{len(layers)} layers ({layers.count('conv')} conv, "
+                  f"{layers.count('depthwise')} depthwise, {layers.count('grouped')} grouped, "
+                  f"{layers.count('linear')} linear); {layers.total_macs:,} MACs; "
+                  f"{layers.total_params:,} layer params; {wbytes:,} weight bytes")
+    return {"model": model.name, "input": {"name": model.input_name,
+                                           "shape": list(model.input_shape),
+                                           "dtype": model.input_dtype},
+            "layers": json.loads(layers.to_json()), "total_macs": layers.total_macs,
+            "total_params": layers.total_params, "weight_bytes": wbytes, "notes": model.notes}
+
+
+def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.backend.build import build
+    from tvm_compress.backend.targets import resolve_target
+    from tvm_compress.quant.quantize import folded_weight_bytes
+
+    target = resolve_target(args.target)
+    if not args.output.endswith(".so"):  # a directory: deployment bundle (tvm_compress.runtime.deploy)
+        from tvm_compress.runtime.deploy import compile_command
+
+        return compile_command(args, con, target)
+    with con.step(f"importing {args.model}"):
+        model = load_model(args)
+    with con.step(f"compiling for {args.target}"):
+        compiled = build(model, target=target)
+    out = Path(args.output)
+    with con.step(f"writing {out}"):
+        compiled.export(out)  # cross-compiled for aarch64 targets
+    meta = {"model": model.name, "target": args.target, "library": str(out),
+            "input": {"name": model.input_name, "shape": list(model.input_shape),
+                      "dtype": model.input_dtype},
+            "weight_bytes": folded_weight_bytes(model), "library_bytes": out.stat().st_size}
+    meta_path = out.with_suffix(".json")
+    meta_path.write_text(json.dumps(meta, indent=2))
+    con.out.print(f"wrote {out} ({meta['library_bytes']:,} bytes) and {meta_path}")
+    return meta
+
+
+def _eval_data(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    from tvm_compress.runtime.evaluation import task_data
+
+    if args.data:
+        images, labels = npz_images(args.data, "data", model.input_dtype)
+    else:
+        images, labels = task_data(model.task, args.split)
+    if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
+        raise UserError(f"data samples have shape {tuple(images.shape[1:])} but the model expects "
+                        f"{tuple(model.input_shape[1:])} per sample; resize or preprocess the data")
+    if args.limit:
+        images = images[: args.limit]
+        labels = None if labels is None else labels[: args.limit]
+    return images, labels
+
+
+
+
+def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.backend.build import build
+    from tvm_compress.quant.quantize import folded_weight_bytes
+    from tvm_compress.runtime.evaluation import evaluate
+
+    with con.step(f"importing {args.model} (batch {args.batch})"):
+        model = load_model(args)
+    images, labels = _eval_data(args, model)
+    with con.step(f"compiling for {args.target}"):
+        compiled = build(model, target=args.target)
+    with con.step(f"evaluating {len(images)} samples"):
+        ref_name, reference = reference_outputs(model, images)
+        report = evaluate(compiled, images, labels=labels, reference=reference,
+                          weight_bytes=folded_weight_bytes(model), latency_repeat=args.repeat)
+    report.pop("logits")
+    report.update(model=model.name, target=args.target, reference=ref_name)
+    rows = [[k, v] for k, v in report.items() if not isinstance(v, dict)]
+    if "latency" in report:
+        rows.append([f"latency median ms (batch {args.batch})", report["latency"]["median_ms"]])
+    con.table(f"evaluation of {model.name}", ["metric", "value"], rows)
+    return report
+
+
+def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.runtime.bench import benchmark
+    from tvm_compress.runtime.remote import bench_command, parse_remote
+
+    remote = parse_remote(args.rpc, args.tracker, args.key)
+    if remote is not None:  # TVM on the device only: ORT / PyTorch do not run there
+        return bench_command(args, con, remote)
+    with con.step(f"importing {args.model}"):
+        model = load_model(args)
+    with con.step(f"benchmarking TVM ({args.target}), ONNX Runtime, PyTorch"):
+        result = benchmark(model, target=args.target, repeat=args.repeat)
+    _print_bench(con, result)
+    return result
+
+
+
+
+
+
+
+
+def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.backend.build import build
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.evaluation import evaluate, task_data
+
+    config = quant_config(args)
+    with con.step(f"importing {args.model}"):
+        model = load_model(args)
+    if args.calib == "auto":
+        calib, _ = task_data(model.task, "calib")
+    elif args.calib == "distilled":  # ZeroQ: data-free, from the model's BatchNorm statistics
+        from tvm_compress.tuning.zeroq.distill import distill
+
+        calib = distill(model, batch=config.calib_samples, progress=not args.json).images
+    else:
+        calib, _ = npz_images(args.calib, "calibration", model.input_dtype)
+    images, labels = (npz_images(args.val, "validation", model.input_dtype) if args.val
+                      else task_data(model.task, "test"))
+    if args.limit:
+        images, labels = images[: args.limit], None if labels is None else labels[: args.limit]
+    with con.step(f"quantizing ({config.short()})"):
+        qmodel = quantize(model, config, calib, progress=not args.json)
+    with con.step(f"compiling fp32 and int8 for {args.target}"):
+        fp32 = build(model, target=args.target)
+        int8 = build(qmodel.model, target=args.target)
+    with con.step(f"evaluating on {len(images)} samples"):
+        ref = evaluate(fp32, images, labels=labels, latency_repeat=args.repeat)
+        got = evaluate(int8, images, labels=labels, reference=ref["logits"],
+                       latency_repeat=args.repeat)
+    result = {"model": model.name, "config": config.to_dict(), "fp32_layers": qmodel.fp32_layers,
+              "fp32": {k: v for k, v in ref.items() if k != "logits"},
+              "quantized": {k: v for k, v in got.items() if k != "logits"},
+              "weight_bytes": {"fp32": qmodel.fp32_weight_bytes, "quantized": qmodel.weight_bytes}}
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json())
+        int8.export(out / "model.so")
+        result["output"] = str(out)
+    _print_quant(con, result)
+    return result
+
+
+def _print_quant(con: Console, r: dict[str, Any]) -> None:
+    rows = []
+    for key, label in (("accuracy", "accuracy"), ("agreement", "top-1 agreement with fp32")):
+        rows.append([label, r["fp32"].get(key, 1.0 if key == "agreement" else "-"),
+                     r["quantized"].get(key, "-")])
+    rows.append(["weight bytes", r["weight_bytes"]["fp32"], r["weight_bytes"]["quantized"]])
+    if "latency" in r["quantized"]:
+        rows.append(["latency ms", r["fp32"]["latency"]["median_ms"],
+                     r["quantized"]["latency"]["median_ms"]])
+    con.table(f"{r['model']}: fp32 vs quantized", ["metric", "fp32", "quantized"], rows)
+    if r["fp32_layers"]:
+        con.err.print(f"[yellow]kept in fp32:[/yellow] {', '.join(r['fp32_layers'])}")
+
+
+def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.cli.demo import run_demo
+
+    return run_demo(con, model_ref=args.model, repeat=args.repeat)
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+
+
+
+
+# Commands that live in their own module ``tvm_compress.cli.<name>``: each module defines ``HELP``
+# (one line), ``add_arguments(parser)`` and ``run(args, con) -> dict`` and keeps heavy imports
+# inside ``run`` so that ``--help`` stays fast. Add a command by adding its name here.
+PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop", "tune", "zeroq")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvm-compress", description="Compress CNNs inside Apache TVM and measure them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
+        "inspect": (cmd_inspect, "show the LayerTable (layers, MACs, params) of a model"),
+        "compile": (cmd_compile, "compile a model for a target and write the library"),
+        "eval": (cmd_eval, "accuracy / fidelity / size / latency of the compiled model"),
+        "bench": (cmd_bench, "latency of TVM vs ONNX Runtime vs PyTorch in one run"),
+        "quantize": (cmd_quantize, "post-training quantization to integer kernels, measured"),
+        "demo": (cmd_demo, "the showcase: a zoo model end to end, no arguments needed"),
+    }
+    for name, (func, text) in commands.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        if name == "inspect":
+            p.add_argument("model", nargs="?", help=MODEL_HELP)
+            p.add_argument("--list", action="store_true", help="list the zoo models")
+            add_common(p, model=False)
+        elif name == "demo":
+            p.add_argument("--model", default="zoo:mobilenet_v2", help=MODEL_HELP)
+            p.add_argument("--repeat", type=int, default=20, help="timed runs per runtime")
+            p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        else:
+            add_common(p, target=True)
+        if name == "compile":
+            p.add_argument("-o", "--output", required=True,
+                           help="FILE.so: the library alone; DIR: a deployment bundle (library, "
+                                "C++ runner, TVM runtime, README; CUDA: library, source, PTX)")
+            p.add_argument("--int8", action="store_true",
+                           help="quantize to int8 first (default config, calibrated on the zoo "
+                                "model's calibration split)")
+        if name == "eval":
+            p.add_argument("--data", help=".npz with 'images' (and 'labels'); default: the zoo "
+                                          "model's own test data")
+            p.add_argument("--split", default="test", help="zoo data split (default test)")
+            p.add_argument("--limit", type=int, default=0, help="evaluate only the first N")
+            p.add_argument("--repeat", type=int, default=20, help="timed runs (0: no latency)")
+        if name == "quantize":
+            add_quantize_args(p)
+        if name == "bench":
+            p.add_argument("--repeat", type=int, default=50, help="timed runs per runtime")
+            from tvm_compress.runtime.remote import add_remote_args
+
+            add_remote_args(p)
+    for name in PLUGIN_COMMANDS:
+        module = importlib.import_module(f"tvm_compress.cli.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.set_defaults(func=module.run)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    con = Console(getattr(args, "json", False))
+    try:
+        result = args.func(args, con)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        _emit_json(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Frontends: ONNX preparation, importers (ONNX, torch) and the LayerTable."""

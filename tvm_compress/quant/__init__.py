@@ -1,0 +1,1 @@
+"""Quantization: QuantConfig, calibration (+ native kernels), qparams, PTQ, ONNX QDQ in and out."""

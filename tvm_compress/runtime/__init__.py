@@ -1,0 +1,1 @@
+"""Runtime: evaluation, metrics, benchmarks, RPC, deployment bundles and the C++ runner."""

@@ -1,0 +1,119 @@
+"""Side-by-side latency: TVM vs ONNX Runtime vs PyTorch, same model, same machine, one run."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvm_compress.backend.build import CompiledModel, Latency, build, latency_stats
+from tvm_compress.backend.targets import host_cores
+from tvm_compress.frontend.importers import Model, export_onnx
+
+
+def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
+    """Median wall time of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return latency_stats(seconds)
+
+
+def kernel_call_times(vm: Any, *args: Any, runs: int, warmup: int = 2) -> dict[str, np.ndarray]:
+    """Per-call-site minimum seconds of every function ``vm["main"](*args)`` calls.
+
+    The VM is instrumented for ``runs`` calls after ``warmup`` plain ones; a function called k
+    times per run gets k entries (the minimum over runs of each call site). VM builtins are
+    included; callers filter by the kernel names they know.
+    """
+    from collections import defaultdict
+
+    calls: dict[str, list[float]] = defaultdict(list)
+    started: dict[str, float] = {}
+
+    def instrument(_func: Any, symbol: str, before: bool, _ret: Any, *_args: Any) -> int:
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            calls[symbol].append(time.perf_counter() - started[symbol])
+        return 0
+
+    for _ in range(warmup):
+        vm["main"](*args)
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            vm["main"](*args)
+    finally:
+        vm.set_instrument(None)
+    return {name: np.array(seconds).reshape(runs, -1).min(axis=0)
+            for name, seconds in calls.items()}
+
+
+def onnxruntime_session(onnx_model: Any, *, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(onnx_model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def onnx_of(model: Model, x: np.ndarray) -> Any:
+    """The model as ONNX: the imported file, or an export of the torch module."""
+    import onnx
+
+    if model.onnx_model is not None:
+        return model.onnx_model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model.torch_module, x, Path(tmp) / "model.onnx")
+        return onnx.load(str(path))
+
+
+def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: int = 5,
+              compiled: CompiledModel | None = None) -> dict[str, Any]:
+    """Latency of the model in TVM, ONNX Runtime and PyTorch eager, with output differences.
+
+    All three use this machine's cores. TVM is timed with its time evaluator; ONNX Runtime and
+    PyTorch with ``time.perf_counter`` around the Python call (adds tens of microseconds).
+    """
+    import torch
+
+    threads = host_cores()
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(model.input_dtype)
+    compiled = compiled or build(model, target=target)
+    results: dict[str, Any] = {"model": model.name, "target": str(compiled.target),
+                               "input_shape": list(model.input_shape), "threads": threads}
+    tvm_out = compiled.run(x)
+    results["tvm"] = compiled.latency(x, repeat=repeat, warmup=warmup).as_dict()
+
+    session = onnxruntime_session(onnx_of(model, x), threads=threads)
+    feed = {session.get_inputs()[0].name: x}
+    ort_out = session.run(None, feed)[0]
+    results["onnxruntime"] = time_callable(lambda: session.run(None, feed), repeat=repeat,
+                                           warmup=warmup).as_dict()
+    results["max_abs_diff"] = {"tvm_vs_onnxruntime": float(np.max(np.abs(tvm_out - ort_out)))}
+
+    if model.torch_module is not None:
+        torch.set_num_threads(threads)
+        tx = torch.from_numpy(x)
+        with torch.inference_mode():
+            torch_out = model.torch_module(tx).numpy()
+            results["pytorch"] = time_callable(lambda: model.torch_module(tx), repeat=repeat,
+                                               warmup=warmup).as_dict()
+        results["max_abs_diff"]["tvm_vs_pytorch"] = float(np.max(np.abs(tvm_out - torch_out)))
+    ort_ms = results["onnxruntime"]["median_ms"]
+    results["ratio_to_onnxruntime"] = {
+        k: results[k]["median_ms"] / ort_ms for k in ("tvm", "onnxruntime", "pytorch")
+        if k in results}
+    return results
