@@ -52,6 +52,9 @@ class CompiledModel:
         self.spec = spec
         self._vm: relax.VirtualMachine | None = None
         self.tuned_functions = 0
+        # the build report (backend.report.KernelInfo per PrimFunc); None when not known
+        # (GPU targets, schedule="none")
+        self.kernels: list | None = None
 
     @property
     def vm(self) -> relax.VirtualMachine:
@@ -129,7 +132,8 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
     target : str or dict
         A preset name (``tvm_compress.backend.targets.preset_names()``) or a TVM target dict.
     schedule : {"default", "none"}
-        ``"default"``: our untuned CPU schedules (``tvm_compress.backend.schedules``) on CPU targets;
+        ``"default"``: our untuned CPU schedules (``tvm_compress.backend.schedules``) on CPU
+        targets;
         GPU targets get TVM's dlight defaults. ``"none"``: TVM's plain pipeline (the baseline).
     database : path, bool or None
         Meta-schedule tuning databases for ``schedule="default"`` on CPU targets. None: the
@@ -152,12 +156,14 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
         mod, spec = model, input_spec
     if schedule == "default" and tgt.kind.name == "llvm":
         from tvm_compress.backend.databases import count_tuned, databases_for
+        from tvm_compress.backend.report import kernel_infos
         from tvm_compress.backend.schedules import default_schedule_pipeline
 
         mod = default_schedule_pipeline(tgt, databases_for(tgt, database))(mod)
         tuned = count_tuned(mod)
+        kernels = kernel_infos(mod)
     else:
-        tuned = 0
+        tuned, kernels = 0, None
     if pack_weights and tgt.kind.name == "llvm":
         from tvm_compress.passes.pack_constants import PackConstants
 
@@ -165,4 +171,5 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
     executable = tvm.compile(mod, target=tgt)
     compiled = CompiledModel(executable, tgt, spec)
     compiled.tuned_functions = tuned  # functions scheduled from a tuning database
+    compiled.kernels = kernels
     return compiled

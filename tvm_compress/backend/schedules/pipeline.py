@@ -9,6 +9,7 @@ from tvm import relax
 
 from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
+from tvm_compress.backend.schedules.conv_transpose import conv_transpose_to_conv
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_avx2_int8, vector_lanes
 from tvm_compress.backend.schedules.int8 import legalize_conv2d_int8
@@ -40,6 +41,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         fold_constants_numpy,
+        conv_transpose_to_conv,
         raise_elementwise,
         fold_constants_numpy,
         relax.transform.CanonicalizeBindings(),
@@ -68,7 +70,8 @@ def default_schedule_pipeline(target: tvm.target.Target,
         NEON) and its ``num-cores`` the parallelism. Without ``mcpu``/``mattr`` LLVM assumes a
         baseline CPU (SSE2 on x86), so the schedules use 4 lanes.
     databases : list of meta-schedule Database, optional
-        Tuning databases (``tvm_compress.backend.tuning_ms``): a fused function found in one gets its
+        Tuning databases (``tvm_compress.backend.tuning_ms``): a fused function found in one gets
+        its
         tuned schedule (marked ``tvm_compress.tuned``) instead of the default one.
 
     Returns

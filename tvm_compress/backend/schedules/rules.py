@@ -24,6 +24,8 @@ from tvm_compress.backend.schedules.int8 import CONV_NCHWC_U8S8, schedule_conv2d
 
 logger = logging.getLogger(__name__)
 
+RULE_ATTR = "tvm_compress.rule"  # which rule scheduled a PrimFunc ("tuned": a database record)
+
 Rule = Callable[[s_tir.Schedule, tvm.target.Target], bool]
 
 
@@ -100,7 +102,8 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
             logger.debug("schedule rule %s failed: %s", name, err)
             continue
         if applied:
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            return (sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                    .with_attr(RULE_ATTR, name))
     return None
 
 

@@ -1,0 +1,101 @@
+"""Build report: every kernel (PrimFunc) of a build, the rule that scheduled it, its FLOPs.
+
+``apply_default_schedules`` marks each function it schedules with the rule's name
+(``rules.RULE_ATTR``); ``apply_databases`` marks database schedules as tuned. A function with
+neither mark was not scheduled by us. Rules fall in three kinds:
+
+* ``kernel``: the hand-written schedules of one operator (blocked conv, depthwise, int8, matmul);
+* ``tuned``: a meta-schedule database record;
+* ``generic``: schedules by loop structure (reductions, element-wise, dlight's rules, the
+  fallback) - never naive loops, but not an operator's fast path either.
+
+The runtime side (per-kernel times, share of the run, GFLOP/s vs the machine's measured peak)
+is :mod:`tvm_compress.runtime.profile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import s_tir, tirx
+
+UNSCHEDULED = "unscheduled"
+TUNED = "tuned"
+GENERIC_RULES = frozenset({"reduction", "injective", "fallback", "dlight.cpu.GEMV",
+                           "dlight.cpu.Reduction"})
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One PrimFunc of a build."""
+
+    name: str
+    rule: str  # rule name, "tuned", or "unscheduled"
+    flops: float  # estimated floating-point (or integer multiply-add) operations per call
+    bytes: int  # bytes of its arguments (inputs and outputs) per call
+
+    @property
+    def kind(self) -> str:
+        """``kernel``, ``tuned``, ``generic`` or ``unscheduled``."""
+        if self.rule in (UNSCHEDULED, TUNED):
+            return self.rule
+        return "generic" if self.rule in GENERIC_RULES else "kernel"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind}
+
+
+def rule_of(func: tirx.PrimFunc) -> str:
+    """The rule that scheduled ``func`` (see the module docstring)."""
+    from tvm_compress.backend.databases import TUNED_ATTR
+    from tvm_compress.backend.schedules.rules import RULE_ATTR
+
+    attrs = func.attrs or {}
+    if bool(attrs.get(TUNED_ATTR, False)):
+        return TUNED
+    rule = attrs.get(RULE_ATTR, None)
+    if rule is not None:
+        return str(rule)
+    return UNSCHEDULED
+
+
+def _flops(func: tirx.PrimFunc) -> float:
+    try:
+        return float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
+    except (RuntimeError, ValueError, tvm.error.TVMError):  # e.g. a data-dependent loop
+        return 0.0
+
+
+def _bytes(func: tirx.PrimFunc) -> int:
+    total = 0
+    for param in func.params:
+        ty = param.ty
+        shape = getattr(ty, "shape", None)
+        if shape is None:  # a scalar parameter
+            continue
+        dims = [int(d) if isinstance(d, tirx.IntImm) else 0 for d in shape]
+        total += int(np.prod(dims)) * np.dtype(str(ty.dtype)).itemsize
+    return total
+
+
+def kernel_infos(mod: tvm.IRModule) -> list[KernelInfo]:
+    """Every PrimFunc of a scheduled module, sorted by name."""
+    rows = [KernelInfo(gv.name_hint, rule_of(func), _flops(func), _bytes(func))
+            for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)]
+    return sorted(rows, key=lambda r: r.name)
+
+
+def unscheduled(infos: list[KernelInfo]) -> list[str]:
+    """Names of the kernels no rule and no database scheduled."""
+    return [k.name for k in infos if k.rule == UNSCHEDULED]
+
+
+def rule_counts(infos: list[KernelInfo]) -> dict[str, int]:
+    """How many kernels each rule scheduled."""
+    counts: dict[str, int] = {}
+    for k in infos:
+        counts[k.rule] = counts.get(k.rule, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,120 @@
+"""Relax pass: rewrite ``conv2d_transpose`` as one ordinary conv2d plus a depth-to-space.
+
+A transposed conv with stride ``s`` writes output pixel ``u = i*s + t`` from input pixel ``i`` and
+kernel tap ``t``. Split ``u = q*s + r``: phase ``r`` of the output is an ordinary convolution of the
+input with the taps ``t = r, r+s, r+2s, ...`` (flipped), ``M = ceil(k/s)`` of them. All ``s*s``
+phases are one conv2d with ``Cout*s*s`` output channels and an ``M x M`` kernel over the *input*
+grid (taps beyond ``k`` are zero), followed by interleaving the phases into the output grid
+(reshape, transpose, reshape) and cropping the transposed conv's padding. That conv goes through
+the blocked conv2d kernels; no multiply touches an inserted zero (TVM's own legalization convolves
+a zero-inserted input, ``s*s`` times the work, with no schedule).
+
+Handled: NCHW data, IOHW weights bound as constants, any groups, stride, padding and
+output_padding, dilation 1, padding smaller than the kernel. Anything else is left as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+
+def _static(expr: relax.Expr) -> tuple[int, ...] | None:
+    shape = getattr(expr.ty, "shape", None)
+    dims = getattr(shape, "values", None)
+    if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def _axis_plan(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
+               out_pad: int) -> tuple[int, int, int, int, int] | None:
+    """(taps M, conv pad before, conv pad after, crop start, output size) along one axis."""
+    out = (size - 1) * stride - pad_begin - pad_end + kernel + out_pad
+    taps = -(-kernel // stride)
+    q_lo = pad_begin // stride
+    q_hi = -(-(pad_begin + out) // stride)
+    before, after = taps - 1 - q_lo, q_hi - size
+    if before < 0 or after < 0 or out <= 0:
+        return None
+    return taps, before, after, pad_begin - q_lo * stride, out
+
+
+def phase_weight(weight: np.ndarray, groups: int, strides: tuple[int, int]) -> np.ndarray:
+    """IOHW transposed-conv weight -> OIHW conv2d weight of the ``s*s`` phases.
+
+    Output channel ``(co * sh + ry) * sw + rx`` holds phase ``(ry, rx)`` of output channel
+    ``co``; its tap ``(jy, jx)`` is the transposed kernel's ``(ry + (My-1-jy)*sh, ...)``.
+    """
+    cin, cout_g, kh, kw = weight.shape
+    sh, sw = strides
+    my, mx = -(-kh // sh), -(-kw // sw)
+    padded = np.zeros((cin, cout_g, my * sh, mx * sw), weight.dtype)
+    padded[:, :, :kh, :kw] = weight
+    taps = padded.reshape(cin, cout_g, my, sh, mx, sw)[:, :, ::-1, :, ::-1, :]
+    taps = taps.reshape(groups, cin // groups, cout_g, my, sh, mx, sw)
+    # -> [group, co_g, ry, rx, ci_g, jy, jx]
+    return np.ascontiguousarray(taps.transpose(0, 2, 4, 6, 1, 3, 5)).reshape(
+        groups * cout_g * sh * sw, cin // groups, my, mx)
+
+
+def _plan(call: relax.Call) -> dict | None:
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "IOHW") or \
+            (attrs.out_layout or "NCHW") != "NCHW":
+        return None
+    if any(int(d) != 1 for d in attrs.dilation):
+        return None
+    dshape, weight = _static(call.args[0]), call.args[1]
+    if dshape is None or len(dshape) != 4 or not isinstance(weight, tvm.ir.expr.Constant):
+        return None
+    w = weight.value.numpy()
+    pad = [int(p) for p in attrs.padding]
+    if len(pad) == 2:
+        pad = pad + pad
+    strides = tuple(int(s) for s in attrs.strides)
+    out_pad = [int(p) for p in attrs.output_padding]
+    axes = [_axis_plan(dshape[2 + a], w.shape[2 + a], strides[a], pad[a], pad[2 + a],
+                       out_pad[a]) for a in range(2)]
+    if None in axes:
+        return None
+    return {"weight": w, "strides": strides, "groups": int(attrs.groups), "axes": axes,
+            "batch": dshape[0], "cout": w.shape[1] * int(attrs.groups)}
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d_transpose":
+            return call
+        plan = _plan(call)
+        if plan is None:
+            return call
+        (sh, sw), (ay, ax) = plan["strides"], plan["axes"]
+        weight = phase_weight(plan["weight"], plan["groups"], (sh, sw))
+        out_dtype = call.attrs.out_dtype or call.args[0].ty.dtype
+        conv = self.builder_.emit(relax.op.nn.conv2d(
+            call.args[0], relax.const(weight), padding=(ay[1], ax[1], ay[2], ax[2]),
+            groups=plan["groups"], out_dtype=str(out_dtype)))
+        n, cout = plan["batch"], plan["cout"]
+        qh, qw = (int(d) for d in _static(conv)[2:])
+        y = relax.op.reshape(conv, (n, cout, sh, sw, qh, qw))
+        y = relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3])
+        y = relax.op.reshape(y, (n, cout, qh * sh, qw * sw))
+        begin = [ay[3], ax[3]]
+        return relax.op.strided_slice(y, axes=[2, 3], begin=begin,
+                                      end=[begin[0] + ay[4], begin[1] + ax[4]])
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
+def conv_transpose_to_conv(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Rewrite constant-weight NCHW ``conv2d_transpose`` as conv2d + depth-to-space (see the
+    module docstring); the result equals the transposed conv up to float summation order."""
+    rewriter = _Rewriter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
