@@ -115,7 +115,10 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, int8_legalizer: An
         tensorized = int8_legalizer(bb, call, options)
         if tensorized is not None:
             return tensorized
-    if groups > 1 and groups == channels and int(kernel_match.group(1)) == 1:
+    out_ty = call.ty
+    out_channels = int(out_ty.shape[1]) * int(out_ty.shape[4])
+    # channel multiplier 1 only: a multiplier-m depthwise conv is a grouped conv here
+    if groups > 1 and groups == channels == out_channels and int(kernel_match.group(1)) == 1:
         return bb.call_te(depthwise_nchwc, call.args[0], call.args[1], **options,
                           primfunc_name_hint="depthwise_conv2d_nchwc")
     return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], groups=groups, **options,

@@ -29,6 +29,20 @@ _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_po
 _SPATIAL_REDUCE = {"relax.mean", "relax.sum", "relax.max", "relax.min"}
 
 
+# Ops that map finite values to finite values: the padding channels of a zero-padded packed
+# tensor stay finite through them, and every consumer multiplies them by zero weights or crops
+# them. (Division by a padded tensor, exp, sqrt or power could turn them into inf / nan.)
+_PAD_SAFE = (_UNARY | _BINARY) - {"relax.exp", "relax.sqrt", "relax.rsqrt", "relax.power",
+                                  "relax.divide"}
+
+
+def _pad_safe(call: relax.Call) -> bool:
+    if call.op.name in _PAD_SAFE:
+        return True
+    divisor = _static_shape(call.args[1]) if call.op.name == "relax.divide" else None
+    return divisor is not None and math.prod(divisor) == 1
+
+
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
@@ -64,8 +78,20 @@ def _is_int8_conv(call: relax.Call) -> bool:
             and str(call.args[1].ty.dtype) == "int8" and str(call.attrs.out_dtype) == "int32")
 
 
-def _conv_blocks(call: relax.Call, lanes: int, int8: bool) -> tuple[int, int] | None:
-    """(input block, output block) for a conv2d that can be packed, else None."""
+def padded_block(channels: int, lanes: int) -> bool:
+    """Whether ``channels`` not a multiple of ``lanes`` are worth zero-padding to one: at most
+    half the padded channels are padding (fewer go to the generic NCHW schedule instead)."""
+    return channels % lanes == 0 or 2 * channels >= -(-channels // lanes) * lanes
+
+
+def _conv_blocks(call: relax.Call, lanes: int, int8: bool,
+                 in_block: int | None = None) -> tuple[int, int] | None:
+    """(input block, output block) for a conv2d that can be packed, else None.
+
+    ``in_block``: the block of the already packed input, if any. Channel counts that are not a
+    multiple of the block are zero-padded (weights too), except in grouped convs, which use the
+    largest blocks that divide every group instead.
+    """
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return None
@@ -77,16 +103,15 @@ def _conv_blocks(call: relax.Call, lanes: int, int8: bool) -> tuple[int, int] | 
         return _int8_blocks(groups, cin, cout, lanes)
     if call.args[0].ty.dtype != "float32":
         return None
-    if cout % lanes:
-        return None
     if groups == 1:
-        # The input block is a reduction axis, so any divisor of cin works.
-        return math.gcd(cin, lanes), lanes
+        if not padded_block(cout, lanes):
+            return None
+        # The input block is a reduction axis: any block works, padded channels being zero.
+        return in_block or math.gcd(cin, lanes), lanes
     if groups == cin == cout:
-        return lanes, lanes  # depthwise
-    if (cin // groups) % lanes == 0 and (cout // groups) % lanes == 0:
-        return lanes, lanes  # grouped, every group a whole number of blocks
-    return None
+        return (lanes, lanes) if padded_block(cout, lanes) else None  # depthwise
+    # grouped: every group a whole number of blocks on both sides
+    return math.gcd(cin // groups, lanes), math.gcd(cout // groups, lanes)
 
 
 @mutator
@@ -105,6 +130,9 @@ class _Packer(PyExprMutator):
         if not isinstance(expr, relax.Var):
             return None
         value = self.lookup_binding(expr)
+        if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.strided_slice") \
+                and isinstance(value.args[0], relax.Var):
+            value = self.lookup_binding(value.args[0])  # the channel crop of a padded tensor
         if (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.layout_transform")
                 and value.args[0] in self.packed):
             return value.args[0], self.packed[value.args[0]]
@@ -118,10 +146,16 @@ class _Packer(PyExprMutator):
         pad = 0 if shape is not None and shape[1] % block else None  # zero channels to fill
         return self.builder_.emit(relax.op.layout_transform(expr, _pack_map(block), pad))
 
-    def _emit_packed(self, call: relax.Expr, block: int) -> relax.Expr:
+    def _emit_packed(self, call: relax.Expr, block: int,
+                     channels: int | None = None) -> relax.Expr:
+        """Bind packed ``call``; return its NCHW view (cropped to ``channels`` if padded)."""
         packed = self.builder_.emit(call)
         self.packed[packed] = block
-        return relax.op.layout_transform(packed, _unpack_map(block))
+        unpacked = relax.op.layout_transform(packed, _unpack_map(block))
+        if channels is None or channels % block == 0:
+            return unpacked
+        return relax.op.strided_slice(self.builder_.emit(unpacked), axes=[1], begin=[0],
+                                      end=[channels])
 
     def _broadcast_operand(self, expr: relax.Expr, shape: tuple[int, ...],
                            block: int) -> relax.Expr | None:
@@ -140,22 +174,27 @@ class _Packer(PyExprMutator):
 
     # -- rewrites ----------------------------------------------------------------------------
     def _conv2d(self, call: relax.Call) -> relax.Expr | None:
-        blocks = _conv_blocks(call, self.lanes, self.int8)
+        source = self._packed_source(call.args[0])
+        blocks = _conv_blocks(call, self.lanes, self.int8, source[1] if source else None)
         if blocks is None:
             return None
         ib, ob = blocks
         attrs = call.attrs
-        depthwise = int(attrs.groups) > 1 and int(attrs.groups) == _static_shape(call.args[0])[1]
+        cin, (cout, wcin, _, _) = _static_shape(call.args[0])[1], _static_shape(call.args[1])
+        groups = int(attrs.groups)
+        depthwise = groups > 1 and groups == cin == cout
+        if depthwise:  # padded channels are groups of their own
+            groups = -(-cout // ob) * ob
         wib = 1 if depthwise else ib
         weight = relax.op.layout_transform(
             call.args[1], lambda o, i, h, w: (o // ob, i // wib, h, w, i % wib, o % ob),
-            0 if _static_shape(call.args[1])[1] % wib else None)
+            0 if wcin % wib or cout % ob else None)
         conv = relax.op.nn.conv2d(
             self._pack(call.args[0], ib), self.builder_.emit(weight), strides=attrs.strides,
-            padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
+            padding=attrs.padding, dilation=attrs.dilation, groups=groups,
             data_layout=f"NCHW{ib}c", kernel_layout=f"OIHW{wib}i{ob}o",
             out_layout=f"NCHW{ob}c", out_dtype=attrs.out_dtype or "float32")
-        return self._emit_packed(conv, ob)
+        return self._emit_packed(conv, ob, cout)
 
     def _elementwise(self, call: relax.Call) -> relax.Expr | None:
         shape = _static_shape(call)
@@ -165,7 +204,7 @@ class _Packer(PyExprMutator):
         if not packed:
             return None
         block = packed[0][1]
-        if shape[1] % block:
+        if shape[1] % block and not _pad_safe(call):
             return None
         args = []
         for arg in call.args:
@@ -176,7 +215,8 @@ class _Packer(PyExprMutator):
             if new is None:
                 return None
             args.append(new)
-        return self._emit_packed(relax.Call(call.op, args, call.attrs, call.ty_args), block)
+        return self._emit_packed(relax.Call(call.op, args, call.attrs, call.ty_args), block,
+                                 shape[1])
 
     def _pool(self, call: relax.Call) -> relax.Expr | None:
         source = self._packed_source(call.args[0])
@@ -192,7 +232,7 @@ class _Packer(PyExprMutator):
                     else relax.op.nn.avg_pool2d)
             new = make(data, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation,
                        attrs.ceil_mode, attrs.count_include_pad, layout, layout)
-        return self._emit_packed(new, block)
+        return self._emit_packed(new, block, _static_shape(call)[1])
 
     def _pad(self, call: relax.Call) -> relax.Expr | None:
         """Constant padding of H and W only (the zero-point padding of integer convs)."""
@@ -203,7 +243,7 @@ class _Packer(PyExprMutator):
             return None
         data, block = source
         padded = relax.op.nn.pad(data, [*widths, 0, 0], pad_value=float(call.attrs.pad_value))
-        return self._emit_packed(padded, block)
+        return self._emit_packed(padded, block, _static_shape(call)[1])
 
     def _spatial_reduce(self, call: relax.Call) -> relax.Expr | None:
         source = self._packed_source(call.args[0])
@@ -213,7 +253,8 @@ class _Packer(PyExprMutator):
         if sorted(int(a) % 4 for a in attrs.axis) != [2, 3]:
             return None
         data, block = source
-        return self._emit_packed(self._reduce_call(call.op.name, data), block)
+        return self._emit_packed(self._reduce_call(call.op.name, data), block,
+                                 _static_shape(call)[1])
 
     @staticmethod
     def _reduce_call(name: str, data: relax.Expr) -> relax.Expr:

@@ -18,7 +18,11 @@ from tvm_compress.backend.schedules.depthwise_int8 import (
     DEPTHWISE_NCHWC_INT8,
     schedule_depthwise_nchwc_int8,
 )
-from tvm_compress.backend.schedules.generic import schedule_injective_func, schedule_reduction_func
+from tvm_compress.backend.schedules.generic import (
+    schedule_fallback_func,
+    schedule_injective_func,
+    schedule_reduction_func,
+)
 from tvm_compress.backend.schedules.hardware import num_cores, vector_lanes, vector_registers
 from tvm_compress.backend.schedules.int8 import CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8
 
@@ -61,6 +65,10 @@ def _injective_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
     return schedule_injective_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
 
 
+def _fallback_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
+    return schedule_fallback_func(sch, lanes=vector_lanes(target), cores=num_cores(target))
+
+
 def _dlight_rule(rule: dl.ScheduleRule) -> Rule:
     """A dlight rule as a Rule: its schedule replaces the function held by ``sch``."""
 
@@ -78,7 +86,8 @@ def _dlight_rule(rule: dl.ScheduleRule) -> Rule:
 
 # Most specific first: a function is scheduled by the first rule that applies cleanly.
 # TVM's dlight CPU rules cover what ours do not (GEMV with the reduction innermost, softmax
-# and norms with several reduction blocks).
+# and norms with several reduction blocks); the fallback schedules whatever is left block by
+# block, so no function runs as naive loops.
 RULES: list[tuple[str, Rule]] = [
     ("conv2d_nchwc", _kernel_rule(CONV_NCHWC, schedule_conv2d_nchwc)),
     ("conv2d_nchwc_u8s8", _kernel_rule(CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8)),
@@ -89,6 +98,7 @@ RULES: list[tuple[str, Rule]] = [
     ("reduction", _reduction_rule),
     ("injective", _injective_rule),
     ("dlight.cpu.Reduction", _dlight_rule(dl.cpu.Reduction())),
+    ("fallback", _fallback_rule),
 ]
 
 
