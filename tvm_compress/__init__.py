@@ -29,8 +29,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tvm_compress' has no attribute {name!r}")
 
 
-def load(ref: str, *, batch: int = 1) -> Model:
+def load(ref: str, *, batch: int = 1,
+         input_shapes: dict[str | None, tuple[int, ...]] | None = None) -> Model:
     """Load ``zoo:NAME`` or an ONNX file path as a :class:`~tvm_compress.frontend.importers.Model`."""
     from tvm_compress.frontend.loader import load as _load
 
-    return _load(ref, batch=batch)
+    return _load(ref, batch=batch, input_shapes=input_shapes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,17 @@ from tvm import relax
 from tvm_compress.backend.targets import export_compiler, is_host_runnable, resolve_target
 from tvm_compress.errors import UserError
 from tvm_compress.frontend.importers import Model
+from tvm_compress.frontend.inputs import (
+    InputSpec,
+    Samples,
+    as_feed,
+    as_specs,
+    batches,
+    gather_outputs,
+    random_feed,
+)
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
+__all__ = ["CompiledModel", "InputSpec", "Latency", "build", "latency_stats"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,17 @@ def latency_stats(seconds: list[float]) -> Latency:
 
 
 class CompiledModel:
-    """A compiled executable plus its input contract; runs on the host VM when the target allows."""
+    """A compiled executable plus its input contract; runs on the host VM when the target allows.
 
-    def __init__(self, executable: Any, target: tvm.target.Target, spec: InputSpec) -> None:
+    ``spec`` is the model's input (or inputs, in ``main``'s order; ``self.spec`` is the first).
+    """
+
+    def __init__(self, executable: Any, target: tvm.target.Target,
+                 spec: InputSpec | Sequence[InputSpec]) -> None:
         self.executable = executable
         self.target = target
-        self.spec = spec
+        self.specs = as_specs(spec)
+        self.spec = self.specs[0]
         self._vm: relax.VirtualMachine | None = None
         self.tuned_functions = 0
         # the build report (backend.report.KernelInfo per PrimFunc); None when not known
@@ -66,44 +76,59 @@ class CompiledModel:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
 
-    def check_input(self, x: np.ndarray) -> np.ndarray:
-        if tuple(x.shape) != self.spec.shape:
-            raise UserError(f"input '{self.spec.name}' has shape {tuple(x.shape)} but the model "
-                            f"expects {self.spec.shape}; resize the data or re-import the model "
+    def check_input(self, x: np.ndarray, spec: InputSpec | None = None) -> np.ndarray:
+        spec = spec or self.spec
+        if tuple(x.shape) != spec.shape:
+            raise UserError(f"input '{spec.name}' has shape {tuple(x.shape)} but the model "
+                            f"expects {spec.shape}; resize the data or re-import the model "
                             "with a matching shape/batch")
-        if str(x.dtype) != self.spec.dtype:
-            raise UserError(f"input '{self.spec.name}' has dtype {x.dtype} but the model expects "
-                            f"{self.spec.dtype}; convert it with .astype('{self.spec.dtype}')")
+        if str(x.dtype) != spec.dtype:
+            raise UserError(f"input '{spec.name}' has dtype {x.dtype} but the model expects "
+                            f"{spec.dtype}; convert it with .astype('{spec.dtype}')")
         return np.ascontiguousarray(x)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """One forward pass; ``x`` must match the model's input shape and dtype exactly."""
-        out = self.vm["main"](tvm.runtime.tensor(self.check_input(x)))
-        return out.numpy()
+    def _args(self, xs: tuple[Any, ...]) -> list[Any]:
+        """VM arguments from arrays in input order, or from one {input name: array} dict."""
+        if len(xs) == 1 and isinstance(xs[0], Mapping):
+            feed = as_feed(xs[0], self.specs, "inputs")
+            xs = tuple(feed[s.name] for s in self.specs)
+        if len(xs) != len(self.specs):
+            raise UserError(f"the model takes {len(self.specs)} input(s) "
+                            f"({', '.join(s.name for s in self.specs)}); got {len(xs)}")
+        return [tvm.runtime.tensor(self.check_input(np.asarray(x), s))
+                for x, s in zip(xs, self.specs, strict=True)]
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Outputs for any number of samples, run in batches of the model's batch size."""
+    def run_outputs(self, *xs: Any) -> list[np.ndarray]:
+        """One forward pass: every output, in order (arrays in input order or one dict)."""
+        return _flatten(self.vm["main"](*self._args(xs)))
+
+    def run(self, *xs: Any) -> np.ndarray | list[np.ndarray]:
+        """One forward pass; inputs must match the model's shapes and dtypes exactly. The output,
+        or the list of outputs of a model with several."""
+        outs = self.run_outputs(*xs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def predict_outputs(self, data: Samples) -> list[np.ndarray]:
+        """Every output for any number of samples (one array, or one per input name), run in
+        batches of the model's batch size (the last one padded, its padded rows dropped)."""
         batch = self.spec.shape[0]
-        outputs = []
-        for start in range(0, len(images), batch):
-            chunk = images[start:start + batch]
-            n = len(chunk)
-            if n < batch:  # pad the last batch; the padded rows are dropped
-                pad = np.zeros((batch - n, *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            outputs.append(self.run(chunk)[:n])
-        return np.concatenate(outputs)
+        chunks = [(self.run_outputs(chunk), n)
+                  for chunk, n in batches(as_feed(data, self.specs), batch)]
+        return gather_outputs(chunks, batch)
 
-    def latency(self, x: np.ndarray | None = None, *, repeat: int = 30,
-                warmup: int = 3) -> Latency:
-        """Median latency of ``main`` on the host after ``warmup`` runs."""
-        if x is None:
-            x = np.random.default_rng(0).standard_normal(self.spec.shape).astype(self.spec.dtype)
-        arg = tvm.runtime.tensor(self.check_input(x))
+    def predict(self, data: Samples) -> np.ndarray | list[np.ndarray]:
+        """:meth:`predict_outputs`; the single output of a one-output model as an array."""
+        outs = self.predict_outputs(data)
+        return outs[0] if len(outs) == 1 else outs
+
+    def latency(self, x: Any = None, *, repeat: int = 30, warmup: int = 3) -> Latency:
+        """Median latency of ``main`` on the host after ``warmup`` runs (``x``: one array, a
+        {input name: array} dict, or None for random inputs)."""
+        args = self._args((random_feed(self.specs) if x is None else x,))
         for _ in range(warmup):
-            self.vm["main"](arg)
+            self.vm["main"](*args)
         timer = self.vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat)
-        return latency_stats(list(timer(arg).results))
+        return latency_stats(list(timer(*args).results))
 
     def export(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the compiled library (``.so``), cross-compiled for aarch64 targets; kwargs go to
@@ -120,15 +145,22 @@ class CompiledModel:
 SCHEDULES = ("default", "none")
 
 
+def _flatten(out: Any) -> list[np.ndarray]:
+    if isinstance(out, tvm.runtime.Tensor):
+        return [out.numpy()]
+    return [a for item in out for a in _flatten(item)]
+
+
 def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
-          input_spec: InputSpec | None = None, schedule: str = "default",
+          input_spec: InputSpec | Sequence[InputSpec] | None = None, schedule: str = "default",
           database: str | Path | bool | None = None, pack_weights: bool = True) -> CompiledModel:
     """Compile a model for a target preset.
 
     Parameters
     ----------
     model : Model or IRModule
-        An IRModule needs ``input_spec`` (its single input's name, shape, dtype).
+        An IRModule needs ``input_spec`` (its input's name, shape, dtype; a sequence for
+        several inputs).
     target : str or dict
         A preset name (``tvm_compress.backend.targets.preset_names()``) or a TVM target dict.
     schedule : {"default", "none"}
@@ -149,7 +181,7 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
     tgt = resolve_target(target)
     if isinstance(model, Model):
         mod = model.mod
-        spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
+        spec = model.inputs
     else:
         if input_spec is None:
             raise UserError("build(IRModule) needs input_spec=InputSpec(name, shape, dtype)")

@@ -26,9 +26,11 @@ class Console:
         self.json_mode = json_mode
         self.out = RichConsole(stderr=json_mode, quiet=json_mode)
         self.err = RichConsole(stderr=True)
+        self.stage: str | None = None  # the step running now: named by an internal failure
 
     @contextmanager
     def step(self, text: str) -> Iterator[None]:
+        self.stage = text
         start = time.perf_counter()
         with self.err.status(text):
             yield
@@ -71,8 +73,9 @@ def load_model(args: argparse.Namespace) -> Any:
     return load_from_args(args)
 
 
-def reference_outputs(model: Any, images: np.ndarray) -> tuple[str, np.ndarray]:
-    """Outputs of the source framework (PyTorch, else ONNX Runtime) for fidelity checks."""
+def reference_outputs(model: Any, images: Any) -> tuple[str, Any]:
+    """Outputs of the source framework (PyTorch, else ONNX Runtime) for fidelity checks: an
+    array, or a list of arrays for a model with several outputs."""
     if model.torch_module is not None:
         import torch
 
@@ -80,19 +83,67 @@ def reference_outputs(model: Any, images: np.ndarray) -> tuple[str, np.ndarray]:
             outs = [model.torch_module(torch.from_numpy(images[i:i + 256])).numpy()
                     for i in range(0, len(images), 256)]
         return "pytorch", np.concatenate(outs)
+    from tvm_compress.frontend.inputs import as_feed, batches, gather_outputs
     from tvm_compress.runtime.bench import onnxruntime_session
 
     session = onnxruntime_session(model.onnx_model, threads=2)
-    name = session.get_inputs()[0].name
     batch = model.input_shape[0]
-    outs = []
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(session.run(None, {name: chunk})[0][:n])
-    return "onnxruntime", np.concatenate(outs)
+    chunks = [(session.run(None, chunk), n)
+              for chunk, n in batches(as_feed(images, model.inputs), batch)]
+    outs = gather_outputs(chunks, batch)
+    return "onnxruntime", outs[0] if len(outs) == 1 else outs
+
+
+def model_io(model: Any) -> dict[str, Any]:
+    """The ``input`` (first), ``inputs`` and ``outputs`` entries of a command's JSON."""
+    inputs = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs]
+    return {"input": inputs[0], "inputs": inputs, "outputs": list(model.outputs)}
+
+
+def npz_samples(path_text: str, what: str, model: Any) -> tuple[Any, np.ndarray | None]:
+    """Samples for ``model`` from an .npz: one array per input name (a single-input model may
+    use 'images'), optional 'labels'; shapes and dtypes are checked."""
+    from tvm_compress.frontend.inputs import check_samples
+
+    path = Path(path_text)
+    specs = model.inputs
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path} (an .npz with one array per input name "
+                        "- or 'images' for a single-input model - and optionally 'labels')")
+    with np.load(path) as npz:
+        names = [s.name for s in specs]
+        if all(n in npz for n in names):
+            data: Any = {s.name: npz[s.name].astype(s.dtype) for s in specs}
+        elif len(specs) == 1 and "images" in npz:
+            data = {names[0]: npz["images"].astype(specs[0].dtype)}
+        elif len(specs) == 1:
+            raise UserError(f"{path} has no 'images' array (nor '{names[0]}'); save it with "
+                            "np.savez(path, images=..., labels=...)")
+        else:
+            missing = [n for n in names if n not in npz]
+            raise UserError(f"{path} lacks array(s) {', '.join(missing)}: a model with several "
+                            f"inputs needs one array per input name ({', '.join(names)}), "
+                            "e.g. np.savez(path, **{name: array})")
+        labels = npz["labels"] if "labels" in npz else None
+    feed = check_samples(data, specs, what)
+    return (feed[names[0]] if len(specs) == 1 else feed), labels
+
+
+def split_holdout(calib: Any, calib_samples: int) -> tuple[Any, Any, str]:
+    """Calibration samples and held-out evaluation samples from one set: the first
+    ``calib_samples`` calibrate and the rest evaluate, or a quarter is held out if that leaves
+    nothing to evaluate on."""
+    from tvm_compress.frontend.inputs import num_samples, take
+
+    n = num_samples(calib)
+    if n < 2:
+        raise UserError("--calib has 1 sample: give more samples (some are held out to measure "
+                        "agreement with fp32) or a separate --val file")
+    used = calib_samples if n > calib_samples else n - max(1, n // 4)
+    return (take(calib, 0, used), take(calib, used),
+            f"calibrated on samples 0-{used - 1} of --calib, evaluated on the {n - used} "
+            "held-out samples")
+
 
 
 def _print_bench(con: Console, result: dict[str, Any]) -> None:
@@ -103,6 +154,49 @@ def _print_bench(con: Console, result: dict[str, Any]) -> None:
                          result["ratio_to_onnxruntime"][runtime]])
     con.table(f"latency of {result['model']} {result['input_shape']} on {result['threads']} "
               "threads", ["runtime", "median ms", "x ONNX Runtime"], rows)
+
+
+_STAGES = {"importing": "import", "compiling": "build", "quantizing": "quantize",
+           "evaluating": "evaluate", "benchmarking": "bench", "writing": "export",
+           "calibrating": "calibrate", "tuning": "tune"}
+
+
+def log_dir() -> Path:
+    """Where internal failures write their tracebacks: $TVM_COMPRESS_LOG_DIR, else
+    ~/.cache/tvm-compress/logs (the system temp folder if that cannot be written)."""
+    import os
+    import tempfile
+
+    base = os.environ.get("TVM_COMPRESS_LOG_DIR") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvm-compress" / "logs")
+    for folder in (Path(base), Path(tempfile.gettempdir()) / "tvm-compress-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    return Path(tempfile.gettempdir())
+
+
+def report_internal_failure(args: argparse.Namespace, con: Console, exc: BaseException,
+                            argv: list[str] | None) -> str:
+    """Write the traceback to a log file; the one line for the terminal names stage and model."""
+    import os
+    import sys
+    import traceback
+
+    step = con.stage or args.command
+    stage = _STAGES.get(step.split()[0], step)
+    model = getattr(args, "model", None)
+    command = getattr(args, "command", "tvm-compress")
+    path = log_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
+    path.write_text(
+        f"tvm-compress {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+        f"stage: {stage} ({step})\nmodel: {model}\n\n"
+        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (f"error: internal failure in stage '{stage}'" + (f" of model {model}" if model else "")
+            + f": {type(exc).__name__}: {first} (traceback in {path}; please report it)")
 
 
 def quant_config(args: argparse.Namespace) -> Any:
@@ -138,6 +232,9 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool =
         p.add_argument("--target", default="x86",
                        help="target preset (x86, x86-avx2, aarch64, cuda-sm80, ...)")
     p.add_argument("--batch", type=int, default=1, help="batch size to import with (default 1)")
+    p.add_argument("--input-shape", action="append", metavar="[NAME:]1x3x224x224",
+                   help="pin an ONNX input's shape (dynamic dimensions); NAME: for models with "
+                        "several inputs (repeat per input). A dynamic batch alone: --batch")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

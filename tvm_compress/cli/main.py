@@ -24,9 +24,12 @@ from tvm_compress.cli.common import (
     add_common,
     add_quantize_args,
     load_model,
-    npz_images,
+    model_io,
+    npz_samples,
     quant_config,
     reference_outputs,
+    report_internal_failure,
+    split_holdout,
 )
 from tvm_compress.errors import UserError
 
@@ -63,8 +66,11 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     with con.step(f"importing {args.model}"):
         model = load_model(args)
     layers = model.layers
-    con.out.print(f"[bold]{model.name}[/bold]: input {model.input_name} "
-                  f"{list(model.input_shape)} {model.input_dtype}")
+    for spec in model.inputs:
+        con.out.print(f"[bold]{model.name}[/bold]: input {spec.name} {list(spec.shape)} "
+                      f"{spec.dtype}")
+    if len(model.outputs) > 1:
+        con.out.print(f"{len(model.outputs)} outputs: {', '.join(model.outputs)}")
     for note in model.notes:
         con.err.print(f"[yellow]note:[/yellow] {note}")
     con.table("layers", ["layer", "kind", "in", "out", "kernel", "groups", "MACs", "params"],
@@ -75,9 +81,7 @@ def cmd_inspect(args: argparse.Namespace, con: Console) -> dict[str, Any]:
                   f"{layers.count('depthwise')} depthwise, {layers.count('grouped')} grouped, "
                   f"{layers.count('linear')} linear); {layers.total_macs:,} MACs; "
                   f"{layers.total_params:,} layer params; {wbytes:,} weight bytes")
-    return {"model": model.name, "input": {"name": model.input_name,
-                                           "shape": list(model.input_shape),
-                                           "dtype": model.input_dtype},
+    return {"model": model.name, **model_io(model),
             "layers": json.loads(layers.to_json()), "total_macs": layers.total_macs,
             "total_params": layers.total_params, "weight_bytes": wbytes, "notes": model.notes}
 
@@ -99,9 +103,7 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     out = Path(args.output)
     with con.step(f"writing {out}"):
         compiled.export(out)  # cross-compiled for aarch64 targets
-    meta = {"model": model.name, "target": args.target, "library": str(out),
-            "input": {"name": model.input_name, "shape": list(model.input_shape),
-                      "dtype": model.input_dtype},
+    meta = {"model": model.name, "target": args.target, "library": str(out), **model_io(model),
             "weight_bytes": folded_weight_bytes(model), "library_bytes": out.stat().st_size}
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2))
@@ -109,18 +111,20 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     return meta
 
 
-def _eval_data(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def _eval_data(args: argparse.Namespace, model: Any) -> tuple[Any, np.ndarray | None]:
+    from tvm_compress.frontend.inputs import check_samples, take
     from tvm_compress.runtime.evaluation import task_data
 
     if args.data:
-        images, labels = npz_images(args.data, "data", model.input_dtype)
+        images, labels = npz_samples(args.data, "data", model)
+    elif model.task is None:
+        raise UserError(f"{args.model} has no built-in evaluation data; pass --data FILE.npz "
+                        "(one array per input name, or 'images'; 'labels' optional)")
     else:
         images, labels = task_data(model.task, args.split)
-    if tuple(images.shape[1:]) != tuple(model.input_shape[1:]):
-        raise UserError(f"data samples have shape {tuple(images.shape[1:])} but the model expects "
-                        f"{tuple(model.input_shape[1:])} per sample; resize or preprocess the data")
+        check_samples(images, model.inputs, "data")
     if args.limit:
-        images = images[: args.limit]
+        images = take(images, 0, args.limit)
         labels = None if labels is None else labels[: args.limit]
     return images, labels
 
@@ -173,6 +177,7 @@ def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
 def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.backend.build import build
+    from tvm_compress.frontend.inputs import num_samples, take
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.runtime.evaluation import evaluate, task_data
 
@@ -180,23 +185,36 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     with con.step(f"importing {args.model}"):
         model = load_model(args)
     if args.calib == "auto":
+        if model.task is None:
+            raise UserError(f"{args.model} has no built-in calibration data; pass --calib "
+                            "FILE.npz (one array per input name, or 'images') or --calib "
+                            "distilled")
         calib, _ = task_data(model.task, "calib")
     elif args.calib == "distilled":  # ZeroQ: data-free, from the model's BatchNorm statistics
         from tvm_compress.tuning.zeroq.distill import distill
 
         calib = distill(model, batch=config.calib_samples, progress=not args.json).images
     else:
-        calib, _ = npz_images(args.calib, "calibration", model.input_dtype)
-    images, labels = (npz_images(args.val, "validation", model.input_dtype) if args.val
-                      else task_data(model.task, "test"))
+        calib, _ = npz_samples(args.calib, "calibration", model)
+    holdout = None
+    if args.val:
+        images, labels = npz_samples(args.val, "validation", model)
+    elif model.task is not None:
+        images, labels = task_data(model.task, "test")
+    elif args.calib != "distilled":  # images without labels: hold some out of the calibration
+        calib, images, holdout = split_holdout(calib, config.calib_samples)
+        labels = None
+    else:
+        raise UserError(f"{args.model} has no built-in evaluation data; pass --val FILE.npz")
     if args.limit:
-        images, labels = images[: args.limit], None if labels is None else labels[: args.limit]
+        images, labels = take(images, 0, args.limit), None if labels is None else \
+            labels[: args.limit]
     with con.step(f"quantizing ({config.short()})"):
         qmodel = quantize(model, config, calib, progress=not args.json)
     with con.step(f"compiling fp32 and int8 for {args.target}"):
         fp32 = build(model, target=args.target)
         int8 = build(qmodel.model, target=args.target)
-    with con.step(f"evaluating on {len(images)} samples"):
+    with con.step(f"evaluating on {num_samples(images)} samples"):
         ref = evaluate(fp32, images, labels=labels, latency_repeat=args.repeat)
         got = evaluate(int8, images, labels=labels, reference=ref["logits"],
                        latency_repeat=args.repeat)
@@ -204,6 +222,8 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
               "fp32": {k: v for k, v in ref.items() if k != "logits"},
               "quantized": {k: v for k, v in got.items() if k != "logits"},
               "weight_bytes": {"fp32": qmodel.fp32_weight_bytes, "quantized": qmodel.weight_bytes}}
+    if holdout:
+        result["evaluation"] = holdout
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +236,8 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
 def _print_quant(con: Console, r: dict[str, Any]) -> None:
     rows = []
-    for key, label in (("accuracy", "accuracy"), ("agreement", "top-1 agreement with fp32")):
+    for key, label in (("accuracy", "accuracy"), ("agreement", "top-1 agreement with fp32"),
+                       ("sqnr_db", "SQNR dB vs fp32")):
         rows.append([label, r["fp32"].get(key, 1.0 if key == "agreement" else "-"),
                      r["quantized"].get(key, "-")])
     rows.append(["weight bytes", r["weight_bytes"]["fp32"], r["weight_bytes"]["quantized"]])
@@ -311,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug on our side or TVM's: log it, one line here
+        print(report_internal_failure(args, con, exc, argv), file=sys.stderr)
+        return 1
     if args.json:
         _emit_json(result)
     return 0

@@ -9,6 +9,7 @@ arrives as a ``torch.nn.Module`` or as the ONNX file exported from it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,9 @@ import tvm
 from tvm import relax
 
 from tvm_compress.errors import UserError
+from tvm_compress.frontend.inputs import InputSpec
 from tvm_compress.frontend.layers import LayerTable, name_layers
+from tvm_compress.frontend.prepare import check_tvm_ops, pin_input_shapes, prepare_onnx, read_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -34,9 +37,10 @@ _WEIGHTED_ONNX_OPS = ("Conv", "Gemm", "MatMul")
 class Model:
     """A model in Relax form with everything needed to compress, build and compare it.
 
-    ``mod["main"]`` takes one input tensor and returns one tensor; weights are bound as constants.
-    ``torch_module`` / ``onnx_model`` keep the source when there is one (PyTorch and ONNX Runtime
-    baselines, gradient-based algorithms).
+    ``mod["main"]`` takes the inputs in ``inputs`` order (``input_name`` / ``input_shape`` /
+    ``input_dtype`` describe the first) and returns one tensor, or a tuple when ``outputs`` names
+    several; weights are bound as constants. ``torch_module`` / ``onnx_model`` keep the source
+    when there is one (PyTorch and ONNX Runtime baselines, gradient-based algorithms).
     """
 
     name: str
@@ -49,6 +53,12 @@ class Model:
     onnx_model: Any = None
     task: str | None = None  # "imagenet" / "fashion_mnist" for zoo models: which data evaluates it
     notes: list[str] = field(default_factory=list)
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[str, ...] = ()    # output names when known (ONNX); one output otherwise
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            self.inputs = (InputSpec(self.input_name, tuple(self.input_shape), self.input_dtype),)
 
     def with_mod(self, mod: tvm.IRModule, **changes: Any) -> Model:
         """Same model, rewritten module (the LayerTable is re-read from the new module)."""
@@ -74,58 +84,24 @@ def finalize(mod: tvm.IRModule, layer_names: dict[str, str]) -> tvm.IRModule:
 
 
 def _read_onnx(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    import onnx
-
-    if isinstance(source, onnx.ModelProto):
-        return source
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"model file not found: {path} (give an ONNX file path or zoo:NAME)")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError / ValueError variants for garbage input
-        raise UserError(f"{path} is not a valid ONNX model ({type(exc).__name__}): "
-                        "export it with torch.onnx.export or check the file") from None
-    if not model.graph.node:
-        raise UserError(f"{path} is not a valid ONNX model (it has no graph nodes)")
-    return model
+    return read_onnx(source)
 
 
 def _check_onnx_ops(model: onnx.ModelProto, where: str) -> None:
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
-    supported = _get_convert_map()
-    for node in model.graph.node:
-        if node.op_type not in supported:
-            raise UserError(
-                f"{where}: operator {node.op_type} (node '{node.name or '?'}') is not supported "
-                "by the TVM ONNX importer; replace it in the exporter or report this op")
+    check_tvm_ops(model, where)
 
 
 def _onnx_input(model: onnx.ModelProto, where: str, batch: int
                 ) -> tuple[str, list[int], str, list[str]]:
-    from onnx import helper
+    """The single input of ``model`` with its batch pinned (``model`` is not changed)."""
+    import onnx
 
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"{where}: expected exactly one graph input, found {len(inputs)} "
-                        f"({[i.name for i in inputs]}); tvm-compress handles single-input CNNs")
-    inp = inputs[0]
-    ttype = inp.type.tensor_type
-    dtype = str(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-    shape, notes = [], []
-    for axis, dim in enumerate(ttype.shape.dim):
-        if dim.HasField("dim_value") and dim.dim_value > 0:
-            shape.append(int(dim.dim_value))
-        elif axis == 0:
-            shape.append(batch)
-            notes.append(f"input '{inp.name}' has a dynamic batch dimension "
-                         f"('{dim.dim_param or '?'}'): pinned to {batch}")
-        else:
-            raise UserError(f"{where}: input '{inp.name}' has a dynamic dimension {axis} "
-                            f"('{dim.dim_param or '?'}'); re-export the model with a fixed shape")
-    return inp.name, shape, dtype, notes
+    specs, notes = pin_input_shapes(onnx.ModelProto.FromString(model.SerializeToString()), where,
+                                    batch=batch)
+    if len(specs) != 1:
+        raise UserError(f"{where}: expected exactly one graph input, found {len(specs)} "
+                        f"({[s.name for s in specs]}); import it with tvm_compress.from_onnx")
+    return specs[0].name, list(specs[0].shape), specs[0].dtype, notes
 
 
 def _scope_to_module_path(scopes: list[str]) -> str:
@@ -185,34 +161,44 @@ def _rename_onnx_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
 
 
 def from_onnx(source: str | Path | onnx.ModelProto, *, name: str | None = None, batch: int = 1,
-              task: str | None = None) -> Model:
+              task: str | None = None,
+              input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> Model:
     """Import an ONNX model (path or ModelProto) into Relax with weights bound as constants.
+
+    The model is prepared first (``tvm_compress.frontend.prepare``: external data, pinned
+    shapes, folded shape subgraphs, rewrites of operators TVM lacks, checked against ONNX
+    Runtime); every change is listed in ``Model.notes``.
 
     Parameters
     ----------
     source : path or onnx.ModelProto
-        A single-input CNN. A dynamic batch dimension is pinned to ``batch`` (noted in
-        ``Model.notes``); other dynamic dimensions are an error.
+        A CNN with any number of inputs and outputs; its weights may be in external data files.
     name : str, optional
         Display name (defaults to the file stem).
+    batch : int
+        Pins a dynamic first dimension (noted in ``Model.notes``).
+    input_shapes : {input name: shape}, optional
+        Static shapes for inputs with other dynamic dimensions; the key None names the only
+        input of a single-input model. Other dynamic dimensions are an error.
     """
     from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
 
     where = str(source) if not hasattr(source, "graph") else (name or "ONNX model")
-    model = _read_onnx(source)
-    _check_onnx_ops(model, where)
-    input_name, shape, dtype, notes = _onnx_input(model, where, batch)
-    renamed, token_to_layer = _rename_onnx_weights(model)
+    prepared = prepare_onnx(source, batch=batch, input_shapes=input_shapes, where=where)
+    renamed, token_to_layer = _rename_onnx_weights(prepared.model)
     try:
-        mod = tvm_from_onnx(renamed, shape_dict={input_name: shape}, dtype_dict={input_name: dtype},
+        mod = tvm_from_onnx(renamed, shape_dict={s.name: list(s.shape) for s in prepared.inputs},
+                            dtype_dict={s.name: s.dtype for s in prepared.inputs},
                             keep_params_in_input=True)
     except tvm.error.OpNotImplemented as exc:
         raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
     mod = finalize(mod, token_to_layer)
     stem = Path(source).stem if isinstance(source, (str, Path)) else "onnx_model"
-    return Model(name=name or stem, mod=mod, input_name=input_name, input_shape=tuple(shape),
-                 input_dtype=dtype, layers=LayerTable.from_module(mod), onnx_model=model,
-                 task=task, notes=notes)
+    first = prepared.inputs[0]
+    return Model(name=name or stem, mod=mod, input_name=first.name, input_shape=first.shape,
+                 input_dtype=first.dtype, layers=LayerTable.from_module(mod),
+                 onnx_model=prepared.original, task=task, notes=prepared.notes,
+                 inputs=prepared.inputs, outputs=prepared.outputs)
 
 
 # ---------------------------------------------------------------------------------------- torch

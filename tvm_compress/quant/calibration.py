@@ -8,7 +8,7 @@ in the native tvm-ffi extension.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -16,6 +16,14 @@ import tvm
 
 from tvm_compress.backend.build import InputSpec, build
 from tvm_compress.errors import UserError
+from tvm_compress.frontend.inputs import (
+    Samples,
+    as_specs,
+    batches,
+    check_samples,
+    num_samples,
+    take,
+)
 from tvm_compress.graph.qgraph import Point, QuantGraph
 from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
 from tvm_compress.quant import native
@@ -36,27 +44,15 @@ class PointStats:
         return max(abs(self.lo), abs(self.hi))
 
 
-def _check_images(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    if len(images) == 0:
+def _check_images(images: Samples, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    if num_samples(images) == 0:
         raise UserError("calibration set is empty: give at least one calibration sample")
-    if tuple(images.shape[1:]) != spec.shape[1:]:
-        raise UserError(f"calibration samples have shape {tuple(images.shape[1:])} but the model "
-                        f"input '{spec.name}' expects {spec.shape[1:]} per sample")
-    if str(images.dtype) != spec.dtype:
-        raise UserError(f"calibration samples have dtype {images.dtype} but the model expects "
-                        f"{spec.dtype}; convert them with .astype('{spec.dtype}')")
-    if not np.all(np.isfinite(images)):
-        raise UserError("calibration samples contain NaN or Inf; clean the calibration data")
-    return images
-
-
-def _batches(images: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, int]]:
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        yield np.ascontiguousarray(chunk), n
+    feed = check_samples(images, specs, "calibration")
+    for name, arr in feed.items():
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise UserError(f"calibration samples of input '{name}' contain NaN or Inf; clean "
+                            "the calibration data")
+    return feed
 
 
 def _progress(total: int, description: str, enabled: bool):  # noqa: ANN202
@@ -66,21 +62,25 @@ def _progress(total: int, description: str, enabled: bool):  # noqa: ANN202
     return progress, progress.add_task(description, total=total)
 
 
-def collect_stats(mod: tvm.IRModule, graph: QuantGraph, images: np.ndarray, spec: InputSpec, *,
-                  histograms: bool, progress: bool = True, target: str = "x86"
-                  ) -> dict[str, PointStats]:
-    """Run the fp32 module on ``images`` and accumulate statistics for every calibrated point."""
+def collect_stats(mod: tvm.IRModule, graph: QuantGraph, images: Samples,
+                  spec: InputSpec | Sequence[InputSpec], *, histograms: bool,
+                  progress: bool = True, target: str = "x86") -> dict[str, PointStats]:
+    """Run the fp32 module on ``images`` (one array, or one per input name) and accumulate
+    statistics for every calibrated point."""
     points = graph.calibrated_points
-    images = _check_images(images, spec)
+    specs = as_specs(spec)
+    feed = _check_images(images, specs)
     positions = binding_positions(mod["main"], [p.var for p in points])
-    compiled = build(ExposeTensors(positions)(mod), target=target, input_spec=spec)
+    compiled = build(ExposeTensors(positions)(mod), target=target, input_spec=specs)
     stats = {p.name: PointStats() for p in points}
     passes = 2 if histograms else 1
-    bar, task = _progress(passes * -(-len(images) // spec.shape[0]), "calibrating", progress)
+    batch = specs[0].shape[0]
+    bar, task = _progress(passes * -(-num_samples(feed) // batch), "calibrating", progress)
     with bar:
         for pass_index in range(passes):
-            for chunk, n in _batches(images, spec.shape[0]):
-                outputs = compiled.vm["main"](tvm.runtime.tensor(chunk))
+            for chunk, n in batches(feed, batch, pad="repeat"):
+                outputs = compiled.vm["main"](*[tvm.runtime.tensor(chunk[s.name])
+                                                for s in specs])
                 for point, out in zip(points, list(outputs)[1:], strict=True):
                     _update(stats[point.name], out.numpy()[:n], point, pass_index)
                 bar.advance(task)
@@ -155,16 +155,16 @@ class CalibrationStats:
 
 
 def calibration_stats(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig,
-                      images: np.ndarray, spec: InputSpec, *, histograms: bool = True,
-                      progress: bool = True) -> CalibrationStats:
+                      images: Samples, spec: InputSpec | Sequence[InputSpec], *,
+                      histograms: bool = True, progress: bool = True) -> CalibrationStats:
     """Statistics of ``graph``'s points on the first ``config.calib_samples`` images."""
-    images = images[: config.calib_samples]
+    images = take(images, 0, config.calib_samples)
     points = collect_stats(mod, graph, images, spec, progress=progress, histograms=histograms)
-    return CalibrationStats(points, len(images), histograms)
+    return CalibrationStats(points, num_samples(images), histograms)
 
 
-def calibrate(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig, images: np.ndarray,
-              spec: InputSpec, *, progress: bool = True,
+def calibrate(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig, images: Samples,
+              spec: InputSpec | Sequence[InputSpec], *, progress: bool = True,
               stats: CalibrationStats | None = None) -> dict[str, QParams]:
     """Activation QParams for ``graph``'s points from the first ``config.calib_samples`` images
     (or from ``stats`` collected before on the same samples)."""
@@ -172,5 +172,5 @@ def calibrate(mod: tvm.IRModule, graph: QuantGraph, config: QuantConfig, images:
         stats = calibration_stats(mod, graph, config, images, spec, progress=progress,
                                   histograms=config.calibration != "minmax")
     else:
-        stats.check(graph, config, min(len(images), config.calib_samples))
+        stats.check(graph, config, min(num_samples(images), config.calib_samples))
     return activation_params(graph, stats.points, config)

@@ -7,15 +7,16 @@ and are reported, never silently wrong.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tvm
 
-from tvm_compress.backend.build import InputSpec
 from tvm_compress.errors import UserError
 from tvm_compress.frontend.importers import Model
+from tvm_compress.frontend.inputs import Samples, num_samples, take
 from tvm_compress.graph.dataflow import bindings, op_name
 from tvm_compress.graph.qgraph import QuantGraph, analyze
 from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
@@ -81,14 +82,16 @@ def collect_calibration(model: Model, config: QuantConfig, calib_data: np.ndarra
     granularity and bits may differ), so the fp32 model runs on the data once."""
     calib_data = _check_calib(calib_data)
     folded = FoldBatchNorm()(model.mod)
-    spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
-    return calibration_stats(folded, analyze(folded, config), config, calib_data, spec,
+    return calibration_stats(folded, analyze(folded, config), config, calib_data, model.inputs,
                              histograms=histograms, progress=progress)
 
 
-def _check_calib(calib_data: np.ndarray) -> np.ndarray:
-    calib_data = np.asarray(calib_data)
-    if calib_data.ndim == 0 or len(calib_data) == 0:
+def _check_calib(calib_data: Samples) -> Samples:
+    if not isinstance(calib_data, Mapping):
+        calib_data = np.asarray(calib_data)
+        if calib_data.ndim == 0:
+            raise UserError("calibration set is empty: give at least one calibration sample")
+    if num_samples(calib_data) == 0:
         raise UserError("calibration set is empty: give at least one calibration sample")
     return calib_data
 
@@ -119,14 +122,18 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
     _check_weights(model.mod)
     folded = FoldBatchNorm()(model.mod)
     graph = analyze(folded, config)
-    spec = InputSpec(model.input_name, model.input_shape, model.input_dtype)
+    spec = model.inputs
     act = calibrate(folded, graph, config, calib_data, spec, progress=progress, stats=stats)
     weights = {s.layer.name: weight_params(s, config) for s in graph.layers}
     source = folded
     if bias_correction:
         from tvm_compress.quant.bias_correction import correct_biases, layer_input_means
 
-        means = layer_input_means(folded, graph, calib_data[: config.calib_samples], spec)
+        if len(spec) != 1:
+            raise UserError("bias correction handles single-input models only; quantize "
+                            "without it")
+        means = layer_input_means(folded, graph, take(calib_data, 0, config.calib_samples),
+                                  spec[0])
         source = correct_biases(folded, graph, weights, means)
         graph = analyze(source, config)  # same names, the new bias bindings
     simulated = InsertQDQ(config, act, weight_overrides=weights)(source)

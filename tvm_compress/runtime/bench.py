@@ -13,6 +13,7 @@ import numpy as np
 from tvm_compress.backend.build import CompiledModel, Latency, build, latency_stats
 from tvm_compress.backend.targets import host_cores
 from tvm_compress.frontend.importers import Model, export_onnx
+from tvm_compress.frontend.inputs import random_feed
 
 
 def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
@@ -90,19 +91,26 @@ def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: in
     import torch
 
     threads = host_cores()
-    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(model.input_dtype)
+    feed = random_feed(model.inputs)
+    x = feed[model.input_name]
     compiled = compiled or build(model, target=target)
     results: dict[str, Any] = {"model": model.name, "target": str(compiled.target),
                                "input_shape": list(model.input_shape), "threads": threads}
-    tvm_out = compiled.run(x)
-    results["tvm"] = compiled.latency(x, repeat=repeat, warmup=warmup).as_dict()
+    if len(model.inputs) > 1:
+        results["input_shapes"] = {s.name: list(s.shape) for s in model.inputs}
+    tvm_outs = compiled.run_outputs(feed)
+    tvm_out = tvm_outs[0]
+    results["tvm"] = compiled.latency(feed, repeat=repeat, warmup=warmup).as_dict()
 
     session = onnxruntime_session(onnx_of(model, x), threads=threads)
-    feed = {session.get_inputs()[0].name: x}
-    ort_out = session.run(None, feed)[0]
+    ort_outs = session.run(None, feed)
     results["onnxruntime"] = time_callable(lambda: session.run(None, feed), repeat=repeat,
                                            warmup=warmup).as_dict()
-    results["max_abs_diff"] = {"tvm_vs_onnxruntime": float(np.max(np.abs(tvm_out - ort_out)))}
+    diffs = [float(np.max(np.abs(t - o))) for t, o in zip(tvm_outs, ort_outs, strict=True)]
+    results["max_abs_diff"] = {"tvm_vs_onnxruntime": max(diffs)}
+    if len(diffs) > 1:  # every output compared; the worst one above
+        names = model.outputs or tuple(str(i) for i in range(len(diffs)))
+        results["max_abs_diff_per_output"] = dict(zip(names, diffs, strict=True))
 
     if model.torch_module is not None:
         torch.set_num_threads(threads)
