@@ -31,6 +31,7 @@ from tvm_compress.cli.common import (
     report_internal_failure,
     split_holdout,
 )
+from tvm_compress.cli.report import add_report_args, kernel_report
 from tvm_compress.errors import UserError
 
 # PyTorch's OpenMP workers spin while waiting by default; on a machine whose cores are shared
@@ -107,6 +108,7 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
             "weight_bytes": folded_weight_bytes(model), "library_bytes": out.stat().st_size}
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2))
+    meta.update(kernel_report(args, con, compiled))
     con.out.print(f"wrote {out} ({meta['library_bytes']:,} bytes) and {meta_path}")
     return meta
 
@@ -155,6 +157,7 @@ def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
+    from tvm_compress.backend.build import build
     from tvm_compress.runtime.bench import benchmark
     from tvm_compress.runtime.remote import bench_command, parse_remote
 
@@ -163,9 +166,12 @@ def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
         return bench_command(args, con, remote)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
+    with con.step(f"compiling for {args.target}"):
+        compiled = build(model, target=args.target)
     with con.step(f"benchmarking TVM ({args.target}), ONNX Runtime, PyTorch"):
-        result = benchmark(model, target=args.target, repeat=args.repeat)
+        result = benchmark(model, target=args.target, repeat=args.repeat, compiled=compiled)
     _print_bench(con, result)
+    result.update(kernel_report(args, con, compiled, profile=True))
     return result
 
 
@@ -300,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--int8", action="store_true",
                            help="quantize to int8 first (default config, calibrated on the zoo "
                                 "model's calibration split)")
+            add_report_args(p)
         if name == "eval":
             p.add_argument("--data", help=".npz with 'images' (and 'labels'); default: the zoo "
                                           "model's own test data")
@@ -310,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_quantize_args(p)
         if name == "bench":
             p.add_argument("--repeat", type=int, default=50, help="timed runs per runtime")
+            add_report_args(p, profile_default=True)
             from tvm_compress.runtime.remote import add_remote_args
 
             add_remote_args(p)
