@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 from tvm_compress.errors import UserError
 
 
@@ -47,7 +45,7 @@ def measure_peak(*, threads: int | None = None, size: int = 1024,
             "method": f"torch.mm {size}x{size}, best of {repeat}, {threads} threads"}
 
 
-def profile_kernels(compiled: Any, x: np.ndarray | None = None, *, runs: int = 5,
+def profile_kernels(compiled: Any, x: Any = None, *, runs: int = 5,
                     peak_gflops: float | None = None) -> list[dict[str, Any]]:
     """Every kernel of ``compiled`` with its rule, calls, time per run, share, GFLOP/s.
 
@@ -55,8 +53,9 @@ def profile_kernels(compiled: Any, x: np.ndarray | None = None, *, runs: int = 5
     ----------
     compiled : CompiledModel
         Built for this host (``compiled.kernels`` set by ``build``).
-    x : ndarray, optional
-        Input; a seeded random one of the model's shape by default.
+    x : ndarray or dict, optional
+        Input (one array, or {input name: array}); random inputs of the model's shapes by
+        default.
     runs : int
         Instrumented runs; each call site's minimum over them is kept.
     peak_gflops : float, optional
@@ -68,18 +67,14 @@ def profile_kernels(compiled: Any, x: np.ndarray | None = None, *, runs: int = 5
         Sorted by time, slowest first: ``name, rule, kind, calls, us_per_call, ms_per_run,
         share, gflops, pct_peak`` (kernels not called in a run have no time fields).
     """
-    import tvm
-
+    from tvm_compress.frontend.inputs import random_feed
     from tvm_compress.runtime.bench import kernel_call_times
 
     if compiled.kernels is None:
         raise UserError("this build has no kernel report (GPU target or schedule='none'); "
                         "build for a CPU target with the default schedules")
-    if x is None:
-        x = np.random.default_rng(0).standard_normal(compiled.spec.shape).astype(
-            compiled.spec.dtype)
-    calls = kernel_call_times(compiled.vm, tvm.runtime.tensor(compiled.check_input(x)),
-                              runs=runs)
+    args = compiled._args((random_feed(compiled.specs) if x is None else x,))
+    calls = kernel_call_times(compiled.vm, *args, runs=runs)
     rows = []
     for info in compiled.kernels:
         row: dict[str, Any] = info.as_dict()
