@@ -122,7 +122,7 @@ def output_order(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int
     try:
         index_map = tirx.IndexMap(variables, indices, None)
         sch.transform_block_layout(block, index_map)
-    except (s_tir.schedule.ScheduleError, tvm.error.TVMError, ValueError):
+    except (s_tir.schedule.ScheduleError, RuntimeError, ValueError):
         return
     _tile_transpose(sch, block, lanes)
 
