@@ -10,7 +10,8 @@ schedules) and measured by :class:`tvm_compress.tuning.evaluator.QuantEvaluator`
   unlabelled crops of real photos (default 64), calibration sizes 1 / 3 / 32 from 32 crops of other
   photos; with ``--mobilenet-calib`` the space is restricted to those calibration sizes.
 
-Records are appended (flush + fsync) to ``tvm_compress/tuning/quantune/prior/paper_space.jsonl`` as each
+Records are appended (flush + fsync) to ``tvm_compress/tuning/quantune/prior/paper_space.jsonl`` as
+each
 trial finishes, so the sweep runs in chunks: kill it, rerun it, it resumes where it stopped. That
 file ships with the package as Quantune's prior. Calibration statistics are collected once per
 (calibration size, fp32 layers) and shared by the 16 configurations of the group.

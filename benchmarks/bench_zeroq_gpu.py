@@ -7,7 +7,8 @@ calibration, integer build and evaluation stay on this machine, as in `bench_zer
 1. ``prepare`` (here): the zoo MobileNetV2 weights and a tvm-ffi wheel into ``--dir`` (install it
    on the GPU machine as ``benchmarks/gpu_steps.py`` says).
 2. ``device`` (GPU machine, torch only): distills 32 inputs for each recipe in ``RECIPES``
-   (Adam, cosine lr, seed 0) with :func:`tvm_compress.tuning.zeroq.distill.distill` on ``cuda``; writes
+   (Adam, cosine lr, seed 0) with :func:`tvm_compress.tuning.zeroq.distill.distill` on ``cuda``;
+   writes
    ``zeroq_<recipe>.npy`` (float16, to fit the transfer limit) and ``zeroq_gpu.json``.
 3. ``evaluate`` (here): W8A8 calibrated on each distilled set, on 32 real photo crops and on
    Gaussian noise, with minmax and percentile calibration; top-1 agreement with fp32 on the 20

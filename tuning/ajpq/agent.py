@@ -3,7 +3,8 @@
 Two actor-critic pairs walk the layers in graph order: the **layer controller** sees the layer
 embedding and outputs the sparsity action of the channel group the layer decides; the **channel
 controller** sees the same embedding plus the sparsity just taken and outputs the mean bit-width
-of the layer's kept channels (spread over channels by importance, see :mod:`tvm_compress.tuning.ajpq.joint`).
+of the layer's kept channels (spread over channels by importance, see
+:mod:`tvm_compress.tuning.ajpq.joint`).
 
 As in AMC and HAQ the episode's reward (proxy accuracy of the constrained plan) is given to every
 step of the episode, minus a moving-average baseline; with discount 1 the critic therefore regresses

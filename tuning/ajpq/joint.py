@@ -3,7 +3,8 @@
 Pruning a channel is quantizing it to 0 bits, so one search decides both. The search space here:
 
 * **layer controller**: per channel group (the coupled channels of
-  :mod:`tvm_compress.graph.channel_groups`: a conv's outputs, its BN, the depthwise conv after it, every
+  :mod:`tvm_compress.graph.channel_groups`: a conv's outputs, its BN, the depthwise conv after it,
+  every
   tensor joined by a residual add) a sparsity in ``[0, max_sparsity]``, decided at the group's
   first producer layer in graph order, kept-channel counts rounded to ``granule``;
 * **channel controller**: per layer a mean bit-width ``B`` in ``[2, 8]`` spread over its kept
@@ -156,6 +157,25 @@ class JointPlan:
                 "channel_bits": {layer.name: space.channel_bits(self, layer).tolist()
                                  for layer in space.layers},
                 "crop_plan": {str(g): v for g, v in space.crop_plan(self).items()}}
+
+
+def compression_plan(space: JointSpace, plan: JointPlan, *, method: str = "ajpq",
+                     budget: str | None = None, seed: int | None = None,
+                     metrics: dict[str, Any] | None = None) -> Any:
+    """A joint plan as a :class:`~tvm_compress.plan.CompressionPlan`: crop + per-channel bits.
+
+    The plan holds the structure only; AJPQ's fine-tuned weights are not part of it.
+    """
+    from tvm_compress.plan import CompressionPlan, Provenance, crop_plan_by_name
+    from tvm_compress.quant.config import QuantConfig, QuantSpec
+
+    config = QuantConfig(weight=QuantSpec(8, "symmetric", "per_channel"),
+                         activation=QuantSpec(8, "asymmetric"), calibration="minmax")
+    return CompressionPlan(
+        crop=crop_plan_by_name(space.model.mod, space.crop_plan(plan)), quant=config,
+        channel_bits={layer.name: tuple(int(b) for b in space.channel_bits(plan, layer))
+                      for layer in space.layers},
+        provenance=Provenance(method, budget=budget, seed=seed, metrics=metrics or {}))
 
 
 def _split_bits(mean: float) -> tuple[int, float]:
@@ -723,19 +743,6 @@ def finetune(space: JointSpace, plan: JointPlan, images: np.ndarray, labels: np.
 
 # ------------------------------------------------------------------------------ realization
 
-def _channel_qparams(weight: np.ndarray, axis: int, bits: np.ndarray):  # noqa: ANN202
-    """Symmetric per-channel parameters with per-channel bit-widths (int8 storage)."""
-    from tvm_compress.quant.qparams import QParams
-
-    moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-    amax = np.abs(moved).max(1).astype(np.float64)
-    qmax_c = 2.0 ** (bits.astype(np.float64) - 1) - 1
-    scale = np.where(amax > 0, amax / qmax_c, 1.0).astype(np.float32)
-    top = int(bits.max())
-    qmax = 2 ** (top - 1) - 1
-    return QParams(scale, np.zeros(len(scale), dtype=np.int32), -qmax, qmax, "int8", axis, top)
-
-
 def swap_weights(mod: tvm.IRModule, space: JointSpace,
                  weights: dict[str, torch.Tensor]) -> tvm.IRModule:
     """``mod`` (the Relax import of ``space.folded``) with each layer's weight and bias constants
@@ -812,6 +819,7 @@ def realize(space: JointSpace, plan: JointPlan, calib_images: np.ndarray, *,
     from tvm_compress.passes.realize_integer import RealizeInteger
     from tvm_compress.quant.calibration import calibrate
     from tvm_compress.quant.config import LayerOverride, QuantConfig, QuantSpec
+    from tvm_compress.quant.qparams import channel_bits_qparams
     from tvm_compress.quant.quantize import QuantizedModel, float_layers
     from tvm_compress.runtime.metrics import weight_bytes
 
@@ -838,7 +846,7 @@ def realize(space: JointSpace, plan: JointPlan, calib_images: np.ndarray, *,
     wq = {}
     for site in graph.layers:
         b = bits[site.layer.name]
-        wq[site.layer.name] = _channel_qparams(site.weight.value.numpy(), site.weight_axis,
+        wq[site.layer.name] = channel_bits_qparams(site.weight.value.numpy(), site.weight_axis,
                                                b[b > 0])
     simulated = InsertQDQ(config, act, weight_overrides=wq)(mod)
     realized = RealizeInteger()(simulated)

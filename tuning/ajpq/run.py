@@ -51,7 +51,13 @@ def run_ajpq(torch_module: Any, settings: AJPQSettings, *, name: str = "model",
     from tvm_compress.backend.build import build
     from tvm_compress.data import fashion_mnist
     from tvm_compress.tuning.ajpq.agent import ajpq_search, random_search, sequential_search
-    from tvm_compress.tuning.ajpq.joint import JointSpace, parse_budget, realize, within_budget
+    from tvm_compress.tuning.ajpq.joint import (
+        JointSpace,
+        compression_plan,
+        parse_budget,
+        realize,
+        within_budget,
+    )
     from tvm_compress.tuning.ajpq.joint import finetune as run_finetune
 
     budget = parse_budget(settings.budget)
@@ -140,7 +146,14 @@ def run_ajpq(torch_module: Any, settings: AJPQSettings, *, name: str = "model",
             entry["speedup_vs_fp32"] = fp32_lat["median_ms"] / lat["median_ms"]
         report["methods"][method] = entry
         if out_dir is not None:
-            (out_dir / f"plan_{method}.json").write_text(json.dumps(entry["plan"], indent=1))
+            (out_dir / f"joint_{method}.json").write_text(json.dumps(entry["plan"], indent=1))
+            cplan = compression_plan(space, plan, method=method, budget=str(budget),
+                                     seed=settings.seed, metrics={
+                                         k: entry.get(k) for k in ("test_accuracy",
+                                                                   "weight_bytes")})
+            cplan.save(out_dir / f"plan_{method}.json")
+            if method == "ajpq":
+                cplan.save(out_dir / "plan.json")
     report["episodes"] = {m: [r["reward"] for r in s.records] for m, s in searches.items()
                           if m != "sequential"}
     if out_dir is not None:

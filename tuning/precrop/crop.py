@@ -4,11 +4,13 @@ Accuracy after pruning at initialization depends on the layer-wise densities ``p
 weights a sparse mask keeps. PreCrop therefore builds a *dense* narrower network with those
 densities and trains it from scratch. Steps, each usable on its own:
 
-1. densities: a pruning-at-init scorer (:mod:`tvm_compress.tuning.precrop.scores`) at a global sparsity
+1. densities: a pruning-at-init scorer (:mod:`tvm_compress.tuning.precrop.scores`) at a global
+sparsity
    (``allocation="score"``), or the budgeted allocation :func:`convex_densities` (maximize
    ``sum_l log p_l`` subject to a parameter or MAC budget; ``allocation="convex"``);
 2. channel counts by the sqrt rule: a channel group (the coupled axes of
-   :mod:`tvm_compress.graph.channel_groups`) is scaled by the density-weighted width ``sqrt(p_l)`` of the
+   :mod:`tvm_compress.graph.channel_groups`) is scaled by the density-weighted width ``sqrt(p_l)``
+   of the
    layers producing it (``p_l`` itself for a depthwise producer, whose weights scale with one
    side only), rounded up to a ``multiple`` (default 8), at least ``min_channels``, at most the
    group. The published rule does not meet a budget exactly once widths are coupled and rounded, so
@@ -300,6 +302,17 @@ class PreCropPlan:
         data.pop("achieved_fraction", None)
         data["crop"] = {int(k): list(v) for k, v in data["crop"].items()}
         return cls(**data)
+
+    def to_compression_plan(self, *, seed: int | None = None) -> Any:
+        """The plan as a :class:`~tvm_compress.plan.CompressionPlan` (groups by producer name)."""
+        from tvm_compress.plan import CompressionPlan, Provenance
+
+        producers = {g["id"]: g["producers"] for g in self.groups}
+        crop = {producers[gid][0]: tuple(kept) for gid, kept in self.crop.items()}
+        return CompressionPlan(crop=crop, provenance=Provenance(
+            "precrop", model=self.model, budget=self.budget, seed=seed,
+            metrics={"scorer": self.scorer, "allocation": self.allocation,
+                     "dense": dict(self.dense), "achieved": dict(self.achieved)}))
 
     def to_pass(self) -> Any:
         """The CropChannels pass of this plan (for the Relax module it was made on)."""

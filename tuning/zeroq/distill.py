@@ -122,7 +122,8 @@ def distill(model: Model | torch.nn.Module, *, sample_shape: tuple[int, ...] | N
     Parameters
     ----------
     model : Model or torch.nn.Module
-        A :class:`~tvm_compress.frontend.importers.Model` (its torch module, or its ONNX graph converted to
+        A :class:`~tvm_compress.frontend.importers.Model` (its torch module, or its ONNX graph
+        converted to
         torch) or a torch module directly (then ``sample_shape`` is required).
     sample_shape : tuple, optional
         Shape of one input sample without the batch axis (default: the model's input shape).

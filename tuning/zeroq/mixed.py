@@ -2,7 +2,8 @@
 
 Sensitivity of layer ``i`` at ``k`` bits is the mean KL(fp32 output || output with only layer
 ``i``'s weight quantized to ``k`` bits) on distilled data. It is simulated in PyTorch (fake-quant of
-that one weight with the same :func:`~tvm_compress.quant.qparams.weight_qparams` the TVM pipeline uses)
+that one weight with the same :func:`~tvm_compress.quant.qparams.weight_qparams` the TVM pipeline
+uses)
 rather than by building a TVM module per (layer, bits); the chosen configuration is then realized
 and measured with the real integer build. Per-channel symmetric quantization commutes with folding
 a BatchNorm into the conv before it (folding scales whole output channels), so quantizing the

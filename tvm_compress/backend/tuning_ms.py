@@ -320,6 +320,8 @@ def tune(model: Any, target: tvm.target.Target, *, trials: int, db_dir: str | Pa
     with quiet_meta_schedule_logs(), without_tensor_intrinsics():
         if is_aarch64(target):  # meta-schedule's ARM rules name the NEON / dot-product ones
             importlib.import_module("tvm.s_tir.tensor_intrin.arm_cpu")
+        elif target.kind.name == "llvm":  # its x86 rules name VNNI / AVX-512 ones where present
+            importlib.import_module("tvm.s_tir.tensor_intrin.x86")
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(raw_path), num_threads=1, seed=seed, strategy=_strategy(population))
     raw = open_database(raw_path, create=True)

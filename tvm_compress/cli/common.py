@@ -238,8 +238,16 @@ def add_common(p: argparse.ArgumentParser, *, model: bool = True, target: bool =
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def add_base_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-plan", action="append", metavar="PLAN.json",
+                   help="search on the model as cropped by this plan (repeatable; e.g. a "
+                        "PreCrop or AJPQ crop); then compose both with `tvm-compress compress`")
+
+
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     from tvm_compress.quant.config import CALIBRATIONS, GRANULARITIES, SCHEMES
+
+    add_base_plan(p)
 
     p.add_argument("--calib", default="auto", help="calibration .npz ('images'), 'distilled' "
                    "(data-free, ZeroQ) or 'auto': the zoo model's calibration split")

@@ -93,7 +93,7 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.quant.quantize import folded_weight_bytes
 
     target = resolve_target(args.target)
-    if not args.output.endswith(".so"):  # a directory: deployment bundle (tvm_compress.runtime.deploy)
+    if not args.output.endswith(".so"):  # a directory: deployment bundle (runtime.deploy)
         from tvm_compress.runtime.deploy import compile_command
 
         return compile_command(args, con, target)
@@ -181,6 +181,18 @@ def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
 
 
+def _write_plan(out: Path, config: Any, method: str, args: argparse.Namespace,
+                metrics: dict[str, Any]) -> Path:
+    from tvm_compress.plan import CompressionPlan, Provenance
+
+    keep = {k: v for k, v in metrics.items() if k in ("weight_bytes", "fp32_weight_bytes",
+                                                      "evaluation", "fp32_layers")}
+    plan = CompressionPlan(quant=config, provenance=Provenance(
+        method, model=args.model, base=tuple(getattr(args, "base_plan", None) or ()),
+        metrics=keep))
+    return plan.save(out / "plan.json")
+
+
 def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.backend.build import build
     from tvm_compress.frontend.inputs import num_samples, take
@@ -234,6 +246,7 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
+        _write_plan(out, config, "quantize", args, result)
         int8.export(out / "model.so")
         result["output"] = str(out)
     _print_quant(con, result)
@@ -251,6 +264,8 @@ def _print_quant(con: Console, r: dict[str, Any]) -> None:
         rows.append(["latency ms", r["fp32"]["latency"]["median_ms"],
                      r["quantized"]["latency"]["median_ms"]])
     con.table(f"{r['model']}: fp32 vs quantized", ["metric", "fp32", "quantized"], rows)
+    if "evaluation" in r:
+        con.err.print(f"[yellow]note:[/yellow] {r['evaluation']}")
     if r["fp32_layers"]:
         con.err.print(f"[yellow]kept in fp32:[/yellow] {', '.join(r['fp32_layers'])}")
 
@@ -271,7 +286,8 @@ def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 # Commands that live in their own module ``tvm_compress.cli.<name>``: each module defines ``HELP``
 # (one line), ``add_arguments(parser)`` and ``run(args, con) -> dict`` and keeps heavy imports
 # inside ``run`` so that ``--help`` stays fast. Add a command by adding its name here.
-PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop", "tune", "zeroq")
+PLUGIN_COMMANDS: tuple[str, ...] = ("ajpq", "quantune", "precrop", "tune", "zeroq", "train",
+                                     "compress")
 
 
 def build_parser() -> argparse.ArgumentParser:

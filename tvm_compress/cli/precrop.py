@@ -1,7 +1,8 @@
 """``tvm-compress precrop``: crop a freshly initialized zoo architecture to a params / MACs budget.
 
-Writes (with ``-o DIR``) ``plan.json`` (the PreCrop plan: crop plan per channel group, widths,
-achieved params / MACs), ``cropped.pt`` (state_dict of the cropped torch module, to train from
+Writes (with ``-o DIR``) ``plan.json`` (the CompressionPlan: kept channels per group),
+``precrop.json`` (details: widths, densities, achieved params / MACs), ``cropped.pt`` (state_dict
+of the cropped torch module, to train from
 scratch) and ``cropped.onnx``; prints the per-layer channel counts before and after.
 """
 
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-channels", type=int, default=8, help="minimum channels per group")
     p.add_argument("--iterations", type=int, default=20, help="SynFlow rounds (default 20)")
     p.add_argument("--seed", type=int, default=0, help="initialization / random scorer seed")
-    p.add_argument("-o", "--output", help="directory for plan.json, cropped.pt, cropped.onnx")
+    p.add_argument("-o", "--output", help="directory for plan.json (the CompressionPlan), "
+                                          "precrop.json (details), cropped.pt, cropped.onnx")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -79,8 +81,9 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
 
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        files["plan"] = str(out / "plan.json")
-        (out / "plan.json").write_text(plan.to_json())
+        files["plan"] = str(plan.to_compression_plan(seed=args.seed).save(out / "plan.json"))
+        files["precrop"] = str(out / "precrop.json")
+        (out / "precrop.json").write_text(plan.to_json())
         files["state_dict"] = str(out / "cropped.pt")
         torch.save(result.module.state_dict(), out / "cropped.pt")
         with con.step(f"exporting {out / 'cropped.onnx'}"):

@@ -24,9 +24,10 @@ ZOO_VAL_DEFAULT = 500   # validation images per trial on zoo data (--limit 0: al
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tvm_compress.cli.common import add_common
+    from tvm_compress.cli.common import add_base_plan, add_common
 
     add_common(p, target=True)
+    add_base_plan(p)
     p.set_defaults(batch=0)
     p.add_argument("--calib", default="auto", help="calibration .npz ('images'); default: the zoo "
                                                    "model's calibration split")
@@ -135,6 +136,8 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
 
     from tvm_compress import load
     from tvm_compress.backend.build import build
+    from tvm_compress.frontend.loader import apply_base_plans
+    from tvm_compress.plan import CompressionPlan, Provenance
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.tuning.evaluator import QuantEvaluator
     from tvm_compress.tuning.quantune.space import make_space
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     records = RecordsFile(records_path)  # a corrupt file fails here, naming the line
     batch = args.batch or (50 if args.model.startswith("zoo:fmnist") else 1)
     with con.step(f"importing {args.model}"):
-        model = load(args.model, batch=batch)
+        model = apply_base_plans(load(args.model, batch=batch), args.base_plan or [])
     calib, images, labels, what = _data(args, model)
     evaluator = QuantEvaluator(model, calib=calib, images=images, labels=labels,
                                target=args.target, records=records,
@@ -197,8 +200,13 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
                 build(qmodel.model, target=args.target).export(library)
             stamp.write_text(key)
         config_file.write_text(config.to_json())
+        plan = CompressionPlan(quant=config, provenance=Provenance(
+            "quantune", model=args.model, seed=getattr(args, "seed", None),
+            base=tuple(args.base_plan or ()),
+            metrics={"best": payload.get("best"), "trials": len(payload.get("trials") or [])}))
         payload["files"] = {"config": str(out / "best_config.json"),
-                            "model": str(out / "model.so")}
+                            "model": str(out / "model.so"),
+                            "plan": str(plan.save(out / "plan.json"))}
     (out / "search.json").write_text(json.dumps(payload, indent=1))
     payload["plot"] = _plot(result, out / "best_vs_trials.png", metric)
     _print(con, payload, result)

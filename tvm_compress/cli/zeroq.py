@@ -19,10 +19,11 @@ HELP = "data-free quantization (ZeroQ): distilled calibration, Pareto mixed prec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tvm_compress.cli.common import add_common
+    from tvm_compress.cli.common import add_base_plan, add_common
     from tvm_compress.quant.config import CALIBRATIONS
 
     add_common(p, target=True)
+    add_base_plan(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--size-budget", help="mixed precision: weight+bias bytes, e.g. 2.5MB")
     budget.add_argument("--avg-bits", type=float, help="mixed precision: average weight bits")
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     from tvm_compress.backend.targets import resolve_target
     from tvm_compress.cli.common import load_model
     from tvm_compress.errors import UserError
+    from tvm_compress.plan import CompressionPlan, Provenance
     from tvm_compress.quant.config import QuantConfig, QuantSpec
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.tuning.zeroq.distill import distill, torch_module_of
@@ -116,8 +118,13 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
         compiled.export(out / "model.so")
+        CompressionPlan(quant=config, provenance=Provenance(
+            "zeroq", model=args.model, budget=getattr(args, "size_budget", None),
+            seed=getattr(args, "seed", None), base=tuple(args.base_plan or ()),
+            metrics={k: result.get(k) for k in ("weight_bytes", "evaluation")}
+        )).save(out / "plan.json")
         if plan is not None:
-            (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1, default=str))
+            (out / "mixed.json").write_text(json.dumps(plan.to_dict(), indent=1, default=str))
             result["frontier_png"] = str(plot_frontier(plan, out / "frontier.png",
                                                             title=f"ZeroQ {model.name}"))
         result["output"] = str(out)

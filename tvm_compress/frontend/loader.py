@@ -11,7 +11,9 @@ from tvm_compress.errors import UserError
 
 def load(ref: str, *, batch: int = 1,
          input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> Any:
-    """Load ``zoo:NAME`` or an ONNX file path as a :class:`~tvm_compress.frontend.importers.Model`."""
+    """Load ``zoo:NAME`` or an ONNX file path as a
+    :class:`~tvm_compress.frontend.importers.Model`.
+    """
     if ref.startswith("zoo:"):
         from tvm_compress.zoo import load_zoo
 
@@ -23,7 +25,18 @@ def load(ref: str, *, batch: int = 1,
 
     if not Path(ref).exists():
         raise UserError(f"model file not found: {ref} (give an ONNX file path or zoo:NAME)")
-    return from_onnx(ref, batch=batch, input_shapes=input_shapes)
+    model = from_onnx(ref, batch=batch, input_shapes=input_shapes)
+    return with_task_from_metadata(model)
+
+
+def with_task_from_metadata(model: Any) -> Any:
+    """The zoo task an ONNX file records (``tvm-compress train`` writes ``tvm_compress.task``)."""
+    onnx_model = getattr(model, "onnx_model", None)
+    if model.task is None and onnx_model is not None:
+        meta = {p.key: p.value for p in onnx_model.metadata_props}
+        if meta.get("tvm_compress.task"):
+            model.task = meta["tvm_compress.task"]
+    return model
 
 
 def parse_input_shapes(values: Sequence[str]) -> dict[str | None, tuple[int, ...]]:
@@ -47,6 +60,21 @@ def parse_input_shapes(values: Sequence[str]) -> dict[str | None, tuple[int, ...
 
 
 def load_from_args(args: Any) -> Any:
-    """The model a command's ``MODEL`` argument (and ``--batch``) names."""
-    return load(args.model, batch=getattr(args, "batch", 1),
+    """The model a command's ``MODEL`` argument (and ``--batch``) names, after ``--base-plan``."""
+    model = load(args.model, batch=getattr(args, "batch", 1),
                  input_shapes=parse_input_shapes(getattr(args, "input_shape", None) or []))
+    return apply_base_plans(model, getattr(args, "base_plan", None) or [])
+
+
+def apply_base_plans(model: Any, paths: list[str]) -> Any:
+    """Crop ``model`` by the plans a search builds on (``--base-plan``; crops only)."""
+    if not paths:
+        return model
+    from tvm_compress.plan import CompressionPlan, apply_plans
+
+    plans = [CompressionPlan.load(p) for p in paths]
+    for path, plan in zip(paths, plans, strict=True):
+        if plan.quantizes:
+            raise UserError(f"--base-plan {path} quantizes; a search builds on cropping plans "
+                            "only (give quantizing plans to `tvm-compress compress`)")
+    return apply_plans(model, plans)

@@ -155,9 +155,10 @@ def _points(view: DataflowView, sites: list[LayerSite], config: QuantConfig) -> 
         points[name] = point
         by_var[var] = point
 
-    for param in view.func.params:
+    for param in view.func.params:  # "input", then "input:NAME" for a model's further inputs
         if param in data_bits:
-            add(param, "input", data_bits[param][0])
+            add(param, "input" if "input" not in points else f"input:{param.name}",
+                data_bits[param][0])
     counters = {"add": 0, "concat": 0}
     for b in view.bindings:
         var, value = b.var, b.value

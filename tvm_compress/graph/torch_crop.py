@@ -36,7 +36,8 @@ def crop_torch_module(module: nn.Module, plan: CropPlan, *, mod: tvm.IRModule) -
     Parameters
     ----------
     module : torch.nn.Module
-        The module ``mod`` was imported from (``tvm_compress.frontend.importers.from_torch``); unchanged.
+        The module ``mod`` was imported from (``tvm_compress.frontend.importers.from_torch``);
+        unchanged.
     plan : mapping of int to list of int
         Channel group id (of ``analyze_channel_groups(mod)``) -> kept channel indices.
     mod : IRModule

@@ -3,7 +3,8 @@
 The library is a tvm-ffi extension built by ``pip install -e .`` from ``tvm_compress/quant/csrc``.
 NumPy arrays (and CPU torch tensors, through DLPack) reach the kernels without copies. Every
 wrapper validates its inputs and raises :class:`~tvm_compress.errors.UserError`; there is no NumPy
-fallback: the reference implementations in :mod:`tvm_compress.quant.entropy` define the same numbers and
+fallback: the reference implementations in :mod:`tvm_compress.quant.entropy` define the same
+numbers and
 are used by tests and benchmarks only.
 
 Accumulating functions update their output arrays in place. A batch containing NaN/Inf raises and
@@ -184,7 +185,8 @@ def kl_threshold(
 ) -> tuple[int, float]:
     """Entropy (KL) calibration over a histogram of ``|x|``: the number of kept bins ``i``.
 
-    Exactly :func:`tvm_compress.quant.entropy.kl_threshold_numpy` (see there for the P/Q construction,
+    Exactly :func:`tvm_compress.quant.entropy.kl_threshold_numpy` (see there for the P/Q
+    construction,
     smoothing and tie rule). The clipping threshold is ``i * max_abs / len(hist)``.
 
     Returns
@@ -203,7 +205,8 @@ def kl_curve(
     """Every candidate of :func:`kl_threshold` with its KL divergence, for plots and diagnostics.
 
     Computed with the O(num_quant_bins)-per-candidate prefix-sum evaluation, which agrees with
-    :func:`tvm_compress.quant.entropy.kl_curve_numpy` to about 1e-9 relative (``inf`` where undefined).
+    :func:`tvm_compress.quant.entropy.kl_curve_numpy` to about 1e-9 relative (``inf`` where
+    undefined).
 
     Returns
     -------

@@ -2,11 +2,13 @@
 
 Import: a QDQ model (``onnxruntime.quantization.quantize_static(..., quant_format=QDQ)``) goes
 through TVM's ONNX importer, which keeps QuantizeLinear / DequantizeLinear as ``quantize`` /
-``dequantize``. The plain :func:`tvm_compress.frontend.importers.from_onnx` ends with ``FoldConstant``,
+``dequantize``. The plain :func:`tvm_compress.frontend.importers.from_onnx` ends with
+``FoldConstant``,
 which would fold ``dequantize(int8 weight)`` into an fp32 constant and lose the integer weights
 that ``RealizeInteger`` needs, so the quantized weights are bound only after folding.
 
-Export: the simulated (QDQ) Relax module of a :class:`~tvm_compress.quant.quantize.QuantizedModel` is
+Export: the simulated (QDQ) Relax module of a :class:`~tvm_compress.quant.quantize.QuantizedModel`
+is
 translated binding by binding into an ONNX QDQ graph, in the form ONNX Runtime fuses into integer
 kernels: the int32 bias becomes the Conv's third input, and a ReLU / clip that the following
 QuantizeLinear already saturates is dropped (exactly equal results).

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tvm_compress.errors import UserError
 from tvm_compress.quant.config import QuantSpec
 
 # A tensor whose calibrated range is empty (all zeros) gets the range [-1, 1]: any scale would
@@ -95,3 +96,22 @@ def weight_qparams(weight: np.ndarray, spec: QuantSpec, *, axis: int) -> QParams
         moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
         return range_qparams(moved.min(1), moved.max(1), spec, axis=axis)
     return range_qparams(weight.min(), weight.max(), spec)
+
+
+def channel_bits_qparams(weight: np.ndarray, axis: int, bits: np.ndarray) -> QParams:
+    """Symmetric per-channel parameters with a bit-width per channel (int8 storage).
+
+    Channel ``c`` uses the integer range of ``bits[c]`` bits; the stored range is that of the
+    widest channel (the kernel is int8 either way; packing uses the real bit-widths).
+    """
+    bits = np.asarray(bits)
+    if bits.ndim != 1 or len(bits) != weight.shape[axis] or bits.min() < 2 or bits.max() > 8:
+        raise UserError(f"per-channel bits: need one value in 2-8 for each of the "
+                        f"{weight.shape[axis]} channels, got {bits.tolist()}")
+    moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    amax = np.abs(moved).max(1).astype(np.float64)
+    qmax_c = 2.0 ** (bits.astype(np.float64) - 1) - 1
+    scale = np.where(amax > 0, amax / qmax_c, 1.0).astype(np.float32)
+    top = int(bits.max())
+    qmax = 2 ** (top - 1) - 1
+    return QParams(scale, np.zeros(len(scale), dtype=np.int32), -qmax, qmax, "int8", axis, top)

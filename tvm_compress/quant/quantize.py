@@ -24,7 +24,7 @@ from tvm_compress.passes.insert_qdq import InsertQDQ, weight_params
 from tvm_compress.passes.realize_integer import RealizeInteger
 from tvm_compress.quant.calibration import CalibrationStats, calibrate, calibration_stats
 from tvm_compress.quant.config import QuantConfig
-from tvm_compress.quant.qparams import QParams
+from tvm_compress.quant.qparams import QParams, channel_bits_qparams
 from tvm_compress.runtime.metrics import weight_bytes
 
 _FLOAT_LAYER_OPS = ("relax.nn.conv2d", "relax.matmul")
@@ -98,7 +98,8 @@ def _check_calib(calib_data: Samples) -> Samples:
 
 def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, realize: bool = True,
              progress: bool = True, stats: CalibrationStats | None = None,
-             bias_correction: bool = False) -> QuantizedModel:
+             bias_correction: bool = False,
+             channel_bits: dict[str, np.ndarray] | None = None) -> QuantizedModel:
     """Quantize a model with a configuration and calibration data.
 
     Parameters
@@ -117,6 +118,9 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
     bias_correction : bool
         Subtract each layer's weight-quantization mean shift ``(W_q - W) @ E[x]`` from its bias
         (``tvm_compress.quant.bias_correction``; one more fp32 pass over the calibration data).
+    channel_bits : mapping of layer name -> bits per output channel, optional
+        Per-channel weight bit-widths (AJPQ plans); zeros mark channels already cropped away and
+        are dropped. Those layers get symmetric per-channel weights at these widths.
     """
     calib_data = _check_calib(calib_data)
     _check_weights(model.mod)
@@ -125,6 +129,7 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
     spec = model.inputs
     act = calibrate(folded, graph, config, calib_data, spec, progress=progress, stats=stats)
     weights = {s.layer.name: weight_params(s, config) for s in graph.layers}
+    weights.update(_channel_bit_weights(graph, channel_bits or {}))
     source = folded
     if bias_correction:
         from tvm_compress.quant.bias_correction import correct_biases, layer_input_means
@@ -142,6 +147,22 @@ def quantize(model: Model, config: QuantConfig, calib_data: np.ndarray, *, reali
         list(graph.fp32_layers)
     return QuantizedModel(model.with_mod(mod), simulated, folded, config, act, weights, graph,
                           fp32)
+
+
+def _channel_bit_weights(graph: QuantGraph, channel_bits: dict[str, np.ndarray]
+                         ) -> dict[str, QParams]:
+    sites = {s.layer.name: s for s in graph.layers}
+    unknown = sorted(set(channel_bits) - set(sites))
+    if unknown:
+        raise UserError(f"per-channel bits name layers that are not quantized here: "
+                        f"{', '.join(unknown[:5])}; see `tvm-compress inspect MODEL`")
+    out = {}
+    for name, bits in channel_bits.items():
+        bits = np.asarray(bits)
+        site = sites[name]
+        out[name] = channel_bits_qparams(site.weight.value.numpy(), site.weight_axis,
+                                         bits[bits > 0])
+    return out
 
 
 def _check_weights(mod: tvm.IRModule) -> None:

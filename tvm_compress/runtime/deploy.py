@@ -4,7 +4,8 @@ A bundle is a self-contained directory::
 
     model.so        the compiled model (Relax VM executable, cross-compiled for the device)
     model.json      input name / shape / dtype, target, sizes
-    runner          C++ runner (tvm_compress/runtime/runner/runner.cc): `run` (.npy in/out, timing) and
+    runner          C++ runner (tvm_compress/runtime/runner/runner.cc): `run` (.npy in/out, timing)
+    and
                     `rpc` (a TVM RPC server, also registers with a tracker)
     lib/            libtvm_runtime.so and libtvm_ffi.so of the matching apache-tvm wheels
     input.npy       a sample input

@@ -3,7 +3,8 @@
 ``--rpc HOST:PORT`` connects to one server; ``--tracker HOST:PORT --key KEY`` asks a TVM tracker
 (``python -m tvm.exec.rpc_tracker``) for a free device of that key - the engine of a device farm.
 Servers: TVM's Python ``python -m tvm.exec.rpc_server`` or, on a device without Python, the
-bundle's C++ ``runner rpc`` (tvm_compress/runtime/runner/runner.cc), which also registers with a tracker.
+bundle's C++ ``runner rpc`` (tvm_compress/runtime/runner/runner.cc), which also registers with a
+tracker.
 
 Each finished measurement is appended to a JSONL records file at once (flushed), so a server that
 dies mid-run loses nothing already measured; the error names the server and the records file.

@@ -181,6 +181,9 @@ int CmdRun(const Args& args) {
   }
   if (inputs.empty()) throw Error("give at least one --input FILE.npy");
 
+  // dlopen looks a bare file name up on the library search path, not in the current directory:
+  // `--model model.so` (as the bundle README writes it) means the file here.
+  if (model.find('/') == std::string::npos) model = "./" + model;
   ffi::Module lib = ffi::Module::LoadFromFile(model);
   ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   // device type, device id, allocator (2: pooled) - the same as relax.VirtualMachine on a CPU.
