@@ -74,7 +74,7 @@ class _Inserter(relax.PyExprMutator):
         self.params_done = True
         for var, point in self.points.items():
             if isinstance(var, relax.Var) and not isinstance(var, relax.DataflowVar) and \
-                    point.name == "input":
+                    (point.name == "input" or point.name.startswith("input:")):
                 self.set_var_remap(var, qdq(self.builder_, var, self.act[point.name],
                                             point.name))
 

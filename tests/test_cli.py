@@ -85,4 +85,4 @@ def test_eval_bad_data_file(capsys, tiny_onnx, tmp_path):
     assert "has no 'images' array" in capsys.readouterr().err
     np.savez(tmp_path / "wrong.npz", images=np.zeros((1, 3, 8, 8), "float32"))
     assert main(["eval", str(tiny_onnx), "--data", str(tmp_path / "wrong.npz")]) == 2
-    assert "model expects (3, 16, 16) per sample" in capsys.readouterr().err
+    assert "model input 'input' expects (3, 16, 16) per sample" in capsys.readouterr().err

@@ -72,9 +72,9 @@ def check_samples(data: Samples, specs: Sequence[InputSpec], what: str) -> dict[
             raise UserError(f"{what} is empty: give at least one sample for input '{spec.name}'")
         if tuple(arr.shape[1:]) != tuple(spec.shape[1:]):
             raise UserError(f"{what} samples have shape {tuple(arr.shape[1:])} but the model "
-                            f"expects {tuple(spec.shape[1:])} per sample for input "
-                            f"'{spec.name}'; resize or preprocess the data (or import with a "
-                            "matching --input-shape)")
+                            f"input '{spec.name}' expects {tuple(spec.shape[1:])} per sample; "
+                            "resize or preprocess the data (or import with a matching "
+                            "--input-shape)")
         if str(arr.dtype) != spec.dtype:
             raise UserError(f"{what} samples have dtype {arr.dtype} but the model input "
                             f"'{spec.name}' expects {spec.dtype}; convert them with "
