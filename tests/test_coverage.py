@@ -250,3 +250,12 @@ def test_compile_report_lists_every_kernel_with_its_rule(capsys, tmp_path) -> No
     assert main(argv[:-1] + ["--report"]) == 0
     printed = capsys.readouterr().out
     assert "conv2d_nchwc" in printed and "rule" in printed
+
+
+def test_gemv_columns_not_a_multiple_of_the_register_stay_vectorized() -> None:
+    # 1000 classes on AVX-512 (16 lanes): 8-lane vectors, not scalar columns
+    w = relax.const(np.ones((64, 1000), "float32"))
+    mod = _single_op((1, 64), lambda x: relax.op.matmul(x, w))
+    scheduled = default_schedule_pipeline(AVX512)(mod)
+    matmul = [f for gv, f in scheduled.functions_items() if "matmul" in gv.name_hint]
+    assert len(matmul) == 1 and "T.vectorized(8)" in matmul[0].script()

@@ -37,11 +37,14 @@ def find_matmul(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-def _column_tile(n: int, lanes: int, max_vectors: int) -> int:
-    if n % lanes:
-        return n if n <= 4 * lanes else 1
-    chunks = n // lanes
-    return lanes * max(u for u in range(1, max_vectors + 1) if chunks % u == 0)
+def _column_tile(n: int, lanes: int, max_vectors: int) -> tuple[int, int]:
+    """(columns per tile, vector width). Narrower vectors (half, quarter register) when ``n`` is
+    not a multiple of the register: 1000 classes on AVX-512 run as 8-lane vectors, not scalars."""
+    for width in (lanes, lanes // 2, lanes // 4):
+        if width >= 4 and n % width == 0:
+            chunks = n // width
+            return width * max(u for u in range(1, max_vectors + 1) if chunks % u == 0), width
+    return (n if n <= 4 * lanes else 1), lanes
 
 
 def schedule_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *, lanes: int,
@@ -50,14 +53,14 @@ def schedule_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *, lane
     *batch, i, j, k = sch.get_loops(block)
     # Up to (registers - 1) // 2 column vectors: each is an independent accumulator chain, and
     # a GEMV (one row) is latency bound with one (1280x1000 classifier: 207 -> 92 us).
-    cols = _column_tile(extent(sch, j), lanes, max(1, (registers - 1) // 2))
-    vectors = max(cols // lanes, 1)
+    cols, width = _column_tile(extent(sch, j), lanes, max(1, (registers - 1) // 2))
+    vectors = max(cols // width, 1)
     rows = max(r for r in range(1, 5) if extent(sch, i) % r == 0
                and r * vectors + vectors + 1 <= registers)
     i_o, i_i = sch.split(i, [None, rows])
     j_o, j_i = sch.split(j, [None, cols])
-    if cols % lanes == 0 and cols > lanes:
-        j_u, j_v = sch.split(j_i, [None, lanes])
+    if cols % width == 0 and cols > width:
+        j_u, j_v = sch.split(j_i, [None, width])
     else:
         j_u, j_v = None, j_i
     inner = [loop for loop in (i_i, j_u, j_v) if loop is not None]
