@@ -258,4 +258,4 @@ def test_gemv_columns_not_a_multiple_of_the_register_stay_vectorized() -> None:
     mod = _single_op((1, 64), lambda x: relax.op.matmul(x, w))
     scheduled = default_schedule_pipeline(AVX512)(mod)
     matmul = [f for gv, f in scheduled.functions_items() if "matmul" in gv.name_hint]
-    assert len(matmul) == 1 and "T.vectorized(8)" in matmul[0].script()
+    assert len(matmul) == 1 and "T.vectorized(T.int64(8))" in matmul[0].script()
