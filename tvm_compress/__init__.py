@@ -49,6 +49,9 @@ def load(ref: str, *, batch: int = 1,
          input_shapes: dict[str | None, tuple[int, ...]] | None = None) -> Model:
     """Load ``zoo:NAME`` or an ONNX file path as a
     :class:`~tvm_compress.frontend.importers.Model`.
+
+    ``input_shapes={name: shape}`` pins an ONNX file's dynamic dimensions (the key None names
+    the only input of a single-input model); ``batch`` pins a dynamic batch dimension.
     """
     from tvm_compress.frontend.loader import load as _load
 

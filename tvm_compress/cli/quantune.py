@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
 
     from tvm_compress import load
     from tvm_compress.backend.build import build
-    from tvm_compress.frontend.loader import apply_base_plans
+    from tvm_compress.frontend.loader import apply_base_plans, parse_input_shapes
     from tvm_compress.plan import CompressionPlan, Provenance
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.tuning.evaluator import QuantEvaluator
@@ -150,7 +150,9 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     records = RecordsFile(records_path)  # a corrupt file fails here, naming the line
     batch = args.batch or (50 if args.model.startswith("zoo:fmnist") else 1)
     with con.step(f"importing {args.model}"):
-        model = apply_base_plans(load(args.model, batch=batch), args.base_plan or [])
+        shapes = parse_input_shapes(args.input_shape or [])
+        model = apply_base_plans(load(args.model, batch=batch, input_shapes=shapes),
+                                 args.base_plan or [])
     calib, images, labels, what = _data(args, model)
     evaluator = QuantEvaluator(model, calib=calib, images=images, labels=labels,
                                target=args.target, records=records,
