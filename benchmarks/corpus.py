@@ -166,7 +166,7 @@ def _export(entry: CorpusEntry, dest: Path) -> None:
         warnings.simplefilter("ignore")
         if entry.export == "dynamo":
             torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=True,
-                              verbose=False)
+                              input_names=["input"], verbose=False)
         else:
             kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["output"]}
             if entry.export == "ts_bn":
