@@ -35,7 +35,8 @@ def test_corpus_lists_every_source_the_issue_names() -> None:
 
 
 @pytest.mark.parametrize("entry", [
-    pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.name in SLOW else []) for e in ENTRIES])
+    pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.name in SLOW else [])
+    for e in ENTRIES])
 def test_corpus_model_imports_compiles_and_matches_onnxruntime(entry: corpus.CorpusEntry
                                                                ) -> None:
     import tvm_compress as tc
