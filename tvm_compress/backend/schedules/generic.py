@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir, tirx
 
 from tvm_compress.backend.schedules.blocks import (
@@ -127,29 +126,46 @@ def output_order(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int
     _tile_transpose(sch, block, lanes)
 
 
+def _contiguous_source(last: tirx.PrimExpr, iter_vars: list) -> tuple[int, int] | None:
+    """(iterator index, block) when the input's innermost index is ``v`` (block 0) or
+    ``v % block`` for a block iterator ``v``."""
+    var, block = last, 0
+    if isinstance(last, tirx.FloorMod) and isinstance(last.b, tirx.IntImm):
+        var, block = last.a, int(last.b.value)
+    for i, iv in enumerate(iter_vars):
+        if isinstance(var, tirx.Var) and var.same_as(iv.var):
+            return i, block
+    return None
+
+
 def _tile_transpose(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
-    """When a short outer loop walks the input's contiguous axis (unpacking NCHW[x]c: the
-    channel block), move it inside a tile of the innermost loop, so that each tile reads one
-    contiguous run of the input instead of one element of every cache line."""
+    """When an outer loop walks the input's contiguous axis (unpacking NCHW[x]c: the channel
+    block ``c % x``), move that block inside a tile of the innermost loop, so that each tile
+    reads contiguous runs of the input instead of one element of every cache line."""
     stmt = sch.get(block)
     loops = sch.get_loops(block)
-    if len(loops) < 2 or not stmt.reads:
+    if len(loops) < 2 or not stmt.reads or len(stmt.iter_vars) != len(loops):
         return
     source = max(stmt.reads, key=lambda r: len(r.region))
-    last = source.region[-1].min
     # right after transform_block_layout, block iterator i is bound to loop i
-    found = [i for i, iv in enumerate(stmt.iter_vars[:-1])
-             if isinstance(last, tirx.Var) and last.same_as(iv.var)]
-    if not found or len(stmt.iter_vars) != len(loops):
+    found = _contiguous_source(source.region[-1].min, list(stmt.iter_vars))
+    if found is None or found[0] == len(loops) - 1:
         return
-    j = found[0]
+    j, cblock = found
+    size = extent(sch, loops[j])
+    if cblock and size > cblock and size % cblock == 0:
+        j_outer, j_inner = sch.split(loops[j], [None, cblock])
+    elif size <= 4 * lanes:
+        j_outer, j_inner = None, loops[j]
+    else:
+        return
     inner_size = extent(sch, loops[-1])
     tile = next((t for t in (4 * lanes, 2 * lanes, lanes) if inner_size % t == 0), None)
-    if tile is None or extent(sch, loops[j]) > 4 * lanes or tile == inner_size:
+    if tile is None or tile == inner_size:
         return
     outer, inner = sch.split(loops[-1], [None, tile])
-    rest = [lp for i, lp in enumerate(loops[:-1]) if i != j]
-    sch.reorder(*rest, outer, loops[j], inner)
+    rest = [j_outer if i == j else lp for i, lp in enumerate(loops[:-1])]
+    sch.reorder(*[lp for lp in rest if lp is not None], outer, j_inner, inner)
 
 
 def schedule_injective_func(sch: s_tir.Schedule, *, lanes: int, cores: int) -> bool:
