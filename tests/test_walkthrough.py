@@ -44,7 +44,7 @@ def test_precrop_train_quantune_zeroq_compress_bundle(workdir: Path, capsys) -> 
     assert crop.method == "precrop" and crop.crops and not crop.quantizes
 
     t = _run(["train", "zoo:fmnist_resnet", "--plan", str(crop_dir / "plan.json"), "--epochs",
-              "1", "--train-samples", "3000", "--test-samples", "500", "-o", str(train_dir)],
+              "2", "--train-samples", "4000", "--test-samples", "500", "-o", str(train_dir)],
              capsys)
     assert t["test_accuracy"] > 0.5  # ten classes: chance is 0.1
     model = str(train_dir / "model.onnx")

@@ -94,6 +94,23 @@ def test_onnx_model_converts_to_torch_for_distillation(tiny_cnn: nn.Module, tmp_
     assert d.final_loss < 0.8 * d.initial_loss
 
 
+def test_onnx_to_torch_reads_parameters_shared_through_identity(tmp_path) -> None:
+    """Two fresh BatchNorms have equal parameters; the exporter shares them via Identity nodes."""
+    import onnx
+
+    from tvm_compress.frontend.importers import export_onnx, from_onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = export_onnx(net, x[:1], tmp_path / "shared.onnx", keep_batchnorm=True)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(path)).graph.node)
+    module = torch_module_of(from_onnx(path))
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def _brute_force(costs, sizes):  # noqa: ANN001, ANN202
     best: dict[int, float] = {}
     for choice in itertools.product(*[sorted(c) for c in costs]):

@@ -266,8 +266,6 @@ def _print_quant(con: Console, r: dict[str, Any]) -> None:
     con.table(f"{r['model']}: fp32 vs quantized", ["metric", "fp32", "quantized"], rows)
     if "evaluation" in r:
         con.err.print(f"[yellow]note:[/yellow] {r['evaluation']}")
-    if "evaluation" in r:
-        con.err.print(f"[yellow]note:[/yellow] {r['evaluation']}")
     if r["fp32_layers"]:
         con.err.print(f"[yellow]kept in fp32:[/yellow] {', '.join(r['fp32_layers'])}")
 

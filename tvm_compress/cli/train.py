@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo:NAME of a Fashion-MNIST architecture (zoo:fmnist_*)")
     p.add_argument("--plan", help="a cropping plan (precrop -o DIR writes plan.json)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (one-cycle SGD)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (one-cycle SGD)")
     p.add_argument("--train-samples", type=int, default=0,
                    help="train on the first N training images (0: all 60,000)")
     p.add_argument("--test-samples", type=int, default=2000)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     from tvm_compress.plan import CompressionPlan
     from tvm_compress.tuning.precrop.crop import fresh_model
     from tvm_compress.zoo import FMNIST_ARCHS
-    from tvm_compress.zoo.train import evaluate_accuracy, train
+    from tvm_compress.zoo.train import train
 
     name = args.model.removeprefix("zoo:")
     if name.removeprefix("fmnist_") not in FMNIST_ARCHS or not name.startswith("fmnist_"):
@@ -62,10 +62,9 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         images, labels = images[: args.train_samples], labels[: args.train_samples]
     with con.step(f"training {name} for {args.epochs} epochs on {len(images):,} images"):
         history = train(module, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                        progress=False, train_data=(images, labels))
-    module.eval()
-    test_x, test_y = fashion_mnist("test")
-    acc = evaluate_accuracy(module, test_x[: args.test_samples], test_y[: args.test_samples])
+                        progress=False, train_data=(images, labels),
+                        eval_samples=args.test_samples)
+    acc = history["test_accuracy"]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), out / "model.pt")

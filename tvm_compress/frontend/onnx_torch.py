@@ -60,6 +60,9 @@ class OnnxModule(nn.Module):
             if node.op_type == "Constant":
                 self.consts[node.output[0]] = torch.from_numpy(
                     np.array(numpy_helper.to_array(_attrs(node)["value"])))
+            if node.op_type == "Identity" and node.input[0] in self.consts:
+                # the TorchScript exporter shares equal parameters through Identity nodes
+                self.consts[node.output[0]] = self.consts[node.input[0]]
             if node.op_type == "BatchNormalization":
                 scale, bias, mean, var = (self.consts[n] for n in node.input[1:5])
                 bn = nn.BatchNorm2d(len(scale), eps=float(_attrs(node).get("epsilon", 1e-5)))

@@ -106,7 +106,7 @@ def _run_epoch(model, optimizer, scheduler, images, labels, *, batch_size, gener
 def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, seed: int = 0,
           weight_decay: float = 5e-4, progress: bool = True,
           train_data: tuple[np.ndarray, np.ndarray] | None = None,
-          device: str = "cpu") -> dict[str, Any]:
+          device: str = "cpu", eval_samples: int | None = None) -> dict[str, Any]:
     """Train ``model`` in place on Fashion-MNIST and report held-out accuracy.
 
     Parameters
@@ -125,6 +125,8 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
         Show a rich progress bar and one line per epoch.
     train_data
         (images, labels) to train on instead of the "train" split, e.g. a subset for speed.
+    eval_samples
+        Validate (each epoch) and test on the first N images of those splits (None: all).
     device
         Where the model trains ("cpu", "cuda"); it is returned on the CPU.
 
@@ -137,7 +139,7 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
         raise UserError(f"train needs epochs >= 1, lr > 0 and batch_size >= 1, got "
                         f"epochs={epochs}, lr={lr}, batch_size={batch_size}")
     images, labels = (_as_tensor(a) for a in (train_data or fashion_mnist("train")))
-    val_images, val_labels = fashion_mnist("val")
+    val_images, val_labels = (a[:eval_samples] for a in fashion_mnist("val"))
     torch.manual_seed(seed)  # dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -161,7 +163,7 @@ def train(model: nn.Module, *, epochs: int, lr: float, batch_size: int = 128, se
                                 f"{seconds:.0f} s")
     model.to(memory_format=torch.contiguous_format)
     model.eval()
-    test_images, test_labels = fashion_mnist("test")
+    test_images, test_labels = (a[:eval_samples] for a in fashion_mnist("test"))
     test_accuracy = evaluate_accuracy(model, test_images, test_labels)
     model.to("cpu")
     return {"test_accuracy": test_accuracy,
