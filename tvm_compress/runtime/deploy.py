@@ -19,6 +19,8 @@ CMake (aarch64: the toolchain file ``runner/aarch64-linux-gnu.cmake``) and cache
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,11 @@ def runtime_paths(arch: str) -> dict[str, Path]:
     if arch != "aarch64":
         raise UserError(f"no runtime for architecture {arch!r}; bundles exist for the host "
                         f"({host_arch()}) and aarch64")
+    with _exclusive("runtime-aarch64"):
+        return _aarch64_runtime()
+
+
+def _aarch64_runtime() -> dict[str, Path]:
     versions = _versions()
     root = cache_dir() / ("aarch64-" + "-".join(versions.values()))
     paths = {"tvm_lib": root / "tvm" / "lib", "ffi_lib": root / "tvm_ffi" / "lib",
@@ -150,8 +158,27 @@ def _runner_hash() -> str:
     return digest.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def _exclusive(name: str) -> Iterator[None]:
+    """Hold a lock file in the cache: parallel processes (pytest-xdist, two CLI runs) build a
+    runner or unpack the aarch64 runtime once, not on top of each other."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_runner(arch: str) -> Path:
     """The runner executable for ``arch`` (built with CMake once per source version)."""
+    with _exclusive(f"runner-{arch}"):
+        return _build_runner(arch)
+
+
+def _build_runner(arch: str) -> Path:
     paths = runtime_paths(arch)
     build = cache_dir() / f"runner-{arch}-{_runner_hash()}"
     exe = build / "runner"
