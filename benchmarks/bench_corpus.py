@@ -1,0 +1,317 @@
+"""The real-model corpus end to end (benchmarks/corpus.py): every model through inspect ->
+compile (x86) -> compare with ONNX Runtime -> W8A8 quantize -> compile for aarch64 and
+cuda-sm80 (codegen only), with TVM fp32 / int8 and ONNX Runtime fp32 / int8 latency.
+
+Timing: all four engines of a model live in this process and are timed in interleaved rounds
+(``--rounds`` x ``--per-round`` calls each, engines in turn), so load from other processes hits
+them alike; ``typical`` is the median over rounds of each round's fastest call. ORT int8 is
+ONNX Runtime's own ``quantize_static`` (QDQ, u8/s8, per channel) on the same calibration data.
+Calibration: real photos (scikit-image) or text crops, seed 0; agreement and SQNR of int8
+against fp32 on other images (seed 1). Writes benchmarks/results/corpus.{json,md}.
+
+    python benchmarks/bench_corpus.py                      # the full corpus (the real results)
+    python benchmarks/bench_corpus.py --quick --models nudenet_320n resnet50_ts   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LOGS = RESULTS / "corpus_logs"
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message is the stage and the first line of the error."""
+
+
+def _stage(name: str, entry: corpus.CorpusEntry, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, the run goes on
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = LOGS / f"{entry.name}.{name}.log"
+        log.write_text(traceback.format_exc())
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        for line in str(err).splitlines():  # TVM's messages say the real thing last
+            if "Error" in line or "Check failed" in line:
+                first = line.strip()[:300]
+        raise StageError(f"{name}: {type(err).__name__}: {first} (log: {log})") from None
+
+
+def _inspect(entry: corpus.CorpusEntry, path: Path, model: Any) -> dict[str, Any]:
+    import onnx
+
+    original = onnx.load(str(path), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in original.graph.node)
+    return {"ops": dict(ops.most_common()), "nodes": sum(ops.values()),
+            "macs": int(model.layers.total_macs), "params": int(model.layers.total_params),
+            "layers": len(model.layers), "notes": list(model.notes),
+            "inputs": {s.name: list(s.shape) for s in model.inputs},
+            "outputs": list(model.outputs)}
+
+
+def _fp32_reasons(qmodel: Any) -> dict[str, str]:
+    """Why each layer left in fp32 stayed there."""
+    not_sites = set(qmodel.graph.fp32_layers)
+    reasons = {}
+    for name in qmodel.fp32_layers:
+        if name in not_sites and qmodel.config.is_fp32(name):
+            reasons[name] = "kept fp32 by the configuration"
+        elif name in not_sites:
+            reasons[name] = ("not a quantizable site: weight not a constant 4-D conv / 2-D linear "
+                             "weight (computed, or a transpose not folded)")
+        else:
+            reasons[name] = "RealizeInteger found no integer form; runs as fp32"
+    return reasons
+
+
+def _quality(entry: corpus.CorpusEntry, fp32: Any, int8: Any, shapes: corpus.Shapes,
+             n: int) -> dict[str, Any]:
+    """int8 vs fp32 TVM outputs on ``n`` images not used for calibration."""
+    from tvm_compress.runtime.metrics import sqnr_db, top1_agreement
+
+    data = corpus.inputs(entry, shapes, n=n, seed=1)
+    ref, out = [], []
+    for i in range(n):
+        feed = {k: v[i:i + 1] for k, v in data.items()}
+        ref.append(fp32.run_outputs(feed))
+        out.append(int8.run_outputs(feed))
+    per_output = [float(sqnr_db(np.stack([o[j] for o in out]), np.stack([r[j] for r in ref])))
+                  for j in range(len(ref[0]))]
+    result: dict[str, Any] = {"sqnr_db": per_output, "samples": n}
+    if entry.outputs in ("classes", "text"):
+        a = np.concatenate([o[0].reshape(-1, o[0].shape[-1]) for o in out])
+        b = np.concatenate([r[0].reshape(-1, r[0].shape[-1]) for r in ref])
+        result["top1_agreement"] = top1_agreement(a, b)
+    return result
+
+
+def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dict[str, Any]:
+    """Each engine ``per_round`` timed calls per round, engines in turn, ``rounds`` rounds
+    after one warm-up round."""
+    from tvm_compress.runtime.bench import time_callable
+
+    per: dict[str, list[float]] = {k: [] for k in engines}
+    medians: dict[str, list[float]] = {k: [] for k in engines}
+    for round_index in range(rounds + 1):
+        for name, fn in engines.items():
+            time.sleep(0.02)
+            stats = time_callable(fn, repeat=per_round, warmup=1 if round_index == 0 else 0)
+            if round_index:
+                per[name].append(stats.p10_ms if per_round > 1 else stats.median_ms)
+                medians[name].append(stats.median_ms)
+    return {k: {"typical_ms": float(np.median(per[k])), "median_ms": float(np.median(medians[k]))}
+            for k in engines}
+
+
+def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, qcompiled: Any,
+             calib: dict[str, np.ndarray], feed: dict[str, np.ndarray], result: dict) -> dict:
+    import onnx
+    import tvm
+
+    from tvm_compress.backend.targets import host_cores
+    from tvm_compress.quant.ort_quant import ort_quantize_static
+    from tvm_compress.runtime.bench import onnxruntime_session
+
+    threads = host_cores()
+    engines: dict[str, Any] = {}
+    for name, cm in (("tvm_fp32", compiled), ("tvm_int8", qcompiled)):
+        if cm is not None:
+            args = [tvm.runtime.tensor(feed[s.name]) for s in model.inputs]
+            engines[name] = lambda vm=cm.vm, args=args: vm["main"](*args)
+    original = onnx.load(str(path))
+    fp32 = onnxruntime_session(original, threads=threads)
+    engines["ort_fp32"] = lambda: fp32.run(None, feed)
+    if entry.name == "ddddocr_common_old":
+        result["ort_int8"] = "n/a: the file is already int8 (its fp32 timing is ORT's int8)"
+    elif len(model.inputs) == 1:
+        try:
+            first = calib[model.inputs[0].name]
+            int8 = onnxruntime_session(ort_quantize_static(original, first), threads=threads)
+            engines["ort_int8"] = lambda: int8.run(None, feed)
+        except Exception as err:  # noqa: BLE001 - recorded
+            result["ort_int8"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+    return engines
+
+
+def _cross_builds(entry: corpus.CorpusEntry, model: Any, qmodel: Any) -> dict[str, str]:
+    from tvm_compress.backend.build import build
+
+    status = {}
+    for target in ("aarch64", "cuda-sm80"):
+        for precision, m in (("fp32", model), ("int8", qmodel)):
+            if m is None:
+                status[f"{target}_{precision}"] = "skipped (no int8 model)"
+                continue
+            start = time.perf_counter()
+            try:
+                _stage(f"build_{target}_{precision}", entry, build, m, target=target)
+                status[f"{target}_{precision}"] = f"ok ({time.perf_counter() - start:.0f} s)"
+            except StageError as err:
+                status[f"{target}_{precision}"] = f"failed: {err}"
+    return status
+
+
+def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, Any]:
+    import tvm_compress as tc
+    from tvm_compress.backend.build import build
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
+
+    shapes = entry.small_shapes if args.quick else entry.input_shapes
+    result: dict[str, Any] = {"name": entry.name, "description": entry.description,
+                              "source": entry.source, "outputs": entry.outputs,
+                              "shapes": {k: list(v) for k, v in shapes.items()}}
+    try:
+        path = _stage("fetch", entry, corpus.fetch, entry)
+        model = _stage("import", entry, tc.load, str(path), input_shapes=shapes)
+        result["import"] = "ok"
+        result["inspect"] = _inspect(entry, path, model)
+        compiled = _stage("build_x86", entry, build, model, target="x86")
+        result["compile_x86"] = "ok"
+        feed = corpus.inputs(entry, shapes, seed=1)
+        ours = compiled.run_outputs(feed)
+        result["vs_onnxruntime"] = corpus.compare(entry, ours,
+                                                  corpus.onnxruntime_outputs(path, feed))
+        calib = corpus.inputs(entry, shapes, n=args.calib, seed=0)
+        qcompiled = qmodel = None
+        try:
+            config = QuantConfig(calib_samples=args.calib)
+            calib_arg = calib if len(calib) > 1 else next(iter(calib.values()))
+            qres = _stage("quantize", entry, quantize, model, config, calib_arg, progress=False)
+            qmodel = qres.model
+            result["quantize"] = {"status": "ok", "quantized_layers": len(qres.graph.layers),
+                                  "fp32_layers": _fp32_reasons(qres)}
+            qcompiled = _stage("build_x86_int8", entry, build, qmodel, target="x86")
+            result["quantize"]["vs_fp32"] = _quality(entry, compiled, qcompiled, shapes,
+                                                     args.eval)
+        except StageError as err:
+            result["quantize"] = {"status": f"failed: {err}"}
+        engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result)
+        result["latency"] = _interleaved(engines, rounds=args.rounds, per_round=args.per_round)
+        result["cross_builds"] = _cross_builds(entry, model, qmodel)
+    except StageError as err:
+        result["failed"] = str(err)
+    return result
+
+
+def _cell(value: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _ok(builds: dict[str, str], key: str) -> str:
+    if key not in builds:
+        return "-"
+    return next(w for w in ("ok", "skipped", "FAIL") if builds[key].startswith(w) or w == "FAIL")
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        "# Real-model corpus", "",
+        f"{meta['machine']}; {meta['threads']} threads per engine; {meta['mode']} shapes; engines "
+        f"timed in one process in {meta['rounds']} interleaved rounds x {meta['per_round']} calls "
+        "(typical = median over rounds of the round's fastest call). Load average before "
+        f"{meta['load_before']}, after {meta['load_after']}.", "",
+        "| model | import | x86 | matches ORT (max rel diff) | W8A8 | int8 vs fp32 | fp32 layers "
+        "left | TVM fp32 ms | TVM int8 ms | ORT fp32 ms | ORT int8 ms | aarch64 fp32/int8 | "
+        "cuda fp32/int8 |", "|---" * 13 + "|"]
+    for r in results:
+        if "failed" in r and "import" not in r:
+            lines.append(f"| {r['name']} | **{r['failed']}** |" + " |" * 11)
+            continue
+        vs = r.get("vs_onnxruntime", {})
+        q = r.get("quantize", {})
+        lat = {k: v.get("typical_ms") for k, v in r.get("latency", {}).items()}
+        qv = q.get("vs_fp32", {})
+        qual = (f"top-1 {qv['top1_agreement']:.2f}, " if "top1_agreement" in qv else "") + \
+            (f"SQNR {min(qv['sqnr_db']):.1f} dB" if qv.get("sqnr_db") else "")
+        cb = r.get("cross_builds", {})
+        match = ("yes" if vs.get("match") else "**no**") + \
+            f" ({_cell(vs.get('max_rel_diff'), '{:.1e}')})" if vs else r.get("failed", "-")
+        lines.append(
+            f"| {r['name']} | {r.get('import', '-')} | {r.get('compile_x86', 'FAIL')} | {match} | "
+            f"{'ok' if q.get('status') == 'ok' else 'FAIL' if q else '-'} | {qual or '-'} | "
+            f"{len(q.get('fp32_layers', {})) if q.get('status') == 'ok' else '-'} | "
+            f"{_cell(lat.get('tvm_fp32'))} | {_cell(lat.get('tvm_int8'))} | "
+            f"{_cell(lat.get('ort_fp32'))} | {_cell(lat.get('ort_int8'))} | "
+            f"{_ok(cb, 'aarch64_fp32')}/{_ok(cb, 'aarch64_int8')} | "
+            f"{_ok(cb, 'cuda-sm80_fp32')}/{_ok(cb, 'cuda-sm80_int8')} |")
+    lines += ["", "## Per model", ""]
+    for r in results:
+        lines.append(f"### {r['name']}\n\n{r['description']}. Source: {r['source']}. Shapes: "
+                     f"{r['shapes']}. Outputs: {r['outputs']}.\n")
+        ins = r.get("inspect")
+        if ins:
+            ops = ", ".join(f"{k} {v}" for k, v in ins["ops"].items())
+            lines.append(f"- {ins['nodes']} nodes ({ops}); {ins['macs'] / 1e9:.2f} GMACs, "
+                         f"{ins['params'] / 1e6:.2f} M params in {ins['layers']} conv/linear "
+                         "layers")
+            lines += [f"- import note: {n}" for n in ins["notes"]]
+        for key in ("failed", "ort_int8"):
+            if key in r:
+                lines.append(f"- {key}: {r[key]}")
+        q = r.get("quantize", {})
+        if q.get("status", "ok") != "ok":
+            lines.append(f"- quantize: {q['status']}")
+        for layer, why in q.get("fp32_layers", {}).items():
+            lines.append(f"- fp32 in int8: `{layer}`: {why}")
+        for k, v in r.get("cross_builds", {}).items():
+            if not v.startswith("ok"):
+                lines.append(f"- {k}: {v}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="corpus entries to run (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small shapes, 2 calibration / 1 eval samples, 2 rounds")
+    parser.add_argument("--calib", type=int, default=16, help="calibration samples")
+    parser.add_argument("--eval", type=int, default=8, help="images for int8-vs-fp32 quality")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--per-round", type=int, default=5)
+    parser.add_argument("--out", default="corpus", help="results file stem in benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calib, args.eval, args.rounds, args.per_round = 2, 1, 2, 2
+    from tvm_compress.backend.targets import host_cores
+
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "threads": host_cores(), "mode": "small (--quick)" if args.quick else "full",
+            "rounds": args.rounds, "per_round": args.per_round,
+            "load_before": round(os.getloadavg()[0], 2)}
+    results = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for entry in corpus.entries(args.models):
+        start = time.perf_counter()
+        print(f"== {entry.name}", flush=True)
+        result = run_model(entry, args)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        results.append(result)
+        print(f"   {result.get('failed') or result.get('vs_onnxruntime')} "
+              f"({result['seconds']} s)", flush=True)
+        meta["load_after"] = round(os.getloadavg()[0], 2)
+        out = {"meta": meta, "models": results}
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1, default=str))
+        (RESULTS / f"{args.out}.md").write_text(markdown(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
