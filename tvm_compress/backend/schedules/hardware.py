@@ -65,3 +65,19 @@ def has_avx2_int8(target: tvm.target.Target) -> bool:
     """Whether the AVX2 int8 micro-kernel (``int8_intrin``) is the one to use: AVX2, 256-bit
     registers (AVX-512 targets pack 16 channels, which that kernel does not cover)."""
     return not is_aarch64(target) and _has("avx2", target) and vector_bits(target) == 256
+
+
+def vnni_lanes(target: tvm.target.Target) -> int:
+    """int32 lanes of the widest ``vpdpbusd`` the target has: 16 with AVX512-VNNI (8 too, on
+    ymm, with AVX512-VL), 8 with AVX-VNNI only, 0 without VNNI."""
+    if is_aarch64(target):
+        return 0
+    if _has("avx512vnni", target) and _has("avx512bw", target):
+        return 16 if _has("avx512vl", target) else 0
+    return 8 if _has("avxvnni", target) else 0
+
+
+def has_int8_kernel(target: tvm.target.Target) -> bool:
+    """Whether integer convolutions get a tensorized micro-kernel (AVX2 or VNNI) on ``target``,
+    and so are packed to the blocked layout with their neighbours."""
+    return has_avx2_int8(target) or vnni_lanes(target) > 0

@@ -1,13 +1,14 @@
-"""Integer convolution on AVX2: u8/s8 activations x s8 weights -> s32, tensorized.
+"""Integer convolution on AVX2 and VNNI: u8/s8 activations x s8 weights -> s32, tensorized.
 
 Layouts: activations NCHW[ib]c (``ib`` a multiple of 4, as ``PackChannels`` packs integer
-convolutions); weights OIHW[ib/g]i[8]o[g]i so that one 32-bit broadcast of ``g`` input channels
-meets one 32-byte row of 8 output channels x ``g`` input channels. The legalization reads the
-(constant) weights and picks the intrinsic of ``int8_intrin``: ``direct`` (s8 weights, g = 4)
-for pair-safe weights, else ``int16`` (s16 weights, g = 2, activations widened once into a
-padded int16 copy). Sums start at ``-offset * sum(w)`` per output channel, which undoes the
-activation offset of the intrinsic, so the kernel equals ``conv2d`` on the original integers
-exactly, for every input.
+convolutions); weights OIHW[ib/g]i[ob]o[g]i so that one 32-bit broadcast of ``g`` input channels
+meets one row of ``ob`` output channels x ``g`` input channels. The legalization reads the
+(constant) weights and picks the intrinsic. On VNNI targets (``int8_vnni``) every conv takes
+``vnni``: s8 weights, g = 4, ``ob`` = 16 (zmm) or 8 (ymm), exact for every weight. On AVX2
+(``int8_intrin``, ``ob`` = 8): ``direct`` (s8 weights, g = 4) for pair-safe weights, else
+``int16`` (s16 weights, g = 2, activations widened once into a padded int16 copy). Sums start
+at ``-offset * sum(w)`` per output channel, which undoes the activation offset of the
+intrinsic, so the kernel equals ``conv2d`` on the original integers exactly, for every input.
 """
 
 from __future__ import annotations
@@ -27,15 +28,24 @@ from tvm_compress.backend.schedules.blocks import (
 from tvm_compress.backend.schedules.compute import KERNEL_ATTR, out_size, pad_nchwc
 from tvm_compress.backend.schedules.conv2d import ConvTile, pick_tile
 from tvm_compress.backend.schedules.depthwise_int8 import legalize_depthwise_int8
-from tvm_compress.backend.schedules.hardware import has_avx2_int8
-from tvm_compress.backend.schedules.int8_intrin import intrin_name, offset, register_intrinsics
+from tvm_compress.backend.schedules.hardware import has_avx2_int8, vnni_lanes
+from tvm_compress.backend.schedules.int8_intrin import intrin_name, register_intrinsics
+from tvm_compress.backend.schedules.int8_intrin import offset as avx2_offset
+from tvm_compress.backend.schedules.int8_vnni import intrin_name as vnni_intrin_name
+from tvm_compress.backend.schedules.int8_vnni import offset as vnni_offset
+from tvm_compress.backend.schedules.int8_vnni import register_intrinsics as register_vnni
 from tvm_compress.backend.schedules.requantize_intrin import tensorize_high_mul
 
 CONV_NCHWC_U8S8 = "conv2d_nchwc_u8s8"
 INTRIN_ATTR = "tvm_compress.intrin"
 # Registers an intrinsic holds besides accumulators and weight rows: the broadcast (both), the
 # ones and pair sums of direct.
-_INTRIN_REGISTERS = {"direct": 2, "int16": 1}
+_INTRIN_REGISTERS = {"direct": 2, "int16": 1, "vnni": 1}
+
+
+def offset(kind: str, data_dtype: str) -> int:
+    """What intrinsic ``kind`` adds to each activation before multiplying."""
+    return vnni_offset(data_dtype) if kind == "vnni" else avx2_offset(kind, data_dtype)
 
 
 def pack_weight(weight: np.ndarray, group: int = 4) -> np.ndarray:
@@ -87,9 +97,10 @@ def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int,
         weight = kernel[oc, ico, ry, rx, icg, oi, kg].astype("int32")
         return te.sum(value * weight, axis=[ico, ry, rx, icg, kg])
 
+    intrin = (vnni_intrin_name(ob, str(data.dtype)) if kind == "vnni"
+              else intrin_name(kind, str(data.dtype)))
     return te.compute((n, oc_chunks, oh, ow, ob), body, name="conv2d_NCHWc_u8s8",
-                      attrs={KERNEL_ATTR: CONV_NCHWC_U8S8,
-                             INTRIN_ATTR: intrin_name(kind, str(data.dtype))})
+                      attrs={KERNEL_ATTR: CONV_NCHWC_U8S8, INTRIN_ATTR: intrin})
 
 
 def _start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
@@ -157,10 +168,9 @@ def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
     if groups > 1 and weight.shape[4] == 1 and groups == weight.shape[0] * weight.shape[5]:
         return legalize_depthwise_int8(bb, call, weight, options)
     target = tvm.target.Target.current(allow_none=True)
-    if groups != 1 or target is None or not has_avx2_int8(target) or weight.shape[4] % 4 \
-            or weight.shape[5] != 8:
+    kind = None if target is None else pick_int8_kind(target, weight)
+    if groups != 1 or kind is None:
         return None
-    kind = pick_kind(pack_weight(weight))
     packed = pack_weight(weight, 2).astype(np.int16) if kind == "int16" else pack_weight(weight)
     sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/8, 8)
     start = (-offset(kind, data_dtype) * sums).astype(np.int32)
@@ -172,6 +182,21 @@ def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
                           relax.TensorType(func.params[3].shape, "int32"))
 
 
+def pick_int8_kind(target: tvm.target.Target, weight: np.ndarray) -> str | None:
+    """The intrinsic kind for packed OIHW[ib]i[ob]o s8 ``weight`` on ``target``, or None.
+
+    VNNI (exact for all weights) where the target has it for ``ob`` lanes; else on AVX2
+    ``direct`` for pair-safe weights (e.g. 7-bit) and ``int16`` for the others.
+    """
+    if weight.shape[4] % 4:
+        return None
+    if weight.shape[5] <= vnni_lanes(target) and weight.shape[5] in (8, 16):
+        return "vnni"
+    if has_avx2_int8(target) and weight.shape[5] == 8:
+        return pick_kind(pack_weight(weight))
+    return None
+
+
 def pick_int8_tile(oc_chunks: int, out_h: int, out_w: int, registers: int,
                    kind: str = "direct") -> ConvTile:
     """Register tile of the int8 kernels.
@@ -181,6 +206,8 @@ def pick_int8_tile(oc_chunks: int, out_h: int, out_w: int, registers: int,
     broadcasts weigh more than in fp32), 1 x 8 pixels is best where the channel blocks do not
     divide by 3; other shapes keep the fp32 tile with the intrinsic's registers set aside.
     """
+    if kind == "vnni":  # one instruction per step, 32 registers: the fp32 rule fits
+        return pick_tile(oc_chunks, out_h, out_w, registers - _INTRIN_REGISTERS[kind])
     if out_w % 2 == 0 and oc_chunks % 3 == 0:
         return ConvTile(3, 1, 2)
     if out_w % 8 == 0:
@@ -189,6 +216,8 @@ def pick_int8_tile(oc_chunks: int, out_h: int, out_w: int, registers: int,
 
 
 def _kind(intrin: str) -> str:
+    if "vnni" in intrin:
+        return "vnni"
     return next(k for k in _INTRIN_REGISTERS if f"_{k}" in intrin)
 
 
@@ -198,6 +227,7 @@ def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlock
     """The fp32 conv tiling with the (8 output channels x 4 or 2 input channels) step
     tensorized; the padding / int16 copy of the data is computed in a pass of its own."""
     register_intrinsics()
+    register_vnni()
     intrin = str(sch.get(block).annotations[INTRIN_ATTR])
     producers, _ = producers_and_consumers(sch, block)
     n, oc, y, x, oi, ico, ry, rx, icg, kg = sch.get_loops(block)

@@ -61,15 +61,21 @@ def _unpack_map(block: int) -> Callable:
     return lambda n, c, h, w, cb: (n, c * block + cb, h, w)
 
 
-def _int8_blocks(groups: int, cin: int, cout: int, lanes: int) -> tuple[int, int] | None:
-    """Blocks of an int8 conv for the int8 micro-kernel: whole 4-channel groups of input
-    (the stem's 3 channels are padded to 4), ``lanes`` int32 outputs; depthwise as fp32."""
-    if cout % lanes:
+def _int8_blocks(groups: int, cin: int, cout: int, lanes: int,
+                 in_block: int | None = None) -> tuple[int, int] | None:
+    """Blocks of an int8 conv for the int8 micro-kernels: whole 4-channel groups of input
+    (the stem's 3 channels are padded to 4; an input already packed in such groups keeps its
+    block), ``lanes`` int32 outputs, or 8 on 16-lane (VNNI) targets where ``lanes`` does not
+    divide the channels; depthwise as fp32."""
+    block = lanes if cout % lanes == 0 else 8 if lanes == 16 and cout % 8 == 0 else None
+    if block is None:
         return None
     if groups == 1:
-        return (lanes if cin % lanes == 0 else 4), lanes
+        if in_block is not None and in_block % 4 == 0 and cin % in_block == 0:
+            return in_block, block
+        return (lanes if cin % lanes == 0 else block if cin % block == 0 else 4), block
     if groups == cin == cout:
-        return lanes, lanes
+        return block, block
     return None
 
 
@@ -100,7 +106,7 @@ def _conv_blocks(call: relax.Call, lanes: int, int8: bool,
         return None
     groups, cin, cout = int(attrs.groups), dshape[1], wshape[0]
     if int8 and _is_int8_conv(call):
-        return _int8_blocks(groups, cin, cout, lanes)
+        return _int8_blocks(groups, cin, cout, lanes, in_block)
     if call.args[0].ty.dtype != "float32":
         return None
     if groups == 1:

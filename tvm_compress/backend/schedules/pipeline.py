@@ -11,7 +11,7 @@ from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
 from tvm_compress.backend.schedules.conv_transpose import conv_transpose_to_conv
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
-from tvm_compress.backend.schedules.hardware import has_avx2_int8, vector_lanes
+from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
 from tvm_compress.backend.schedules.int8 import legalize_conv2d_int8
 from tvm_compress.backend.schedules.layout import PackChannels
 from tvm_compress.backend.schedules.requantize import lower_requantize
@@ -34,7 +34,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
     list of tvm.ir.transform.Pass
         Also the starting point for meta-schedule tuning of the blocked kernels.
     """
-    layout = [PackChannels(lanes=vector_lanes(target), int8=has_avx2_int8(target)),
+    layout = [PackChannels(lanes=vector_lanes(target), int8=has_int8_kernel(target)),
               relax.transform.DeadCodeElimination()]
     return [
         relax.transform.FoldBatchnormToConv2D(),
@@ -88,7 +88,7 @@ def default_schedule_pipeline(target: tvm.target.Target,
     -----
     Steps: fold BatchNorm into conv weights, fold constants (NumPy), raise the ONNX importer's
     point-wise ``call_tir`` to Relax ops, convert float32 convs and the ops between them to
-    NCHW[lanes]c (:func:`PackChannels`; on AVX2 targets integer convs too), lower
+    NCHW[lanes]c (:func:`PackChannels`; on AVX2 and VNNI targets integer convs too), lower
     ``RealizeInteger``'s int64 requantization to its exact 32-bit form (``requantize.py``),
     legalize (blocked convs by ``compute.py``, integer ones by ``int8.py`` and
     ``depthwise_int8.py``), fuse, and schedule every PrimFunc with the first rule of

@@ -1,0 +1,129 @@
+"""int8 convolutions on VNNI targets: ``vpdpbusd`` in the assembly, exact against the
+unscheduled build (bit for bit), for every 8-bit weight (no saturating step on this path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from conftest import relax_main
+from test_int8_kernels import _activations, _conv_block, _weights
+from tvm import relax, tirx
+from tvm.target.codegen import llvm_get_system_cpu, target_has_features
+
+from tvm_compress.backend.build import InputSpec, build
+from tvm_compress.backend.schedules import default_schedule_pipeline
+from tvm_compress.backend.schedules.hardware import has_avx2_int8, has_int8_kernel, vnni_lanes
+from tvm_compress.backend.targets import resolve_target
+
+VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+_THIS_CPU = tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})
+needs_vnni = pytest.mark.skipif(not target_has_features("avx512vnni", _THIS_CPU),
+                                reason="running vpdpbusd kernels needs an AVX512-VNNI host")
+
+
+def _assembly(compiled) -> str:  # noqa: ANN001
+    def walk(mod):  # noqa: ANN001, ANN202
+        return [mod, *(m for sub in mod.imports for m in walk(sub))]
+
+    return "\n".join(m.inspect_source("asm") for m in walk(compiled.executable.mod)
+                     if m.kind == "llvm")
+
+
+def _check(mod: tvm.IRModule, x: np.ndarray, target: tvm.target.Target = VNNI
+           ) -> tuple[str, tvm.IRModule]:
+    """Assert the VNNI build equals the unscheduled one; its assembly and scheduled module."""
+    spec = InputSpec("x", x.shape, str(x.dtype))
+    expected = build(mod, input_spec=spec, schedule="none").run(x)
+    compiled = build(mod, target=target, input_spec=spec)
+    np.testing.assert_array_equal(compiled.run(x), expected)
+    return _assembly(compiled), default_schedule_pipeline(target)(mod)
+
+
+def _rules(mod: tvm.IRModule) -> dict[str, str]:
+    return {gv.name_hint: str(f.attrs.get("tvm_compress.rule", "")) for gv, f in
+            mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _conv_module(weight: np.ndarray, dtype: str, size: int, *, stride: int = 1, zp: int = 0,
+                 requantize: bool = True) -> tvm.IRModule:
+    cin, k = weight.shape[1], weight.shape[2]
+    return relax_main(relax.TensorType((1, cin, size, size), dtype), lambda bb, x: _conv_block(
+        bb, x, weight, stride=stride, padding=k // 2, groups=1, zero_point=zp,
+        requantize=requantize))
+
+
+def test_vnni_targets() -> None:
+    assert vnni_lanes(VNNI) == 16 and has_int8_kernel(VNNI) and not has_avx2_int8(VNNI)
+    alderlake = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
+    assert vnni_lanes(alderlake) == 8
+    for name in ("x86-avx2", "x86-avx512"):
+        assert vnni_lanes(resolve_target(name)) == 0
+    assert vnni_lanes(resolve_target("x86-vnni")) == 16
+
+
+@needs_vnni
+def test_host_preset_uses_vnni() -> None:
+    assert vnni_lanes(resolve_target("x86")) == 16
+
+
+CONV_CASES = {  # cin, cout, size, kernel, stride, zero point of the padding
+    "1x1": (32, 48, 7, 1, 1, 0),
+    "3x3": (16, 16, 9, 3, 1, 0),
+    "3x3_s2_zero_point_pad": (16, 32, 11, 3, 2, 114),
+    "stem_3_channels": (3, 16, 12, 3, 2, 114),
+    "24_channels_8_lane_blocks": (16, 24, 8, 1, 1, 0),
+    "from_24_channels": (24, 32, 6, 3, 1, 0),
+}
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_vnni_conv_exact(case: str, dtype: str) -> None:
+    cin, cout, size, k, stride, zp = CONV_CASES[case]
+    mod = _conv_module(_weights((cout, cin, k, k)), dtype, size, stride=stride, zp=zp)
+    asm, scheduled = _check(mod, _activations((1, cin, size, size), dtype))
+    assert "vpdpbusd" in asm
+    # 16-lane blocks on zmm registers; 24 channels in 8-lane blocks on ymm
+    register = "ymm" if cout % 16 else "zmm"
+    assert any("vpdpbusd" in line and register in line for line in asm.splitlines())
+    assert "conv2d_nchwc_u8s8" in _rules(scheduled).values()
+
+
+@needs_vnni
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_vnni_extreme_operands_exact(dtype: str) -> None:
+    # 4 x 255 x -128 per step and large sums: the s16 step of vpmaddubsw would saturate here
+    info = np.iinfo(dtype)
+    weight = np.full((32, 64, 3, 3), 127, "int8")
+    weight[16:] = -128
+    x = np.full((1, 64, 5, 5), info.max, dtype)
+    x[..., 0] = info.min
+    asm, _ = _check(_conv_module(weight, dtype, 5, requantize=False), x)
+    assert "vpdpbusd" in asm
+
+
+@needs_vnni
+def test_vnni_8bit_weights_need_no_int16_path() -> None:
+    weight = _weights((16, 16, 1, 1))
+    asm, scheduled = _check(_conv_module(weight, "uint8", 6), _activations((1, 16, 6, 6)))
+    assert "vpmaddubsw" not in asm and "vpmaddwd" not in asm.split("requantize")[0]
+    assert not any("int16" in scheduled[name].script() for name, rule in
+                   _rules(scheduled).items() if rule == "conv2d_nchwc_u8s8")
+
+
+@needs_vnni
+def test_two_int8_layers_share_the_blocked_layout() -> None:
+    w1, w2 = _weights((32, 16, 1, 1)), _weights((32, 32, 3, 3), seed=1)
+    x = _activations((1, 16, 8, 8))
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        y = bb.emit(_conv_block(bb, v, w1, stride=1, padding=0, groups=1, zero_point=0,
+                                requantize=True))
+        return _conv_block(bb, y, w2, stride=1, padding=1, groups=1, zero_point=3,
+                           requantize=True)
+
+    _, scheduled = _check(relax_main(relax.TensorType(x.shape, "uint8"), body), x)
+    layout = [name for name in _rules(scheduled) if "layout_transform" in name]
+    assert len(layout) == 2, layout  # into the first conv and out of the last, none between
