@@ -97,3 +97,24 @@ def test_base_plan_searches_on_the_cropped_model(workdir: Path, capsys) -> None:
     # cropped pretrained weights without retraining lose accuracy; size must drop ~8x
     assert c["weight_bytes"]["after"] < c["weight_bytes"]["before"] / 6
     assert c["artifact"]["top1_agrees_with_host"]
+
+
+def test_ajpq_on_top_of_a_crop_composes(workdir: Path, capsys) -> None:
+    """ajpq --base-plan searches the cropped network; compress applies crop, then AJPQ's plan."""
+    crop_dir = workdir / "precrop"
+    if not (crop_dir / "plan.json").is_file():
+        _run(["precrop", "zoo:fmnist_resnet", "--budget", "macs=0.5", "--iterations", "2",
+              "-o", str(crop_dir)], capsys)
+    r = _run(["ajpq", "zoo:fmnist_resnet", "--base-plan", str(crop_dir / "plan.json"),
+              "--episodes", "2", "--val-samples", "50", "--finetune-samples", "0",
+              "--test-samples", "100", "--no-baselines", "--repeat", "0",
+              "-o", str(workdir / "ajpq")], capsys)
+    plan = CompressionPlan.load(workdir / "ajpq" / "plan.json")
+    assert plan.method == "ajpq" and plan.channel_bits and plan.quantizes
+    c = _run(["compress", "zoo:fmnist_resnet", "--plan", str(crop_dir / "plan.json"), "--plan",
+              str(workdir / "ajpq" / "plan.json"), "--target", "x86", "--limit", "100",
+              "--repeat", "0", "-o", str(workdir / "ajpq_bundle")], capsys)
+    # the composed artifact is AJPQ's model: the weight bytes of its own realization (each layer
+    # stored at its widest channel's bits, as the packed library stores it)
+    assert c["weight_bytes"]["after"] == r["methods"]["ajpq"]["weight_bytes_layer_max_bits"]
+    assert c["artifact"]["top1_agrees_with_host"]

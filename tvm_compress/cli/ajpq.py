@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=30, help="timed runs (0: no latency)")
     p.add_argument("--target", default="x86", help="target preset (default x86)")
     p.add_argument("-o", "--output", help="directory for plans, episodes.jsonl, report, plot")
+    from tvm_compress.cli.common import add_base_plan
+
+    add_base_plan(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -47,6 +50,9 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         raise UserError(f"ajpq needs a Fashion-MNIST model with torch weights (zoo:fmnist_*), "
                         f"got {args.model}: its reward is labelled accuracy and its fine-tune "
                         "needs gradients")
+    module = model.torch_module
+    if args.base_plan:
+        module = _cropped_module(model, args.base_plan)
     settings = AJPQSettings(budget=args.budget, episodes=args.episodes, seed=args.seed,
                             val_samples=args.val_samples,
                             finetune_samples=args.finetune_samples,
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
                             baselines=not args.no_baselines, latency_repeat=args.repeat,
                             target=args.target)
     name = args.model.removeprefix("zoo:")
-    report = run_ajpq(model.torch_module, settings, name=name,
+    report = run_ajpq(module, settings, name=name,
                       out_dir=Path(args.output) if args.output else None,
                       progress=not args.json, log=lambda text: con.err.print(text)
                       if not args.json else None)
@@ -67,3 +73,24 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     con.table(f"AJPQ {name} ({report['budget']})",
               ["method", "size/fp32", "MACs/fp32", "test acc (TVM)", "acc before FT", "ms"], rows)
     return report
+
+
+def _cropped_module(model: Any, paths: list[str]) -> Any:
+    """The torch module cropped by ``--base-plan`` crops (AJPQ then searches on top of them)."""
+    import copy
+
+    from tvm_compress.errors import UserError
+    from tvm_compress.graph.torch_crop import crop_torch_module
+    from tvm_compress.passes.crop_channels import crop_channels
+    from tvm_compress.plan import CompressionPlan
+
+    module, mod = copy.deepcopy(model.torch_module), model.mod
+    for path in paths:
+        plan = CompressionPlan.load(path)
+        if plan.quantizes:
+            raise UserError(f"--base-plan {path} quantizes; AJPQ builds on cropping plans only")
+        crop = plan.crop_ids(mod)
+        if crop:
+            module = crop_torch_module(module, crop, mod=mod)
+            mod = crop_channels(mod, crop)
+    return module
