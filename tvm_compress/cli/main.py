@@ -149,6 +149,8 @@ def cmd_eval(args: argparse.Namespace, con: Console) -> dict[str, Any]:
                           weight_bytes=folded_weight_bytes(model), latency_repeat=args.repeat)
     report.pop("logits")
     report.update(model=model.name, target=args.target, reference=ref_name)
+    for entry, name in zip(report.get("outputs", []), model.outputs, strict=False):
+        entry["name"] = name
     rows = [[k, v] for k, v in report.items() if not isinstance(v, dict)]
     if "latency" in report:
         rows.append([f"latency median ms (batch {args.batch})", report["latency"]["median_ms"]])
