@@ -129,7 +129,7 @@ class CompressionPlan:
                                "seed": p.seed, "metrics": dict(p.metrics), "base": list(p.base)}}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, default=_json_default)
+        return json.dumps(self.to_dict(), indent=1, default=json_default)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "plan") -> CompressionPlan:
@@ -213,7 +213,8 @@ def crop_plan_by_name(mod: tvm.IRModule, crop: Mapping[int, Sequence[int]]
     return out
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for NumPy values (and anything else as its string)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

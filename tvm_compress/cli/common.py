@@ -57,14 +57,9 @@ def _fmt(value: Any) -> str:
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        return str(o)
+    from tvm_compress.plan import json_default
 
-    print(json.dumps(obj, default=default, allow_nan=True))
+    print(json.dumps(obj, default=json_default, allow_nan=True))
 
 
 def load_model(args: argparse.Namespace) -> Any:
