@@ -109,3 +109,8 @@ def test_quantize_with_only_calibration_data_evaluates_on_held_out_samples(capsy
     assert 15.0 < q["sqnr_db"] < 80.0  # int8: close to fp32, not identical
     assert out["fp32_layers"] == [] and out["weight_bytes"]["quantized"] < \
         out["weight_bytes"]["fp32"]
+
+
+def test_bundle_of_a_two_input_model_is_refused_with_the_fix(capsys, two_io, tmp_path):
+    assert main(["compile", str(two_io / "m.onnx"), *SHAPES, "-o", str(tmp_path / "bundle")]) == 2
+    assert "compile it with -o FILE.so" in capsys.readouterr().err

@@ -427,6 +427,9 @@ def compile_command(args: Any, con: Any, target: Any) -> dict[str, Any]:
     _check_output_dir(Path(args.output))
     with con.step(f"importing {args.model}"):
         model = load_model(args)
+    if arch != "cuda" and len(model.inputs) > 1:
+        raise UserError(f"{args.model} has {len(model.inputs)} inputs but the bundle's C++ runner "
+                        "feeds one; compile it with -o FILE.so (the library takes every input)")
     extra: dict[str, Any] = {"weight_bytes": folded_weight_bytes(model)}
     if getattr(args, "int8", False):
         model, extra = _quantize_default(model, con)
