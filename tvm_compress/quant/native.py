@@ -40,14 +40,14 @@ def library_path() -> Path:
     An editable install lists both site-packages/tvm_compress (the built .so) and the source tree
     in the package ``__path__``; a regular install has only site-packages.
     """
-    import tvm_compress
+    package = sys.modules["tvm_compress"]  # imported before any of its submodules
 
-    for entry in tvm_compress.__path__:
+    for entry in package.__path__:
         candidate = Path(entry) / LIBRARY_NAME
         if candidate.is_file():
             return candidate
     raise UserError(
-        f"native library {LIBRARY_NAME} not found in {list(tvm_compress.__path__)}: rebuild it "
+        f"native library {LIBRARY_NAME} not found in {list(package.__path__)}: rebuild it "
         "with `pip install --no-build-isolation -e . --no-deps` in the repository"
     )
 
