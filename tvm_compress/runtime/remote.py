@@ -178,6 +178,9 @@ def bench_command(args: argparse.Namespace, con: Any, spec: RemoteSpec) -> dict[
 
     with con.step(f"importing {args.model}"):
         model = load_model(args)
+    if len(model.inputs) > 1:
+        raise UserError(f"{args.model} has {len(model.inputs)} inputs; remote measurement feeds "
+                        "one: bench it locally (without --rpc / --tracker)")
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=args.target)
     if compiled.target.kind.name != "llvm":
