@@ -125,5 +125,7 @@ def schedule_spatial(sch: s_tir.Schedule, block: SBlockRV, lanes: int, cores: in
     """Parallel outer loops, vectorized inner loop: for pads, layout transforms, element-wise."""
     vectorize_inner(sch, block, lanes)
     loops = sch.get_loops(block)
+    if not loops:  # a scalar (0-d) computation: nothing to schedule
+        return
     vector_loop = sch.get(loops[-1]).kind == tirx.ForKind.VECTORIZED
     parallelize(sch, loops[:-1] if vector_loop else loops, cores)
