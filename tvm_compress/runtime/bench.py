@@ -28,6 +28,31 @@ def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency
     return latency_stats(seconds)
 
 
+def interleaved(engines: dict[str, Callable[[], Any]], *, rounds: int = 5, per_round: int = 6,
+                warmup: int = 2) -> dict[str, Latency]:
+    """Time several engines in turn, round by round, in this process.
+
+    Each engine gets ``warmup`` untimed calls, then every round times ``per_round`` calls of each
+    engine before moving to the next one, so a shared machine's slow spells hit all engines alike
+    (a sequential A-then-B timing has been off by 2x here). Returns each engine's statistics
+    over all its ``rounds * per_round`` calls.
+    """
+    if rounds < 1 or per_round < 1:
+        raise ValueError(f"interleaved timing needs rounds >= 1 and per_round >= 1, got "
+                         f"{rounds} and {per_round}")
+    for fn in engines.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, fn in engines.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
+    return {name: latency_stats(s) for name, s in seconds.items()}
+
+
 def kernel_call_times(vm: Any, *args: Any, runs: int, warmup: int = 2) -> dict[str, np.ndarray]:
     """Per-call-site minimum seconds of every function ``vm["main"](*args)`` calls.
 
@@ -85,8 +110,9 @@ def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: in
               compiled: CompiledModel | None = None) -> dict[str, Any]:
     """Latency of the model in TVM, ONNX Runtime and PyTorch eager, with output differences.
 
-    All three use this machine's cores. TVM is timed with its time evaluator; ONNX Runtime and
-    PyTorch with ``time.perf_counter`` around the Python call (adds tens of microseconds).
+    All three use this machine's cores and are timed the same way (``time.perf_counter`` around
+    the Python call, tens of microseconds of overhead each), interleaved round by round in this
+    process (:func:`interleaved`).
     """
     import torch
 
@@ -100,12 +126,12 @@ def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: in
         results["input_shapes"] = {s.name: list(s.shape) for s in model.inputs}
     tvm_outs = compiled.run_outputs(feed)
     tvm_out = tvm_outs[0]
-    results["tvm"] = compiled.latency(feed, repeat=repeat, warmup=warmup).as_dict()
+    args = compiled._args((feed,))
+    engines: dict[str, Callable[[], Any]] = {"tvm": lambda: compiled.vm["main"](*args)}
 
     session = onnxruntime_session(onnx_of(model, x), threads=threads)
     ort_outs = session.run(None, feed)
-    results["onnxruntime"] = time_callable(lambda: session.run(None, feed), repeat=repeat,
-                                           warmup=warmup).as_dict()
+    engines["onnxruntime"] = lambda: session.run(None, feed)
     diffs = [float(np.max(np.abs(t - o))) for t, o in zip(tvm_outs, ort_outs, strict=True)]
     results["max_abs_diff"] = {"tvm_vs_onnxruntime": max(diffs)}
     if len(diffs) > 1:  # every output compared; the worst one above
@@ -117,9 +143,19 @@ def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: in
         tx = torch.from_numpy(x)
         with torch.inference_mode():
             torch_out = model.torch_module(tx).numpy()
-            results["pytorch"] = time_callable(lambda: model.torch_module(tx), repeat=repeat,
-                                               warmup=warmup).as_dict()
+
+        def torch_call() -> Any:
+            with torch.inference_mode():
+                return model.torch_module(tx)
+
+        engines["pytorch"] = torch_call
         results["max_abs_diff"]["tvm_vs_pytorch"] = float(np.max(np.abs(tvm_out - torch_out)))
+    rounds = max(1, min(10, repeat // 3))
+    timed = interleaved(engines, rounds=rounds, per_round=max(1, repeat // rounds),
+                        warmup=warmup)
+    for name, stats in timed.items():
+        results[name] = stats.as_dict()
+    results["timing"] = f"interleaved: {rounds} rounds, engines in turn, one process"
     ort_ms = results["onnxruntime"]["median_ms"]
     results["ratio_to_onnxruntime"] = {
         k: results[k]["median_ms"] / ort_ms for k in ("tvm", "onnxruntime", "pytorch")
