@@ -52,6 +52,16 @@ def _quantized(path: Path) -> str:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
 
 
+def _fixed_reshape(path: Path) -> str:
+    """Open height and width, but a Reshape to 1x192 that only an 8x8 input fits."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    shape = numpy_helper.from_array(np.array([1, 192], "int64"), "shape")
+    node = helper.make_node("Reshape", ["image", "shape"], ["y"], name="flatten")
+    graph = helper.make_graph([node], "g", [x], [y], [shape])
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
 def _run(capfd, argv: list[str]) -> tuple[int, str]:
     code = main(argv)
     err = capfd.readouterr().err
@@ -82,6 +92,8 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["inspect", dyn, "--input-shape", "pixels:1x3x8x8"],
          "has no input 'pixels'; its inputs are: image Nx3xHxW"),
         (["inspect", dyn, "--input-shape", "1x3xeightx8"], "expected dimensions like"),
+        (["inspect", _fixed_reshape(tmp / "reshape.onnx"), "--input-shape", "1x3x4x4"],
+         "ONNX Runtime cannot run the model with inputs image:1x3x4x4 (Reshape node 'flatten'"),
         (["inspect", _save(_conv_relu([1, 3, 8, 8], weight=nan_w), tmp / "nan.onnx")],
          "weight 'w' (used by Conv node 'conv0') has 1 NaN/Inf value(s)"),
         (["quantize", _save(good, tmp / "good.onnx")], "has no built-in calibration data; pass "

@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tvm_compress.backend.build import build
 from tvm_compress.errors import UserError
-from tvm_compress.frontend import prepare as prep
 from tvm_compress.frontend.importers import from_onnx
+from tvm_compress.frontend.inputs import InputSpec
+from tvm_compress.frontend.ort_check import compare_with_original
 from tvm_compress.frontend.prepare import prepare_onnx
 
 RNG = np.random.default_rng(0)
@@ -82,7 +83,8 @@ def test_input_shapes_pin_dynamic_dims_and_batch():
     prepared = prepare_onnx(_conv_model(["N", 3, "H", "W"]), batch=2,
                             input_shapes={"x": (2, 3, 16, 24)})
     assert prepared.inputs[0].shape == (2, 3, 16, 24)
-    assert prepared.notes == ["input 'x' Nx3xHxW pinned to 2x3x16x24 (--input-shape)"]
+    assert prepared.notes[0] == "input 'x' Nx3xHxW pinned to 2x3x16x24 (--input-shape)"
+    assert prepared.notes[1].startswith("prepared model checked against the original")
     dims = [d.dim_value for d in prepared.model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 3, 16, 24]
     # The unnamed form is the only input; the batch alone pins only a dynamic first dim.
@@ -219,9 +221,9 @@ def test_unsupported_op_names_op_and_node():
 
 
 def test_compare_with_original_rejects_shapes_the_model_cannot_take():
-    specs = (prep.InputSpec("x", (1, 5, 8, 8), "float32"),)
+    specs = (InputSpec("x", (1, 5, 8, 8), "float32"),)
     with pytest.raises(UserError, match="ONNX Runtime cannot run the model with inputs x:1x5x8x8"):
-        prep.compare_with_original(_conv_model([1, "C", 8, 8]), _conv_model([1, 3, 8, 8]),
+        compare_with_original(_conv_model([1, "C", 8, 8]), _conv_model([1, 3, 8, 8]),
                                    specs, "m.onnx")
 
 

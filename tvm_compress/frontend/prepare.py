@@ -26,14 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tvm_compress.errors import UserError
-from tvm_compress.frontend.inputs import InputSpec, random_feed
+from tvm_compress.frontend.inputs import InputSpec
+from tvm_compress.frontend.ort_check import compare_with_original
 
 if TYPE_CHECKING:
     import onnx
 
-# Relative to the output's scale (max |output| or 1): folding and opset conversion are exact up to
-# float reassociation, so anything larger is a bug in the preparation, not noise.
-CHECK_TOLERANCE = 1e-4
 _SLIM_SKIPS = ["graph_fusion", "weight_tying"]  # keep BatchNorm and every layer's own weight
 
 
@@ -296,57 +294,6 @@ def check_tvm_ops(model: onnx.ModelProto, where: str) -> None:
             "tvm-compress; replace it in the exporter or report this op")
 
 
-# ----------------------------------------------------------------------------- ORT comparison
-
-
-def _ort_run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(None, feed)]
-
-
-def compare_with_original(original: onnx.ModelProto, prepared: onnx.ModelProto,
-                          specs: Sequence[InputSpec], where: str) -> str:
-    """Run both under ONNX Runtime on the same random inputs; the note with the max |diff|.
-
-    The original failing to run is the user's problem (a file ORT rejects, or pinned shapes the
-    model cannot take); the prepared one failing or differing is ours (RuntimeError).
-    """
-    feed = random_feed(specs)
-    try:
-        want = _ort_run(original, feed)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        shapes = ", ".join(f"{s.name}:{_fmt(s.shape)}" for s in specs)
-        raise UserError(f"{where}: ONNX Runtime cannot run the model with inputs {shapes} "
-                        f"({str(exc).splitlines()[0][:200]}); check --input-shape / --batch "
-                        "or the file") from None
-    got = _ort_run(prepared, feed)
-    if len(got) != len(want):
-        raise RuntimeError(f"preparation changed the number of outputs ({len(want)} -> "
-                           f"{len(got)})")
-    worst, worst_rel = 0.0, 0.0
-    for a, b in zip(want, got, strict=True):
-        if a.shape != b.shape:
-            raise RuntimeError(f"preparation changed an output shape {a.shape} -> {b.shape}")
-        if a.size == 0 or a.dtype.kind not in "fc":
-            if not np.array_equal(a, b):
-                raise RuntimeError("preparation changed an integer output")
-            continue
-        diff = float(np.max(np.abs(a.astype(np.float64) - b)))
-        scale = max(1.0, float(np.max(np.abs(a))))
-        worst, worst_rel = max(worst, diff), max(worst_rel, diff / scale)
-    if not worst_rel <= CHECK_TOLERANCE:
-        raise RuntimeError(f"the prepared model differs from the original under ONNX Runtime "
-                           f"by {worst:.3g} (relative {worst_rel:.3g})")
-    return (f"prepared model checked against the original under ONNX Runtime: max |diff| "
-            f"{worst:.3g} over {len(want)} output(s)")
-
-
 # ---------------------------------------------------------------------------------- entry point
 
 
@@ -365,8 +312,9 @@ def prepare_onnx(source: str | Path | onnx.ModelProto, *, batch: int = 1,
         Full static shapes for inputs; the key None stands for the only input of a
         single-input model (the CLI's ``--input-shape 1x3x48x192``).
     check : bool
-        Compare the prepared model with the original under ONNX Runtime when anything but the
-        input shapes changed (the max |diff| goes into the notes).
+        Compare the prepared model with the original under ONNX Runtime when anything changed
+        (the max |diff| goes into the notes); the original failing to run with the pinned shapes
+        is a UserError.
     """
     import onnx
 
@@ -393,7 +341,7 @@ def prepare_onnx(source: str | Path | onnx.ModelProto, *, batch: int = 1,
     check_tvm_ops(model, where)
     changed = nodes_before != [(n.op_type, tuple(n.input), tuple(n.output))
                                for n in model.graph.node]
-    if check and changed:
+    if check and (changed or pin_notes):  # pinned shapes the model cannot take fail here
         notes.append(compare_with_original(original, model, specs, where))
     outputs = tuple(o.name for o in model.graph.output)
     return PreparedOnnx(model, original, specs, outputs, notes)
