@@ -310,3 +310,13 @@ def test_gemv_columns_not_a_multiple_of_the_register_stay_vectorized() -> None:
     scheduled = default_schedule_pipeline(AVX512)(mod)
     matmul = [f for gv, f in scheduled.functions_items() if "matmul" in gv.name_hint]
     assert len(matmul) == 1 and "T.vectorized(T.int64(8))" in matmul[0].script()
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_unet_upsampling_and_skip_concat_stay_packed(target: tvm.target.Target, tmp_path) -> None:
+    # The transposed convs' phase interleaving and the skip concats move whole channel blocks:
+    # only the input is packed and the 1-channel side branch (Resize) unpacked. Before: 8.
+    model, _, _ = _import("unet", tmp_path)
+    names = [gv.name_hint for gv in default_schedule_pipeline(target)(model.mod).get_global_vars()]
+    assert sum("layout_transform" in n for n in names) <= 3, sorted(names)
+    assert sum("concatenate" in n for n in names) == 2

@@ -45,8 +45,10 @@ def _axis_plan(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int
 def phase_weight(weight: np.ndarray, groups: int, strides: tuple[int, int]) -> np.ndarray:
     """IOHW transposed-conv weight -> OIHW conv2d weight of the ``s*s`` phases.
 
-    Output channel ``(co * sh + ry) * sw + rx`` holds phase ``(ry, rx)`` of output channel
-    ``co``; its tap ``(jy, jx)`` is the transposed kernel's ``(ry + (My-1-jy)*sh, ...)``.
+    Output channels are ordered (group, ry, rx, co): within a group, phase ``(ry, rx)`` of all
+    its output channels is contiguous, so in a channel-blocked layout one block holds one phase
+    of consecutive channels and the interleaving moves whole blocks. Tap ``(jy, jx)`` of phase
+    ``(ry, rx)`` is the transposed kernel's ``(ry + (My-1-jy)*sh, rx + (Mx-1-jx)*sw)``.
     """
     cin, cout_g, kh, kw = weight.shape
     sh, sw = strides
@@ -55,9 +57,9 @@ def phase_weight(weight: np.ndarray, groups: int, strides: tuple[int, int]) -> n
     padded[:, :, :kh, :kw] = weight
     taps = padded.reshape(cin, cout_g, my, sh, mx, sw)[:, :, ::-1, :, ::-1, :]
     taps = taps.reshape(groups, cin // groups, cout_g, my, sh, mx, sw)
-    # -> [group, co_g, ry, rx, ci_g, jy, jx]
-    return np.ascontiguousarray(taps.transpose(0, 2, 4, 6, 1, 3, 5)).reshape(
-        groups * cout_g * sh * sw, cin // groups, my, mx)
+    # -> [group, ry, rx, co_g, ci_g, jy, jx]
+    return np.ascontiguousarray(taps.transpose(0, 4, 6, 2, 1, 3, 5)).reshape(
+        groups * sh * sw * cout_g, cin // groups, my, mx)
 
 
 def _plan(call: relax.Call) -> dict | None:
@@ -99,14 +101,61 @@ class _Rewriter(PyExprMutator):
         conv = self.builder_.emit(relax.op.nn.conv2d(
             call.args[0], relax.const(weight), padding=(ay[1], ax[1], ay[2], ax[2]),
             groups=plan["groups"], out_dtype=str(out_dtype)))
-        n, cout = plan["batch"], plan["cout"]
+        n, cout, groups = plan["batch"], plan["cout"], plan["groups"]
         qh, qw = (int(d) for d in _static(conv)[2:])
-        y = relax.op.reshape(conv, (n, cout, sh, sw, qh, qw))
-        y = relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3])
+        y = relax.op.reshape(conv, (n, groups, sh, sw, cout // groups, qh, qw))
+        y = relax.op.permute_dims(y, list(_INTERLEAVE))
         y = relax.op.reshape(y, (n, cout, qh * sh, qw * sw))
         begin = [ay[3], ax[3]]
         return relax.op.strided_slice(y, axes=[2, 3], begin=begin,
                                       end=[begin[0] + ay[4], begin[1] + ax[4]])
+
+
+# [n, group, ry, rx, co, qy, qx] -> [n, group, co, qy, ry, qx, rx]
+_INTERLEAVE = (0, 1, 4, 5, 2, 6, 3)
+
+
+def _ints(expr: relax.Expr) -> list[int] | None:
+    values = getattr(expr, "fields", None) or getattr(expr, "values", None)
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        v = getattr(v, "value", v)
+        if not isinstance(v, (int, tvm.tirx.IntImm)):
+            return None
+        out.append(int(v))
+    return out
+
+
+def match_interleave(call: relax.Call, lookup) -> dict | None:  # noqa: ANN001
+    """Recognize this pass's phase interleaving ending in ``call`` (the strided_slice).
+
+    ``lookup(var)`` returns a var's bound value. Returns ``{"conv": the conv2d output var,
+    "strides": (sh, sw), "cout", "groups", "begin": [y, x], "end": [y, x]}`` or None.
+    """
+    def bound(expr: relax.Expr, op: str) -> relax.Call | None:
+        value = lookup(expr) if isinstance(expr, relax.Var) else None
+        ok = isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+        return value if ok and value.op.name == op else None
+
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.strided_slice" \
+            or _ints(call.args[1]) != [2, 3] or (len(call.args) > 4 and call.args[4] is not None):
+        return None
+    merged = bound(call.args[0], "relax.reshape")
+    permuted = None if merged is None else bound(merged.args[0], "relax.permute_dims")
+    if permuted is None or [int(a) for a in permuted.attrs.axes] != list(_INTERLEAVE):
+        return None
+    split = bound(permuted.args[0], "relax.reshape")
+    shape = None if split is None else _ints(split.args[1])
+    if shape is None or len(shape) != 7:
+        return None
+    _, groups, sh, sw, cout_g, _, _ = shape
+    begin, end = _ints(call.args[2]), _ints(call.args[3])
+    if begin is None or end is None:
+        return None
+    return {"conv": split.args[0], "strides": (sh, sw), "cout": groups * cout_g,
+            "groups": groups, "begin": begin, "end": end}
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="ConvTransposeToConv")

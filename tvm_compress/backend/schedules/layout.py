@@ -17,6 +17,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvm_compress.backend.schedules.conv_transpose import match_interleave
+
 # Element-wise ops: the packed layout passes straight through them.
 _UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
           "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.exp",
@@ -262,6 +264,38 @@ class _Packer(PyExprMutator):
         return self._emit_packed(self._reduce_call(call.op.name, data), block,
                                  _static_shape(call)[1])
 
+    def _interleave(self, call: relax.Call) -> relax.Expr | None:
+        """The phase interleaving of a rewritten conv2d_transpose (``conv_transpose.py``) on its
+        packed conv output: whole channel blocks move, the result stays packed."""
+        found = match_interleave(call, self.lookup_binding)
+        source = None if found is None else self._packed_source(found["conv"])
+        if source is None or found["groups"] != 1 or found["cout"] % source[1]:
+            return None
+        data, block = source
+        (sh, sw), chunks = found["strides"], found["cout"] // block
+        n, _, qh, qw, _ = _static_shape(data)
+        y = relax.op.reshape(data, (n, sh, sw, chunks, qh, qw, block))
+        y = relax.op.permute_dims(y, [0, 3, 4, 1, 5, 2, 6])
+        y = relax.op.reshape(y, (n, chunks, qh * sh, qw * sw, block))
+        y = relax.op.strided_slice(y, axes=[2, 3], begin=found["begin"], end=found["end"])
+        return self._emit_packed(y, block, found["cout"])
+
+    def _concat(self, call: relax.Call) -> relax.Expr | None:
+        """Channel concat of packed tensors that each hold whole blocks (U-Net skips,
+        Inception / YOLO necks): a concat of the packed tensors along the block axis."""
+        fields = call.args[0]
+        if not isinstance(fields, relax.Tuple) or int(call.attrs.axis) % 4 != 1:
+            return None
+        sources = [self._packed_source(f) for f in fields.fields]
+        shapes = [_static_shape(f) for f in fields.fields]
+        if any(s is None for s in sources) or any(s is None or len(s) != 4 for s in shapes):
+            return None
+        block = sources[0][1]
+        if any(b != block for _, b in sources) or any(s[1] % block for s in shapes):
+            return None
+        packed = relax.op.concat([data for data, _ in sources], axis=1)
+        return self._emit_packed(packed, block, sum(s[1] for s in shapes))
+
     @staticmethod
     def _reduce_call(name: str, data: relax.Expr) -> relax.Expr:
         make = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum,
@@ -281,6 +315,10 @@ class _Packer(PyExprMutator):
             new = self._pool(call)
         elif name in _SPATIAL_REDUCE:
             new = self._spatial_reduce(call)
+        elif name == "relax.strided_slice":
+            new = self._interleave(call)
+        elif name == "relax.concat":
+            new = self._concat(call)
         elif name == "relax.nn.pad":
             new = self._pad(call)
         else:
