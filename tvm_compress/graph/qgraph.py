@@ -151,6 +151,8 @@ def _points(view: DataflowView, sites: list[LayerSite], config: QuantConfig) -> 
         return False
 
     def add(var: relax.Var, name: str, bits: int, shares: str | None = None) -> None:
+        if name in points:  # two slices of one tensor (a channel split): "p>strided_slice#1"
+            name = f"{name}#{sum(n.split('#')[0] == name for n in points)}"
         point = Point(name, var, bits, shares)
         points[name] = point
         by_var[var] = point
