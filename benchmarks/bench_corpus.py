@@ -142,11 +142,20 @@ def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, q
     elif len(model.inputs) == 1:
         try:
             first = calib[model.inputs[0].name]
-            int8 = onnxruntime_session(ort_quantize_static(original, first), threads=threads)
+            int8 = onnxruntime_session(ort_quantize_static(_opset13(original), first),
+                                       threads=threads)
             engines["ort_int8"] = lambda: int8.run(None, feed)
         except Exception as err:  # noqa: BLE001 - recorded
             result["ort_int8"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
     return engines
+
+
+def _opset13(model: Any) -> Any:
+    """ORT's per-channel QDQ needs DequantizeLinear's axis (opset 13): convert older files."""
+    import onnx
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    return model if opset >= 13 else onnx.version_converter.convert_version(model, 13)
 
 
 def _cross_builds(entry: corpus.CorpusEntry, model: Any, qmodel: Any) -> dict[str, str]:
