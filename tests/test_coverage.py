@@ -320,3 +320,13 @@ def test_unet_upsampling_and_skip_concat_stay_packed(target: tvm.target.Target, 
     names = [gv.name_hint for gv in default_schedule_pipeline(target)(model.mod).get_global_vars()]
     assert sum("layout_transform" in n for n in names) <= 3, sorted(names)
     assert sum("concatenate" in n for n in names) == 2
+
+
+def test_resize_of_a_packed_tensor_stays_packed() -> None:
+    w = relax.const(np.ones((8, 8, 1, 1), "float32"))
+    mod = _single_op((1, 8, 6, 6), lambda x: relax.op.image.resize2d(
+        relax.op.nn.conv2d(x, w), (12, 12), method="nearest_neighbor"))
+    packed = tvm.transform.Sequential([PackChannels(lanes=8),
+                                       relax.transform.DeadCodeElimination()])(mod)
+    resize = [c for c in _ops(packed) if c.op.name == "relax.image.resize2d"]
+    assert [c.attrs.layout for c in resize] == ["NCHW8c"]

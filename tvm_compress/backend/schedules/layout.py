@@ -280,6 +280,20 @@ class _Packer(PyExprMutator):
         y = relax.op.strided_slice(y, axes=[2, 3], begin=found["begin"], end=found["end"])
         return self._emit_packed(y, block, found["cout"])
 
+    def _resize(self, call: relax.Call) -> relax.Expr | None:
+        """Resize (FPN / YOLO upsampling) per channel on the packed tensor."""
+        source = self._packed_source(call.args[0])
+        attrs = call.attrs
+        if source is None or attrs.layout != "NCHW" or _static_shape(call) is None:
+            return None
+        data, block = source
+        new = relax.op.image.resize2d(
+            data, call.args[1], [float(v) for v in attrs.roi], f"NCHW{block}c", attrs.method,
+            attrs.coordinate_transformation_mode, attrs.rounding_method,
+            float(attrs.cubic_alpha), int(attrs.cubic_exclude),
+            float(attrs.extrapolation_value), attrs.out_dtype or None)
+        return self._emit_packed(new, block, _static_shape(call)[1])
+
     def _concat(self, call: relax.Call) -> relax.Expr | None:
         """Channel concat of packed tensors that each hold whole blocks (U-Net skips,
         Inception / YOLO necks): a concat of the packed tensors along the block axis."""
@@ -319,6 +333,8 @@ class _Packer(PyExprMutator):
             new = self._interleave(call)
         elif name == "relax.concat":
             new = self._concat(call)
+        elif name == "relax.image.resize2d":
+            new = self._resize(call)
         elif name == "relax.nn.pad":
             new = self._pad(call)
         else:
