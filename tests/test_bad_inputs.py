@@ -152,3 +152,19 @@ def test_input_shape_flag_misuse(capfd, tmp_path, argv_tail):
     path = _save(_conv_relu([1, 3, 8, 8]), tmp_path / "m.onnx")
     code, err = _run(capfd, ["inspect", path, *argv_tail])
     assert code == 2 and "--input-shape" in err.strip().splitlines()[-1]
+
+
+def test_importer_failure_names_the_operator_and_stays_quiet(capfd, tmp_path, monkeypatch):
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("simulated converter failure")
+
+    monkeypatch.setenv("TVM_COMPRESS_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(onnx_frontend.Relu, "_impl_v13", classmethod(broken))
+    model = _save(_conv_relu([1, 3, 8, 8]), tmp_path / "relu.onnx")
+    code, err = _run(capfd, ["inspect", model])
+    assert code == 1 and len(err.strip().splitlines()) == 1  # TVM's own prints go to the log
+    assert err.strip().startswith(
+        f"error: internal failure in stage 'import' of model {model}: RuntimeError: TVM's ONNX "
+        "importer failed on a Relu node: simulated converter failure (traceback in ")

@@ -189,9 +189,42 @@ def report_internal_failure(args: argparse.Namespace, con: Console, exc: BaseExc
         f"tvm-compress {' '.join(argv if argv is not None else sys.argv[1:])}\n"
         f"stage: {stage} ({step})\nmodel: {model}\n\n"
         + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    _release_into(exc, path)
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return (f"error: internal failure in stage '{stage}'" + (f" of model {model}" if model else "")
             + f": {type(exc).__name__}: {first} (traceback in {path}; please report it)")
+
+
+def _release_into(exc: BaseException, log: Path) -> None:
+    """Free the failed frames' objects now, with stderr pointed at the log: TVM's C++ destructors
+    warn on stderr about half-built modules ("BlockBuilder destroyed with remaining blocks")."""
+    import gc
+    import os
+    import sys
+    import traceback
+
+    def release() -> None:
+        seen: set[int] = set()
+        cur: BaseException | None = exc
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            traceback.clear_frames(cur.__traceback__)
+            cur = cur.__cause__ or cur.__context__
+        gc.collect()
+
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded)
+        release()
+        return
+    with open(log, "a") as out:
+        os.dup2(out.fileno(), 2)
+        try:
+            release()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def quant_config(args: argparse.Namespace) -> Any:

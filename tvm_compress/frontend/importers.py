@@ -8,8 +8,14 @@ arrives as a ``torch.nn.Module`` or as the ONNX file exported from it.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +166,52 @@ def _rename_onnx_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
     return model, token_to_layer
 
 
+def _tvm_import(model: onnx.ModelProto, inputs: Sequence[InputSpec], where: str) -> tvm.IRModule:
+    """TVM's importer, quiet: its onnx.checker warnings and the operator it prints on failure
+    (stdout) are kept off the terminal; the operator goes into the exception instead."""
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
+
+    printed, logged = io.StringIO(), []
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed), \
+                _stderr_captured(logged):
+            warnings.simplefilter("ignore")
+            return tvm_from_onnx(model, shape_dict={s.name: list(s.shape) for s in inputs},
+                                 dtype_dict={s.name: s.dtype for s in inputs},
+                                 keep_params_in_input=True)
+    except tvm.error.OpNotImplemented as exc:
+        raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        found = re.search(r"Error converting operator (\w+)", printed.getvalue())
+        if found is None:
+            raise
+        error = RuntimeError(f"TVM's ONNX importer failed on a {found.group(1)} node: "
+                             f"{(str(exc).strip().splitlines() or [''])[0]}")
+        error.add_note(printed.getvalue() + "".join(logged))  # for the log file
+        raise error from exc
+
+
+@contextlib.contextmanager
+def _stderr_captured(into: list[str]) -> Iterator[None]:
+    """Point file descriptor 2 (TVM's C++ warnings) at a temporary file; its text into ``into``."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            into.append(tmp.read())
+
+
 def from_onnx(source: str | Path | onnx.ModelProto, *, name: str | None = None, batch: int = 1,
               task: str | None = None,
               input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> Model:
@@ -181,17 +233,10 @@ def from_onnx(source: str | Path | onnx.ModelProto, *, name: str | None = None, 
         Static shapes for inputs with other dynamic dimensions; the key None names the only
         input of a single-input model. Other dynamic dimensions are an error.
     """
-    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
-
     where = str(source) if not hasattr(source, "graph") else (name or "ONNX model")
     prepared = prepare_onnx(source, batch=batch, input_shapes=input_shapes, where=where)
     renamed, token_to_layer = _rename_onnx_weights(prepared.model)
-    try:
-        mod = tvm_from_onnx(renamed, shape_dict={s.name: list(s.shape) for s in prepared.inputs},
-                            dtype_dict={s.name: s.dtype for s in prepared.inputs},
-                            keep_params_in_input=True)
-    except tvm.error.OpNotImplemented as exc:
-        raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
+    mod = _tvm_import(renamed, prepared.inputs, where)
     mod = finalize(mod, token_to_layer)
     stem = Path(source).stem if isinstance(source, (str, Path)) else "onnx_model"
     first = prepared.inputs[0]
