@@ -69,6 +69,18 @@ def test_truncated_file_is_a_user_error(tmp_path):
         prepare_onnx(path)
 
 
+def test_file_cut_at_a_message_boundary_is_a_user_error():
+    model = _conv_model([1, 3, 8, 8])
+    del model.graph.initializer[:]  # what a file cut before its weights parses to
+    with pytest.raises(UserError, match=r"Conv node 'conv' reads 'w', which the file does not "
+                                        "define: it is truncated or broken"):
+        prepare_onnx(model)
+    model = _conv_model([1, 3, 8, 8])
+    del model.graph.node[1:]
+    with pytest.raises(UserError, match="graph output 'y' is not computed by any node"):
+        prepare_onnx(model)
+
+
 def test_nan_weight_is_named():
     w = np.ones((4, 3, 3, 3), "float32")
     w[0, 0, 0, 0] = np.nan

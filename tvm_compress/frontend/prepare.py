@@ -88,6 +88,22 @@ def _read(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return model, locations
 
 
+def check_graph_complete(model: onnx.ModelProto, where: str) -> None:
+    """Every tensor a node reads is defined (a file cut at a message boundary still parses)."""
+    defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    defined |= {o for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        missing = [x for x in node.input if x and x not in defined]
+        if missing:
+            raise UserError(f"{where}: {node.op_type} node '{node.name or '?'}' reads "
+                            f"'{missing[0]}', which the file does not define: it is truncated "
+                            "or broken; re-download or re-export it")
+    outputs = [o.name for o in model.graph.output if o.name not in defined]
+    if outputs:
+        raise UserError(f"{where}: graph output '{outputs[0]}' is not computed by any node: the "
+                        "file is truncated or broken; re-download or re-export it")
+
+
 def check_weights_finite(model: onnx.ModelProto, where: str) -> None:
     """NaN / Inf in a float initializer or Constant node is an error naming the tensor."""
     from onnx import numpy_helper
@@ -325,6 +341,7 @@ def prepare_onnx(source: str | Path | onnx.ModelProto, *, batch: int = 1,
     notes: list[str] = []
     if external:
         notes.append(f"weights read from external data file(s) {', '.join(external)}")
+    check_graph_complete(original, where)
     check_weights_finite(original, where)
     model = onnx.ModelProto.FromString(original.SerializeToString())
     specs, pin_notes = pin_input_shapes(model, where, batch=batch, input_shapes=input_shapes)
