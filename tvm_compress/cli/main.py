@@ -170,10 +170,12 @@ def cmd_bench(args: argparse.Namespace, con: Console) -> dict[str, Any]:
         model = load_model(args)
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=args.target)
+    # kernels first: ONNX Runtime's and PyTorch's thread pools keep spinning after their runs
+    report = kernel_report(args, con, compiled, profile=True)
     with con.step(f"benchmarking TVM ({args.target}), ONNX Runtime, PyTorch"):
         result = benchmark(model, target=args.target, repeat=args.repeat, compiled=compiled)
     _print_bench(con, result)
-    result.update(kernel_report(args, con, compiled, profile=True))
+    result.update(report)
     return result
 
 
