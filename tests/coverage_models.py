@@ -135,6 +135,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+# Fully convolutional: any input size divisible by 8 works (benchmarks run them at 640x640).
+SCALABLE = ("unet", "textdet_head", "conv_zoo")
+
+
 def make(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """The module (eval mode, seeded weights and BatchNorm statistics) and a seeded input."""
     factory, shape = MODELS[name]
