@@ -127,3 +127,44 @@ def test_two_int8_layers_share_the_blocked_layout() -> None:
     _, scheduled = _check(relax_main(relax.TensorType(x.shape, "uint8"), body), x)
     layout = [name for name in _rules(scheduled) if "layout_transform" in name]
     assert len(layout) == 2, layout  # into the first conv and out of the last, none between
+
+
+VBMI = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+needs_vbmi = pytest.mark.skipif(not target_has_features("avx512vbmi", _THIS_CPU),
+                                reason="running vpermb needs an AVX512-VBMI host")
+
+DEPTHWISE_CASES = {  # channels, size, kernel, stride, zero point of the padding
+    "3x3": (32, 10, 3, 1, 0),
+    "3x3_s2": (16, 11, 3, 2, 0),
+    "5x5_zero_point_pad": (32, 9, 5, 1, 77),
+    "5x5_s2": (16, 12, 5, 2, 0),
+    "24_channels_8_lane_blocks": (24, 8, 3, 1, 5),
+}
+
+
+def _depthwise_module(channels: int, size: int, k: int, stride: int, zp: int, dtype: str
+                      ) -> tvm.IRModule:
+    weight = _weights((channels, 1, k, k))
+    return relax_main(relax.TensorType((1, channels, size, size), dtype), lambda bb, x:
+                      _conv_block(bb, x, weight, stride=stride, padding=k // 2, groups=channels,
+                                  zero_point=zp, requantize=True))
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_vnni_depthwise_exact(case: str, dtype: str) -> None:
+    channels, size, k, stride, zp = DEPTHWISE_CASES[case]
+    x = _activations((1, channels, size, size), dtype)
+    asm, scheduled = _check(_depthwise_module(channels, size, k, stride, zp, dtype), x)
+    assert "vpdpbusd" in asm
+    assert "depthwise_nchwc_vnni" in _rules(scheduled).values()
+
+
+@needs_vbmi
+@pytest.mark.parametrize("case", ["3x3", "5x5_s2", "24_channels_8_lane_blocks"])
+def test_vnni_depthwise_vbmi_exact(case: str) -> None:
+    channels, size, k, stride, zp = DEPTHWISE_CASES[case]
+    x = _activations((1, channels, size, size), "int8")
+    asm, _ = _check(_depthwise_module(channels, size, k, stride, zp, "int8"), x, VBMI)
+    assert "vpdpbusd" in asm and "vpermb" in asm  # the quads: one byte permutation each

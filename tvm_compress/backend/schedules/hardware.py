@@ -81,3 +81,8 @@ def has_int8_kernel(target: tvm.target.Target) -> bool:
     """Whether integer convolutions get a tensorized micro-kernel (AVX2 or VNNI) on ``target``,
     and so are packed to the blocked layout with their neighbours."""
     return has_avx2_int8(target) or vnni_lanes(target) > 0
+
+
+def has_vbmi(target: tvm.target.Target) -> bool:
+    """Whether the target permutes bytes across a whole register (AVX512-VBMI ``vpermb``)."""
+    return _has("avx512vbmi", target)

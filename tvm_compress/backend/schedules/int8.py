@@ -28,8 +28,9 @@ from tvm_compress.backend.schedules.blocks import (
 from tvm_compress.backend.schedules.compute import KERNEL_ATTR, out_size, pad_nchwc
 from tvm_compress.backend.schedules.conv2d import ConvTile, pick_tile
 from tvm_compress.backend.schedules.depthwise_int8 import legalize_depthwise_int8
+from tvm_compress.backend.schedules.depthwise_vnni import legalize_depthwise_vnni
 from tvm_compress.backend.schedules.hardware import has_avx2_int8, vnni_lanes
-from tvm_compress.backend.schedules.int8_intrin import intrin_name, register_intrinsics
+from tvm_compress.backend.schedules.int8_intrin import intrin_name, register_intrinsics, start_from
 from tvm_compress.backend.schedules.int8_intrin import offset as avx2_offset
 from tvm_compress.backend.schedules.int8_vnni import intrin_name as vnni_intrin_name
 from tvm_compress.backend.schedules.int8_vnni import offset as vnni_offset
@@ -103,34 +104,6 @@ def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int,
                       attrs={KERNEL_ATTR: CONV_NCHWC_U8S8, INTRIN_ATTR: intrin})
 
 
-def _start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
-    """``stmt`` with the kernel block's reduction starting at ``start[oc, oi]`` instead of 0.
-
-    Not a separate ``+ start`` stage: inlined into the requantization, an int32 add under the
-    int64 cast is distributed into two 64-bit values, which defeats ``vpmuldq`` there. (A te
-    ``init`` would say the same, but ``create_prim_func`` drops it; TVM 0.27 exposes no Python
-    statement mutator, so the loop nest that TE produces is rebuilt here.)
-    """
-    if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([_start_from(s, start) for s in stmt.seq])
-    if isinstance(stmt, tirx.For):
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
-                        _start_from(stmt.body, start), stmt.thread_binding, stmt.annotations)
-    if not isinstance(stmt, s_tir.SBlockRealize):
-        return stmt
-    block = stmt.block
-    init = block.init
-    if KERNEL_ATTR in block.annotations:
-        # The block's read regions stay those of its update, which is what tensorize matches;
-        # decompose_reduction derives the init block's own regions from its statement.
-        oc, oi = block.iter_vars[1].var, block.iter_vars[4].var
-        init = tirx.BufferStore(init.buffer, tirx.BufferLoad(start, [oc, oi]), init.indices)
-    block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint,
-                         _start_from(block.body, start), init, block.alloc_buffers,
-                         block.match_buffers, block.annotations)
-    return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
-
-
 def conv2d_int8_func(data: relax.TensorType, weight: np.ndarray, *, kind: str,
                      **options) -> tirx.PrimFunc:
     """PrimFunc ``(data, packed weight, start) -> int32 conv`` equal to the plain conv2d."""
@@ -140,7 +113,7 @@ def conv2d_int8_func(data: relax.TensorType, weight: np.ndarray, *, kind: str,
     conv = conv2d_nchwc_u8s8(data_ph, weight_ph, kind=kind, **options)
     func = te.create_prim_func([data_ph, weight_ph, start_ph, conv],
                                index_dtype_override="int64").without_attr("global_symbol")
-    return func.with_body(_start_from(func.body, func.params[2]))
+    return func.with_body(start_from(func.body, func.params[2]))
 
 
 def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
@@ -165,9 +138,14 @@ def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
             or weight is None or weight.dtype != np.int8 or weight.ndim != 6):
         return None
     groups = int(call.attrs.groups)
-    if groups > 1 and weight.shape[4] == 1 and groups == weight.shape[0] * weight.shape[5]:
-        return legalize_depthwise_int8(bb, call, weight, options)
     target = tvm.target.Target.current(allow_none=True)
+    if groups > 1 and weight.shape[4] == 1 and groups == weight.shape[0] * weight.shape[5]:
+        if target is not None and weight.shape[5] <= vnni_lanes(target) \
+                and weight.shape[5] in (8, 16):
+            vnni = legalize_depthwise_vnni(bb, call, weight, options)
+            if vnni is not None:
+                return vnni
+        return legalize_depthwise_int8(bb, call, weight, options)
     kind = None if target is None else pick_int8_kind(target, weight)
     if groups != 1 or kind is None:
         return None

@@ -22,8 +22,11 @@ One step broadcasts one 32-bit word of activations (4 u8/s8 or 2 s16 channels) a
 
 from __future__ import annotations
 
+from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+from tvm_compress.backend.schedules.compute import KERNEL_ATTR
 
 KINDS = ("direct", "int16")
 _FLIP = -2139062144  # 0x80808080 as int32: flips the top bit of four bytes
@@ -138,3 +141,31 @@ def register_intrinsics() -> None:
     name = intrin_name("int16", "int16")
     if TensorIntrin.get(name, allow_missing=True) is None:
         TensorIntrin.register(name, _int16_desc, _int16_impl)
+
+
+def start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
+    """``stmt`` with the kernel block's reduction starting at ``start[oc, oi]`` instead of 0.
+
+    Not a separate ``+ start`` stage: inlined into the requantization, an int32 add under the
+    int64 cast is distributed into two 64-bit values, which defeats ``vpmuldq`` there. (A te
+    ``init`` would say the same, but ``create_prim_func`` drops it; TVM 0.27 exposes no Python
+    statement mutator, so the loop nest that TE produces is rebuilt here.)
+    """
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([start_from(s, start) for s in stmt.seq])
+    if isinstance(stmt, tirx.For):
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
+                        start_from(stmt.body, start), stmt.thread_binding, stmt.annotations)
+    if not isinstance(stmt, s_tir.SBlockRealize):
+        return stmt
+    block = stmt.block
+    init = block.init
+    if KERNEL_ATTR in block.annotations:
+        # The block's read regions stay those of its update, which is what tensorize matches;
+        # decompose_reduction derives the init block's own regions from its statement.
+        oc, oi = block.iter_vars[1].var, block.iter_vars[4].var
+        init = tirx.BufferStore(init.buffer, tirx.BufferLoad(start, [oc, oi]), init.indices)
+    block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint,
+                         start_from(block.body, start), init, block.alloc_buffers,
+                         block.match_buffers, block.annotations)
+    return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)

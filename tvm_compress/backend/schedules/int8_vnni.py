@@ -92,6 +92,100 @@ def _impl(lanes: int, data_dtype: str):
     return impl
 
 
+def lanewise_name(lanes: int) -> str:
+    """The per-lane step of depthwise kernels: ``C[i] += sum_k A[i, k] * B[i, k]``."""
+    return f"tvm_compress.vnni_lanewise_{lanes}x4"
+
+
+def quads_name(lanes: int, vbmi: bool) -> str:
+    """The transposition that feeds it: 4 pixels x ``lanes`` channels -> channels x 4 taps
+    (one ``vpermb`` with AVX512-VBMI; LLVM's own shuffle lowering otherwise, 8 unpacks)."""
+    return f"tvm_compress.quads_{lanes}x4" + ("_vbmi" if vbmi else "")
+
+
+def _lanewise(lanes: int) -> tuple:
+    acc_type, byte_type = f"int32x{lanes}", f"int8x{lanes * 4}"
+    llvm = _LLVM[lanes]
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((lanes, 4), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((lanes, 4), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm), C.vload([0], acc_type),
+                T.reinterpret(A.vload([0, 0], dtype="uint8x" + str(lanes * 4)),
+                              dtype=byte_type),
+                B.vload([0, 0], dtype=byte_type), dtype=acc_type)
+
+    return desc, impl
+
+
+def quads_order(lanes: int) -> list[int]:
+    """Byte ``v`` of a quad vector is byte ``order[v]`` of its 4 pixels x ``lanes`` channels."""
+    return [k * lanes + i for i in range(lanes) for k in range(4)]
+
+
+def _quads(lanes: int, vbmi: bool) -> tuple:
+    byte_type, signed_type = f"uint8x{lanes * 4}", f"int8x{lanes * 4}"
+    order = quads_order(lanes)
+    permute = f"llvm.x86.avx512.permvar.qi.{lanes * 32}"
+
+    # Q: the permutation as data (``order``). The kernel reads it as ``| (Q & 0)``, which
+    # changes nothing; it is there so that vpermb gets its indices from memory: from a
+    # constant, LLVM turns the permutation back into a generic shuffle and lowers that to 8
+    # unpacks and 3 inserts per 64 bytes.
+    @T.prim_func(s_tir=True)
+    def desc(P: T.Buffer((4, lanes), "uint8", offset_factor=1),
+             Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
+             S: T.Buffer((lanes, 4), "uint8", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(P[0:4, 0:lanes], Q[0:lanes * 4])
+            T.writes(S[0:lanes, 0:4])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("quad"):
+                    vi, vk = T.axis.remap("SS", [i, k])
+                    S[vi, vk] = T.bitwise_or(P[vk, vi], T.bitwise_and(Q[vi * 4 + vk], T.uint8(0)))
+
+    @T.prim_func(s_tir=True)
+    def impl(P: T.Buffer((4, lanes), "uint8", offset_factor=1),
+             Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
+             S: T.Buffer((lanes, 4), "uint8", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(P[0:4, 0:lanes], Q[0:lanes * 4])
+            T.writes(S[0:lanes, 0:4])
+            S.vstore([0, 0], T.Shuffle([P.vload([0, 0], dtype=byte_type)], order))
+
+    @T.prim_func(s_tir=True)
+    def impl_vbmi(P: T.Buffer((4, lanes), "uint8", offset_factor=1),
+                  Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
+                  S: T.Buffer((lanes, 4), "uint8", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(P[0:4, 0:lanes], Q[0:lanes * 4])
+            T.writes(S[0:lanes, 0:4])
+            S.vstore([0, 0], T.reinterpret(T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(permute),
+                T.reinterpret(P.vload([0, 0], dtype=byte_type), dtype=signed_type),
+                T.reinterpret(Q.vload([0], dtype=byte_type), dtype=signed_type),
+                dtype=signed_type), dtype=byte_type))
+
+    return desc, impl_vbmi if vbmi else impl
+
+
 def register_intrinsics() -> None:
     """Register every (lanes, activation dtype) variant (idempotent)."""
     for lanes in LANES:
@@ -99,3 +193,8 @@ def register_intrinsics() -> None:
             name = intrin_name(lanes, dtype)
             if TensorIntrin.get(name, allow_missing=True) is None:
                 TensorIntrin.register(name, _desc(lanes, dtype), _impl(lanes, dtype))
+        if TensorIntrin.get(lanewise_name(lanes), allow_missing=True) is None:
+            TensorIntrin.register(lanewise_name(lanes), *_lanewise(lanes))
+        for vbmi in (False, True):
+            if TensorIntrin.get(quads_name(lanes, vbmi), allow_missing=True) is None:
+                TensorIntrin.register(quads_name(lanes, vbmi), *_quads(lanes, vbmi))

@@ -27,7 +27,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.backend.schedules.blocks import STAGE_ATTR
-from tvm_compress.backend.schedules.requantize_intrin import HIGH_MUL
+from tvm_compress.backend.schedules.requantize_intrin import HIGH_MUL, LANES
 
 _INT32 = 2**31
 
@@ -199,12 +199,12 @@ def _narrow_sum_fits(chain: _Chain) -> bool:
 
 
 def _lanes_shape(chain: _Chain) -> tuple[int, ...] | None:
-    """Per-channel constant shape of a chain on NCHW8c data (the 8-lane intrinsic's case)."""
+    """Per-channel constant shape of a chain on NCHW8c / NCHW16c data (the intrinsic's case)."""
     shape = [int(d) for d in chain.terms[0].source.ty.shape]
-    if len(shape) != 5 or shape[-1] != 8:
+    if len(shape) != 5 or shape[-1] not in LANES:
         return None
     return np.broadcast_shapes(chain.terms[0].multiplier.shape, chain.round_add.shape,
-                               (1,) * 4 + (8,))
+                               (1,) * 4 + (shape[-1],))
 
 
 def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:

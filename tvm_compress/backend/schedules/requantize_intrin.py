@@ -1,4 +1,4 @@
-"""``((acc * m + offset) >> 32) >> shift`` for 8 lanes, as a tensor intrinsic (x86).
+"""``((acc * m + offset) >> 32) >> shift`` for 8 or 16 lanes, as a tensor intrinsic (x86).
 
 ``requantize.py`` turns the fixed-point requantization into that high half of 64-bit products
 of 32-bit values, shifted per channel, followed by 32-bit steps with per-tensor constants only
@@ -7,7 +7,8 @@ part splits the 8 lanes into halves, sign-extends, multiplies and gathers the hi
 with five cross-lane shuffles per 8 outputs; Zen 3 runs shuffles on two ports only, which made
 the requantization cost as much as a depthwise convolution. This intrinsic keeps the lanes in
 place instead: ``vpmuldq`` multiplies the even lanes as they are, the odd ones after a 64-bit
-shift, and one ``vpblendd`` puts the high words together.
+shift, and one ``vpblendd`` puts the high words together. The 16-lane form (AVX-512, the
+channel block of VNNI kernels) is the same on zmm registers.
 """
 
 from __future__ import annotations
@@ -21,22 +22,25 @@ from tvm_compress.backend.schedules.blocks import STAGE_ATTR, child_blocks
 HIGH_MUL = "high_mul"  # the STAGE_ATTR value of the blocks this intrinsic computes
 
 
-def intrin_name(source_dtype: str) -> str:
-    return f"tvm_compress.high_mul_8_{source_dtype}"
+LANES = (8, 16)
 
 
-def _desc(source_dtype: str):
+def intrin_name(source_dtype: str, lanes: int = 8) -> str:
+    return f"tvm_compress.high_mul_{lanes}_{source_dtype}"
+
+
+def _desc(source_dtype: str, lanes: int):
     if source_dtype == "int32":
         @T.prim_func(s_tir=True)
-        def from_int32(A: T.Buffer((8,), "int32", offset_factor=1),
-                       M: T.Buffer((8,), "int32", offset_factor=1),
-                       D: T.Buffer((8,), "int64", offset_factor=1),
-                       S: T.Buffer((8,), "int32", offset_factor=1),
-                       C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        def from_int32(A: T.Buffer((lanes,), "int32", offset_factor=1),
+                       M: T.Buffer((lanes,), "int32", offset_factor=1),
+                       D: T.Buffer((lanes,), "int64", offset_factor=1),
+                       S: T.Buffer((lanes,), "int32", offset_factor=1),
+                       C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
             with T.sblock("root"):
-                T.reads(A[0:8], M[0:8], D[0:8], S[0:8])
-                T.writes(C[0:8])
-                for i in T.serial(0, 8):
+                T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
                     with T.sblock("high"):
                         vi = T.axis.remap("S", [i])
                         C[vi] = T.cast((T.cast(A[vi], "int64") * T.cast(M[vi], "int64")
@@ -45,15 +49,15 @@ def _desc(source_dtype: str):
         return from_int32
 
     @T.prim_func(s_tir=True)
-    def from_float(A: T.Buffer((8,), "float32", offset_factor=1),
-                   M: T.Buffer((8,), "int32", offset_factor=1),
-                   D: T.Buffer((8,), "int64", offset_factor=1),
-                   S: T.Buffer((8,), "int32", offset_factor=1),
-                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    def from_float(A: T.Buffer((lanes,), "float32", offset_factor=1),
+                   M: T.Buffer((lanes,), "int32", offset_factor=1),
+                   D: T.Buffer((lanes,), "int64", offset_factor=1),
+                   S: T.Buffer((lanes,), "int32", offset_factor=1),
+                   C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(A[0:8], M[0:8], D[0:8], S[0:8])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
+            T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
                 with T.sblock("high"):
                     vi = T.axis.remap("S", [i])
                     C[vi] = T.cast((T.cast(T.cast(A[vi], "int32"), "int64")
@@ -63,55 +67,65 @@ def _desc(source_dtype: str):
     return from_float
 
 
-def _impl(source_dtype: str):
+def _impl(source_dtype: str, lanes: int):
+    half = lanes // 2
+    src_type, i32, i64 = f"{source_dtype}x{lanes}", f"int32x{lanes}", f"int64x{lanes}"
+    i32h, i64h, u64h = f"int32x{half}", f"int64x{half}", f"uint64x{half}"
+    odd_lanes = [i | 1 for i in range(lanes)]
+    evens, odds = list(range(0, lanes, 2)), list(range(1, lanes, 2))
+    blend = [i if i % 2 == 0 else lanes + i for i in range(lanes)]
+
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((8,), source_dtype, offset_factor=1),
-             M: T.Buffer((8,), "int32", offset_factor=1),
-             D: T.Buffer((8,), "int64", offset_factor=1),
-             S: T.Buffer((8,), "int32", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    def impl(A: T.Buffer((lanes,), source_dtype, offset_factor=1),
+             M: T.Buffer((lanes,), "int32", offset_factor=1),
+             D: T.Buffer((lanes,), "int64", offset_factor=1),
+             S: T.Buffer((lanes,), "int32", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(A[0:8], M[0:8], D[0:8], S[0:8])
-            T.writes(C[0:8])
+            T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
+            T.writes(C[0:lanes])
             # T.bind: SSA values (plain assignments would become memory buffers)
-            acc = T.bind(T.cast(A.vload([0], source_dtype + "x8"), "int32x8"))
-            mul = T.bind(M.vload([0], "int32x8"))
-            offsets = T.bind(D.vload([0], "int64x8"))  # per channel: hoisted by LLVM
+            acc = T.bind(T.cast(A.vload([0], src_type), i32))
+            mul = T.bind(M.vload([0], i32))
+            offsets = T.bind(D.vload([0], i64))  # per channel: hoisted by LLVM
             # sign-extended low words of 64-bit lanes: what vpmuldq multiplies; the odd lanes
             # are moved there by an in-lane vpshufd
             even = T.bind(
-                T.cast(T.cast(T.reinterpret(acc, dtype="int64x4"), "int32x4"), "int64x4")
-                * T.cast(T.cast(T.reinterpret(mul, dtype="int64x4"), "int32x4"), "int64x4")
-                + T.Shuffle([offsets], [0, 2, 4, 6]))
-            acc_odd = T.bind(T.reinterpret(T.Shuffle([acc], [1, 1, 3, 3, 5, 5, 7, 7]),
-                                           dtype="int64x4"))
-            mul_odd = T.bind(T.reinterpret(T.Shuffle([mul], [1, 1, 3, 3, 5, 5, 7, 7]),
-                                           dtype="int64x4"))
-            odd = T.bind(T.cast(T.cast(acc_odd, "int32x4"), "int64x4")
-                         * T.cast(T.cast(mul_odd, "int32x4"), "int64x4")
-                         + T.Shuffle([offsets], [1, 3, 5, 7]))
-            low = T.bind(T.reinterpret(T.reinterpret(even, dtype="uint64x4")
-                                       >> T.broadcast(T.uint64(32), 4), dtype="int32x8"))
-            C[T.ramp(T.int32(0), 1, 8)] = T.Shuffle(
-                [low, T.reinterpret(odd, dtype="int32x8")], [0, 9, 2, 11, 4, 13, 6, 15]
-            ) >> S.vload([0], "int32x8")
+                T.cast(T.cast(T.reinterpret(acc, dtype=i64h), i32h), i64h)
+                * T.cast(T.cast(T.reinterpret(mul, dtype=i64h), i32h), i64h)
+                + T.Shuffle([offsets], evens))
+            acc_odd = T.bind(T.reinterpret(T.Shuffle([acc], odd_lanes),
+                                           dtype=i64h))
+            mul_odd = T.bind(T.reinterpret(T.Shuffle([mul], odd_lanes),
+                                           dtype=i64h))
+            odd = T.bind(T.cast(T.cast(acc_odd, i32h), i64h)
+                         * T.cast(T.cast(mul_odd, i32h), i64h)
+                         + T.Shuffle([offsets], odds))
+            low = T.bind(T.reinterpret(T.reinterpret(even, dtype=u64h)
+                                       >> T.broadcast(T.uint64(32), half), dtype=i32))
+            C[T.ramp(T.int32(0), 1, lanes)] = T.Shuffle(
+                [low, T.reinterpret(odd, dtype=i32)], blend
+            ) >> S.vload([0], i32)
 
     return impl
 
 
 def register_intrinsics() -> None:
-    """Register the int32- and float32-source variants (idempotent)."""
-    for dtype in ("int32", "float32"):
-        if TensorIntrin.get(intrin_name(dtype), allow_missing=True) is None:
-            TensorIntrin.register(intrin_name(dtype), _desc(dtype), _impl(dtype))
+    """Register the int32- and float32-source variants of every width (idempotent)."""
+    for lanes in LANES:
+        for dtype in ("int32", "float32"):
+            if TensorIntrin.get(intrin_name(dtype, lanes), allow_missing=True) is None:
+                TensorIntrin.register(intrin_name(dtype, lanes), _desc(dtype, lanes),
+                                      _impl(dtype, lanes))
 
 
 def tensorize_high_mul(sch: s_tir.Schedule) -> None:
-    """Tensorize the innermost (8-lane) loop of every block marked by ``requantize.py``."""
+    """Tensorize the innermost (8- or 16-lane) loop of every block marked by ``requantize.py``."""
     register_intrinsics()
     for block in child_blocks(sch):
         if str(sch.get(block).annotations.get(STAGE_ATTR, "")) != HIGH_MUL:
             continue
         dtypes = {str(r.source.dtype) for r in sch.get(block).reads}
         source = "float32" if "float32" in dtypes else "int32"
-        sch.tensorize(sch.get_loops(block)[-1], intrin_name(source))
+        inner = sch.get_loops(block)[-1]
+        sch.tensorize(inner, intrin_name(source, int(sch.get(inner).extent)))

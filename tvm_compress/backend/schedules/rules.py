@@ -18,6 +18,10 @@ from tvm_compress.backend.schedules.depthwise_int8 import (
     DEPTHWISE_NCHWC_INT8,
     schedule_depthwise_nchwc_int8,
 )
+from tvm_compress.backend.schedules.depthwise_vnni import (
+    DEPTHWISE_NCHWC_VNNI,
+    schedule_depthwise_nchwc_vnni,
+)
 from tvm_compress.backend.schedules.generic import (
     schedule_fallback_func,
     schedule_injective_func,
@@ -93,6 +97,7 @@ RULES: list[tuple[str, Rule]] = [
     ("conv2d_nchwc_u8s8", _kernel_rule(CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8)),
     ("depthwise_nchwc", _kernel_rule(DEPTHWISE_NCHWC, schedule_depthwise_nchwc)),
     ("depthwise_nchwc_int8", _kernel_rule(DEPTHWISE_NCHWC_INT8, schedule_depthwise_nchwc_int8)),
+    ("depthwise_nchwc_vnni", _kernel_rule(DEPTHWISE_NCHWC_VNNI, schedule_depthwise_nchwc_vnni)),
     ("matmul", _matmul_rule),
     ("dlight.cpu.GEMV", _dlight_rule(dl.cpu.GEMV())),
     ("reduction", _reduction_rule),

@@ -1,0 +1,153 @@
+"""int8 depthwise conv2d on VNNI: 4 taps of a row per ``vpdpbusd``, exact.
+
+A depthwise output lane (one channel) sums taps of its own channel, so ``vpdpbusd`` needs the
+4 bytes of each 32-bit lane to be 4 taps of one channel: the kernel stages, per channel block,
+a copy of the input in which pixel ``x`` holds the 4 horizontally consecutive input pixels its
+window starts with, channels x taps (one byte permutation of 64 consecutive bytes per pixel,
+``int8_vnni.quads_name``). A 3x3 window is then 3 ``vpdpbusd`` per 16 outputs (the fourth tap
+of each row weighs 0) and a 5x5 window 10, where fp32 needs 9 and 25 FMAs. Products and sums
+are exact int32 arithmetic. s8 activations are staged as u8 (``x + 128``, padding too) and the
+sums start at ``-128 * sum(w)``, as in ``int8.py``.
+
+Stages per channel block: the padded, offset u8 plane (1 byte per input element), the quads
+(4 bytes per element and group of 4 taps), then the convolution with its epilogue per row tile.
+Dilated windows keep ``depthwise_int8``'s fp32-arithmetic kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+
+from tvm_compress.backend.schedules.blocks import (
+    extent,
+    fuse_epilogue,
+    parallelize,
+    producers_and_consumers,
+    vectorize_pixels,
+)
+from tvm_compress.backend.schedules.compute import KERNEL_ATTR, out_size
+from tvm_compress.backend.schedules.depthwise import row_tile
+from tvm_compress.backend.schedules.hardware import has_vbmi
+from tvm_compress.backend.schedules.int8_intrin import start_from
+from tvm_compress.backend.schedules.int8_vnni import (
+    lanewise_name,
+    offset,
+    quads_name,
+    quads_order,
+    register_intrinsics,
+)
+from tvm_compress.backend.schedules.requantize_intrin import tensorize_high_mul
+
+DEPTHWISE_NCHWC_VNNI = "depthwise_nchwc_vnni"
+
+
+def pack_depthwise_weight(weight: np.ndarray) -> np.ndarray:
+    """OIHW1i[b]o depthwise weights -> (O/b, kh, ceil(kw/4), b, 4), zeros after the last tap."""
+    chunks, _, kh, kw, _, block = weight.shape
+    groups = -(-kw // 4)
+    taps = np.zeros((chunks, kh, groups * 4, block), weight.dtype)
+    taps[:, :, :kw] = weight[:, 0, :, :, 0, :]
+    return np.ascontiguousarray(
+        taps.reshape(chunks, kh, groups, 4, block).transpose(0, 1, 2, 4, 3))
+
+
+def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *, kw: int,
+                         strides: tuple[int, int],
+                         padding: tuple[int, int, int, int]) -> te.Tensor:
+    """Depthwise conv2d, data u8/s8 NCHW[b]c, weight (O/b, kh, G, b, 4) s8 -> int32 (without
+    the ``-offset * sum(w)`` start, which :func:`depthwise_vnni_func` adds); ``perm``: the
+    byte order of a quad (``int8_vnni.quads_order``), which the staging only reads ``& 0``."""
+    n, chunks, height, width, block = (int(d) for d in data.shape)
+    kh, groups = int(weight.shape[1]), int(weight.shape[2])
+    sh, sw = strides
+    top, left, bottom, right = padding
+    oh = out_size(height, top + bottom, kh, sh, 1)
+    ow = out_size(width, left + right, kw, sw, 1)
+    add = offset(str(data.dtype))
+    padded_w = max(width + left + right, (ow - 1) * sw + 4 * groups)
+
+    def pad(b, c, y, x, ci):
+        inside = tirx.all(y >= top, y < top + height, x >= left, x < left + width)
+        yy = tirx.min(tirx.max(y - top, 0), height - 1)
+        xx = tirx.min(tirx.max(x - left, 0), width - 1)
+        value = (data[b, c, yy, xx, ci].astype("int32") + add).astype("uint8")
+        return tirx.if_then_else(inside, value, tirx.const(add, "uint8"))
+
+    plane = te.compute((n, chunks, height + top + bottom, padded_w, block), pad, name="data_u8")
+    quads = te.compute((n, chunks, height + top + bottom, ow, groups, block, 4),
+                       lambda b, c, y, x, g, ci, k: tirx.bitwise_or(
+                           plane[b, c, y, x * sw + 4 * g + k, ci],
+                           tirx.bitwise_and(perm[ci * 4 + k], tirx.const(0, "uint8"))),
+                       name="data_quads")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rg = te.reduce_axis((0, groups), name="rg")
+    rk = te.reduce_axis((0, 4), name="rk")
+    return te.compute(
+        (n, chunks, oh, ow, block),
+        lambda b, c, y, x, ci: te.sum(
+            quads[b, c, y * sh + ry, x, rg, ci, rk].astype("int32")
+            * weight[c, ry, rg, ci, rk].astype("int32"), axis=[ry, rg, rk]),
+        name="depthwise_conv2d_NCHWc_vnni", attrs={KERNEL_ATTR: DEPTHWISE_NCHWC_VNNI})
+
+
+def depthwise_vnni_func(data: relax.TensorType, weight: np.ndarray, *, kw: int,
+                        strides: tuple[int, int],
+                        padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
+    """PrimFunc ``(data, packed weight, start, quad order) -> int32 depthwise conv``."""
+    data_ph = te.placeholder([int(d) for d in data.shape], str(data.dtype), name="data")
+    weight_ph = te.placeholder(weight.shape, "int8", name="weight")
+    start_ph = te.placeholder((weight.shape[0], weight.shape[3]), "int32", name="start")
+    perm_ph = te.placeholder((weight.shape[3] * 4,), "uint8", name="perm")
+    conv = depthwise_nchwc_vnni(data_ph, weight_ph, perm_ph, kw=kw, strides=strides,
+                                padding=padding)
+    func = te.create_prim_func([data_ph, weight_ph, start_ph, perm_ph, conv],
+                               index_dtype_override="int64").without_attr("global_symbol")
+    return func.with_body(start_from(func.body, func.params[2]))
+
+
+def legalize_depthwise_vnni(bb: relax.BlockBuilder, call: relax.Call, weight: np.ndarray,
+                            options: dict) -> relax.Expr | None:
+    """The VNNI kernel for a packed u8/s8 depthwise conv2d, or None (dilated windows)."""
+    if tuple(options["dilation"]) != (1, 1) or options["out_dtype"] != "int32":
+        return None
+    data_dtype = str(call.args[0].ty.dtype)
+    packed = pack_depthwise_weight(weight)
+    sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/b, b)
+    start = (-offset(data_dtype) * sums).astype(np.int32)
+    func = depthwise_vnni_func(call.args[0].ty, packed, kw=int(weight.shape[3]),
+                               strides=options["strides"], padding=options["padding"])
+    gv = bb.add_func(func, "depthwise_conv2d_int8")
+    order = np.array(quads_order(int(weight.shape[5])), np.uint8)
+    return relax.call_tir(gv, [call.args[0], relax.const(packed, "int8"),
+                               relax.const(start, "int32"), relax.const(order, "uint8")],
+                          relax.TensorType(func.params[4].shape, "int32"))
+
+
+def schedule_depthwise_nchwc_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
+                                  lanes: int, registers: int, cores: int) -> None:
+    """Row tiles of output pixels, one ``vpdpbusd`` per 4 taps; staging per channel block."""
+    register_intrinsics()
+    producers, _ = producers_and_consumers(sch, block)
+    n, c, y, x, ci, ry, rg, rk = sch.get_loops(block)
+    block_lanes = extent(sch, ci)
+    x_o, x_i = sch.split(x, [None, row_tile(extent(sch, x), registers)])
+    sch.reorder(n, c, y, x_o, ry, rg, x_i, ci, rk)
+    tail = fuse_epilogue(sch, block, x_o)
+    plane, quads = producers[-2], producers[-1]
+    for producer in (quads, plane):
+        sch.compute_at(producer, c, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(plane)[-1])
+    target = tvm.target.Target.current(allow_none=True)
+    vbmi = target is not None and has_vbmi(target)
+    sch.tensorize(sch.get_loops(quads)[-2], quads_name(block_lanes, vbmi))
+    parallelize(sch, [n, c], cores)
+    sch.unroll(x_i)
+    init = sch.decompose_reduction(block, ry)
+    sch.tensorize(ci, lanewise_name(block_lanes))
+    tensorize_high_mul(sch)
+    inner = sch.get_loops(init)[-1]
+    if extent(sch, inner) <= 4 * lanes:
+        sch.vectorize(inner)
+    vectorize_pixels(sch, tail)
