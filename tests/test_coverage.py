@@ -330,3 +330,18 @@ def test_resize_of_a_packed_tensor_stays_packed() -> None:
                                        relax.transform.DeadCodeElimination()])(mod)
     resize = [c for c in _ops(packed) if c.op.name == "relax.image.resize2d"]
     assert [c.attrs.layout for c in resize] == ["NCHW8c"]
+
+
+def test_conv_transpose_pads_output_channels_to_the_block() -> None:
+    # 6 output channels, block 8: phases padded to 8 channels, the padding cropped at the end
+    from tvm_compress.backend.schedules.conv_transpose import ConvTransposeToConv
+
+    layer, mod = _transpose_module(8, 6, 4, 2, 1, 0, 1, 5, 5)
+    rewritten = ConvTransposeToConv(block=8)(mod)
+    calls = _ops(rewritten)
+    assert [int(d) for d in calls[0].args[1].ty.shape] == [8 * 4, 8, 2, 2]
+    assert [int(d) for d in calls[-1].ty.shape] == [1, 6, 10, 10]
+    x = torch.randn(1, 8, 5, 5)
+    vm = relax.VirtualMachine(tvm.compile(rewritten, HOST), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(got, layer(x).detach().numpy(), rtol=1e-5, atol=1e-5)

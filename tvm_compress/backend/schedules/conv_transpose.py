@@ -86,8 +86,22 @@ def _plan(call: relax.Call) -> dict | None:
             "batch": dshape[0], "cout": w.shape[1] * int(attrs.groups)}
 
 
+def _padded_channels(cout: int, groups: int, block: int | None) -> int:
+    """Output channels of the phase conv per phase: ``cout``, or rounded up to a whole
+    ``block`` (zero weights) when that costs at most 2x, so the interleaving of a
+    channel-blocked result moves whole blocks."""
+    if not block or groups != 1 or cout % block == 0:
+        return cout
+    padded = -(-cout // block) * block
+    return padded if 2 * cout >= padded else cout
+
+
 @mutator
 class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, block: int | None) -> None:
+        super().__init__(mod)
+        self.block = block
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d_transpose":
@@ -96,19 +110,26 @@ class _Rewriter(PyExprMutator):
         if plan is None:
             return call
         (sh, sw), (ay, ax) = plan["strides"], plan["axes"]
-        weight = phase_weight(plan["weight"], plan["groups"], (sh, sw))
+        n, cout, groups = plan["batch"], plan["cout"], plan["groups"]
+        padded = _padded_channels(cout, groups, self.block)
+        w = plan["weight"]
+        if padded != cout:
+            w = np.concatenate([w, np.zeros((w.shape[0], padded - cout, *w.shape[2:]),
+                                            w.dtype)], axis=1)
+        weight = phase_weight(w, groups, (sh, sw))
         out_dtype = call.attrs.out_dtype or call.args[0].ty.dtype
         conv = self.builder_.emit(relax.op.nn.conv2d(
             call.args[0], relax.const(weight), padding=(ay[1], ax[1], ay[2], ax[2]),
-            groups=plan["groups"], out_dtype=str(out_dtype)))
-        n, cout, groups = plan["batch"], plan["cout"], plan["groups"]
+            groups=groups, out_dtype=str(out_dtype)))
         qh, qw = (int(d) for d in _static(conv)[2:])
-        y = relax.op.reshape(conv, (n, groups, sh, sw, cout // groups, qh, qw))
+        y = relax.op.reshape(conv, (n, groups, sh, sw, padded // groups, qh, qw))
         y = relax.op.permute_dims(y, list(_INTERLEAVE))
-        y = relax.op.reshape(y, (n, cout, qh * sh, qw * sw))
-        begin = [ay[3], ax[3]]
-        return relax.op.strided_slice(y, axes=[2, 3], begin=begin,
-                                      end=[begin[0] + ay[4], begin[1] + ax[4]])
+        y = relax.op.reshape(y, (n, padded, qh * sh, qw * sw))
+        begin, end = [ay[3], ax[3]], [ay[3] + ay[4], ax[3] + ax[4]]
+        if padded != cout:  # crop the padding channels too
+            return relax.op.strided_slice(y, axes=[1, 2, 3], begin=[0, *begin],
+                                          end=[cout, *end])
+        return relax.op.strided_slice(y, axes=[2, 3], begin=begin, end=end)
 
 
 # [n, group, ry, rx, co, qy, qx] -> [n, group, co, qy, ry, qx, rx]
@@ -132,7 +153,8 @@ def match_interleave(call: relax.Call, lookup) -> dict | None:  # noqa: ANN001
     """Recognize this pass's phase interleaving ending in ``call`` (the strided_slice).
 
     ``lookup(var)`` returns a var's bound value. Returns ``{"conv": the conv2d output var,
-    "strides": (sh, sw), "cout", "groups", "begin": [y, x], "end": [y, x]}`` or None.
+    "strides": (sh, sw), "cout" (per phase, padded), "channels" (the real ones), "groups",
+    "begin": [y, x], "end": [y, x]}`` or None.
     """
     def bound(expr: relax.Expr, op: str) -> relax.Call | None:
         value = lookup(expr) if isinstance(expr, relax.Var) else None
@@ -140,7 +162,8 @@ def match_interleave(call: relax.Call, lookup) -> dict | None:  # noqa: ANN001
         return value if ok and value.op.name == op else None
 
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.strided_slice" \
-            or _ints(call.args[1]) != [2, 3] or (len(call.args) > 4 and call.args[4] is not None):
+            or _ints(call.args[1]) not in ([2, 3], [1, 2, 3]) \
+            or (len(call.args) > 4 and call.args[4] is not None):
         return None
     merged = bound(call.args[0], "relax.reshape")
     permuted = None if merged is None else bound(merged.args[0], "relax.permute_dims")
@@ -154,16 +177,36 @@ def match_interleave(call: relax.Call, lookup) -> dict | None:  # noqa: ANN001
     begin, end = _ints(call.args[2]), _ints(call.args[3])
     if begin is None or end is None:
         return None
+    channels = groups * cout_g
+    if len(begin) == 3:  # padding channels cropped
+        if begin[0] != 0:
+            return None
+        channels, begin, end = end[0], begin[1:], end[1:]
     return {"conv": split.args[0], "strides": (sh, sw), "cout": groups * cout_g,
-            "groups": groups, "begin": begin, "end": end}
+            "channels": channels, "groups": groups, "begin": begin, "end": end}
 
 
-@tvm.ir.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
-def conv_transpose_to_conv(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Rewrite constant-weight NCHW ``conv2d_transpose`` as conv2d + depth-to-space (see the
-    module docstring); the result equals the transposed conv up to float summation order."""
-    rewriter = _Rewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+def ConvTransposeToConv(*, block: int | None = None) -> tvm.ir.transform.Pass:  # noqa: N802
+    """Pass: rewrite constant-weight NCHW ``conv2d_transpose`` as conv2d + phase interleaving
+    (see the module docstring); equal to the transposed conv up to float summation order.
+
+    Parameters
+    ----------
+    block : int, optional
+        The channel block the convs will be packed in (``PackChannels``): output channel
+        counts that are not a multiple of it are zero-padded per phase when that at most
+        doubles them, so the interleaving can stay blocked; the padding is cropped.
+    """
+
+    @tvm.ir.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
+    def _transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Rewriter(mod, block)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _transform
+
+
+conv_transpose_to_conv = ConvTransposeToConv()

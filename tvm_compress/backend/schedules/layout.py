@@ -278,7 +278,7 @@ class _Packer(PyExprMutator):
         y = relax.op.permute_dims(y, [0, 3, 4, 1, 5, 2, 6])
         y = relax.op.reshape(y, (n, chunks, qh * sh, qw * sw, block))
         y = relax.op.strided_slice(y, axes=[2, 3], begin=found["begin"], end=found["end"])
-        return self._emit_packed(y, block, found["cout"])
+        return self._emit_packed(y, block, found["channels"])
 
     def _resize(self, call: relax.Call) -> relax.Expr | None:
         """Resize (FPN / YOLO upsampling) per channel on the packed tensor."""

@@ -9,7 +9,7 @@ from tvm import relax
 
 from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
-from tvm_compress.backend.schedules.conv_transpose import conv_transpose_to_conv
+from tvm_compress.backend.schedules.conv_transpose import ConvTransposeToConv
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
 from tvm_compress.backend.schedules.int8 import legalize_conv2d_int8
@@ -41,7 +41,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         fold_constants_numpy,
-        conv_transpose_to_conv,
+        ConvTransposeToConv(block=vector_lanes(target) if pack else None),
         raise_elementwise,
         fold_constants_numpy,
         relax.transform.CanonicalizeBindings(),
