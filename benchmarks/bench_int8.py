@@ -9,7 +9,7 @@ ImageNet photos and top-1 agreement with fp32 on those plus held-out photo crops
 TVM kernel's per-call minimum inside the running model, int8 against fp32 per layer.
 Writes benchmarks/results/int8.{json,md}.
 
-    python benchmarks/bench_int8.py [--rounds 12] [--per-round 5]
+    python benchmarks/bench_int8.py [--rounds 12] [--per-round 5] [--out PATH_PREFIX]
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 ENGINES = ["tvm_int8", "tvm_int8_w7", "tvm_fp32", "onnxruntime_fp32", "onnxruntime_int8",
            "pytorch_eager"]
-# 7-bit weights: every vpmaddubsw pair sum fits int16, so the u8 kernel applies (the int8
-# kernels pick it from the weights); the trade-off row next to the default 8-bit config.
+# 7-bit weights: every vpmaddubsw pair sum fits int16, so on AVX2 without VNNI the u8 kernel
+# applies (the int8 kernels pick it from the weights); the trade-off row next to the default
+# 8-bit config. On VNNI hosts both rows run the same vpdpbusd kernels.
 W7_WEIGHTS = (7, "symmetric", "per_channel")
 
 
@@ -40,6 +41,20 @@ def _target():
 
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": THREADS})
+
+
+def int8_path(target) -> str:  # noqa: ANN001
+    """Which integer convolution kernels this target gets (see docs/int8.md)."""
+    from tvm_compress.backend.schedules.hardware import has_avx2_int8, vnni_lanes
+
+    if vnni_lanes(target):
+        return ("VNNI: vpdpbusd for every conv and depthwise layer, exact for 7- and 8-bit "
+                "weights alike")
+    if has_avx2_int8(target):
+        return ("AVX2 without VNNI: 8-bit weights take the exact int16 vpmaddwd kernel, 7-bit "
+                "weights the u8 x s8 vpmaddubsw kernel (exact for them); depthwise in fp32 "
+                "arithmetic")
+    return "no tensorized int8 kernel on this target (integer convs stay NCHW, generic schedule)"
 
 
 def prepare(tmp: Path, calib_n: int) -> dict:
@@ -191,11 +206,17 @@ def _kind(name: str) -> str:
     return "conv" if "conv2d" in name else ("dense" if "matmul" in name else "other")
 
 
+def _channels(shape: list[int]) -> int:
+    return shape[1] * (shape[4] if len(shape) == 5 else 1)
+
+
 def _layer_key(name: str, kernel: dict) -> tuple:
-    """Kernel kind, output shape and input channel blocks of 8: the same layer in int8 and fp32
-    (the int8 stem reads 4 zero-padded channels where fp32 reads 3)."""
-    channels = kernel["input"][1] * (kernel["input"][4] if len(kernel["input"]) == 5 else 1)
-    return _kind(name), tuple(kernel["output"]), -(-channels // 8)
+    """Kernel kind, output size, and input / output channels in blocks of 16: the same layer in
+    int8 and fp32 (the int8 stem reads 4 zero-padded channels where fp32 reads 3; on AVX-512
+    fp32 pads 24 channels to 32 where int8 keeps 8-channel blocks)."""
+    out = kernel["output"]
+    return (_kind(name), tuple(out[2:4]) if len(out) >= 4 else tuple(out),
+            -(-_channels(kernel["input"]) // 16), -(-_channels(out) // 16))
 
 
 def compare_kernels(int8: dict, fp32: dict) -> list[dict]:
@@ -230,6 +251,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval-crops", type=int, default=40)
     parser.add_argument("--kernel-runs", type=int, default=40)
+    parser.add_argument("--out", default=str(RESULTS / "int8"),
+                        help="path prefix of the .json / .md results (smoke runs: elsewhere)")
     args = parser.parse_args()
     from tvm_compress.data import imagenet_photos, real_photos
 
@@ -244,15 +267,17 @@ def main() -> None:
         int8_k = kernel_minima(tmp / "int8.json", args.kernel_runs)
         fp32_k = kernel_minima(tmp / "fp32.json", args.kernel_runs)
     result = {"model": "zoo:mobilenet_v2 (ImageNet weights), batch 1", "target": str(_target()),
+              "int8_kernels": int8_path(_target()),
               "threads": THREADS, "quantization": quant, "timings": _ratios(timings),
               "accuracy": accuracy(logits, labels), "evaluation_images": len(images),
               "load_before": load_before, "load_after_engines": load_after,
               "kernels": compare_kernels(int8_k, fp32_k),
               "kernel_totals_ms": {"int8": sum(k["ms"] for k in int8_k.values()),
                                    "fp32": sum(k["ms"] for k in fp32_k.values())}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "int8.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "int8.md").write_text(markdown(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -276,8 +301,8 @@ def markdown(result: dict) -> str:
              f"integer kernels, {quant['calibration_images']} calibration crops, weights "
              f"{quant['weight_bytes']:,} B (fp32 {quant['fp32_weight_bytes']:,} B); ONNX Runtime "
              "int8: its `quantize_static` QDQ model on the same crops. `tvm_int8_w7`: the same "
-             "with 7-bit weights (`QuantSpec(7, 'symmetric', 'per_channel')`), for which the "
-             "u8 x s8 kernel is exact (the default 8-bit weights use the int16 kernel).", "",
+             "with 7-bit weights (`QuantSpec(7, 'symmetric', 'per_channel')`). Integer kernels "
+             f"on this target: {result.get('int8_kernels', '-')}.", "",
              "Typical = median over rounds of each round's fastest call (drops calls other "
              "processes preempted); ratios are typical / typical, with median / median and "
              "min / min next to them.", "",

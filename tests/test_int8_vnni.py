@@ -3,6 +3,8 @@ unscheduled build (bit for bit), for every 8-bit weight (no saturating step on t
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -168,3 +170,31 @@ def test_vnni_depthwise_vbmi_exact(case: str) -> None:
     x = _activations((1, channels, size, size), "int8")
     asm, _ = _check(_depthwise_module(channels, size, k, stride, zp, "int8"), x, VBMI)
     assert "vpdpbusd" in asm and "vpermb" in asm  # the quads: one byte permutation each
+
+
+def _host_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":")[1].split()) for line in info
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+ALDERLAKE = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_avx_vnni_ymm_kernels(depthwise: bool) -> None:
+    # AVX-VNNI without AVX-512: 8-lane blocks and the VEX-encoded vpdpbusd
+    if depthwise:
+        mod = _depthwise_module(16, 8, 3, 1, 0, "int8")
+    else:
+        mod = _conv_module(_weights((16, 16, 3, 3)), "int8", 8)
+    x = _activations((1, 16, 8, 8), "int8")
+    spec = InputSpec("x", x.shape, "int8")
+    compiled = build(mod, target=ALDERLAKE, input_spec=spec)
+    assert re.search(r"\{vex\}\s+vpdpbusd", _assembly(compiled))
+    if "avx_vnni" in _host_flags():
+        expected = build(mod, input_spec=spec, schedule="none").run(x)
+        np.testing.assert_array_equal(compiled.run(x), expected)
