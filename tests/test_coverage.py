@@ -26,6 +26,8 @@ HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_sy
                           "num-cores": 2})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                            "mattr": ["+neon"]})
 
 
 def _ops(mod: tvm.IRModule) -> list[relax.Call]:
@@ -175,7 +177,7 @@ def test_coverage_models_are_scheduled_and_exact(name: str, tmp_path) -> None:
     from tvm_compress.backend.build import build
 
     model, x, path = _import(name, tmp_path)
-    for target in (HOST, AVX2):
+    for target in (HOST, AVX2, AARCH64):
         mod = default_schedule_pipeline(target)(model.mod)
         assert not unscheduled(kernel_infos(mod)), (vector_lanes(target), kernel_infos(mod))
         assert not any("conv2d_transpose" in gv.name_hint for gv in mod.get_global_vars())
