@@ -347,3 +347,21 @@ def test_conv_transpose_pads_output_channels_to_the_block() -> None:
     vm = relax.VirtualMachine(tvm.compile(rewritten, HOST), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
     np.testing.assert_allclose(got, layer(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_profile_of_a_cross_target_is_refused_before_compiling(capsys, tmp_path) -> None:
+    from tvm_compress.cli.main import main
+
+    out = tmp_path / "m.so"
+    assert main(["compile", "zoo:fmnist_vgg", "--target", "aarch64", "-o", str(out),
+                 "--profile"]) == 2
+    assert "--profile runs the model on this host" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bundle_compile_json_has_the_kernel_report(capsys, tmp_path) -> None:
+    from tvm_compress.cli.main import main
+
+    assert main(["compile", "zoo:fmnist_vgg", "-o", str(tmp_path / "bundle"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kernels"] and out["unscheduled_kernels"] == []

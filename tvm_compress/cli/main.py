@@ -31,7 +31,7 @@ from tvm_compress.cli.common import (
     report_internal_failure,
     split_holdout,
 )
-from tvm_compress.cli.report import add_report_args, kernel_report
+from tvm_compress.cli.report import add_report_args, check_profile_target, kernel_report
 from tvm_compress.errors import UserError
 
 # PyTorch's OpenMP workers spin while waiting by default; on a machine whose cores are shared
@@ -93,10 +93,12 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.quant.quantize import folded_weight_bytes
 
     target = resolve_target(args.target)
+    check_profile_target(args, target)
     if not args.output.endswith(".so"):  # a directory: deployment bundle (runtime.deploy)
         from tvm_compress.runtime.deploy import compile_command
 
-        return compile_command(args, con, target)
+        return compile_command(args, con, target,
+                               report=lambda compiled: kernel_report(args, con, compiled))
     with con.step(f"importing {args.model}"):
         model = load_model(args)
     with con.step(f"compiling for {args.target}"):

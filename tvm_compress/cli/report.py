@@ -22,6 +22,15 @@ def add_report_args(p: argparse.ArgumentParser, *, profile_default: bool = False
                    help="instrumented runs for the kernel profile (default 5)")
 
 
+def check_profile_target(args: argparse.Namespace, target: Any) -> None:
+    """``--profile`` needs a model this host can run: say so before compiling."""
+    from tvm_compress.backend.targets import is_host_runnable
+
+    if getattr(args, "profile", False) and not is_host_runnable(target):
+        raise UserError(f"--profile runs the model on this host, but --target {args.target} "
+                        "does not run here; use --report alone, or profile on the device")
+
+
 def kernel_report(args: argparse.Namespace, con: Any, compiled: Any, *,
                   profile: bool | None = None) -> dict[str, Any]:
     """The ``kernels`` (and, when profiled, ``peak``) entries of the command's result; prints the

@@ -417,7 +417,8 @@ def write_cuda_package(compiled: Any, out_dir: str | Path, *, model_name: str, p
 # ------------------------------------------------------------------------------------- command
 
 
-def compile_command(args: Any, con: Any, target: Any) -> dict[str, Any]:
+def compile_command(args: Any, con: Any, target: Any,
+                    report: Any = None) -> dict[str, Any]:
     """``tvm-compress compile MODEL --target T -o DIR``: a bundle (CPU) or library + code (CUDA)."""
     from tvm_compress.backend.build import build
     from tvm_compress.frontend.loader import load_from_args as load_model
@@ -445,6 +446,8 @@ def compile_command(args: Any, con: Any, target: Any) -> dict[str, Any]:
                                 extra_meta=extra)
     sizes = meta["bytes"]
     con.table(f"{args.output} ({arch})", ["file", "bytes"], [[k, v] for k, v in sizes.items()])
+    if report is not None:  # the CLI's --report / --profile (cli.report.kernel_report)
+        meta.update(report(compiled))
     return meta
 
 
