@@ -137,6 +137,8 @@ needs_vbmi = pytest.mark.skipif(not target_has_features("avx512vbmi", _THIS_CPU)
 
 DEPTHWISE_CASES = {  # channels, size, kernel, stride, zero point of the padding
     "3x3": (32, 10, 3, 1, 0),
+    "3x3_row_bands": (16, 28, 3, 1, 0),  # quads staged per band of 7 output rows
+    "5x5_prime_height": (16, 11, 5, 1, 0),
     "3x3_s2": (16, 11, 3, 2, 0),
     "5x5_zero_point_pad": (32, 9, 5, 1, 77),
     "5x5_s2": (16, 12, 5, 2, 0),
@@ -160,7 +162,11 @@ def test_vnni_depthwise_exact(case: str, dtype: str) -> None:
     x = _activations((1, channels, size, size), dtype)
     asm, scheduled = _check(_depthwise_module(channels, size, k, stride, zp, dtype), x)
     assert "vpdpbusd" in asm
-    assert "depthwise_nchwc_vnni" in _rules(scheduled).values()
+    rules = _rules(scheduled)
+    # one kernel: staging, convolution and the requantization epilogue
+    assert [name for name, rule in rules.items() if rule == "depthwise_nchwc_vnni"] == [
+        name for name in rules if "depthwise" in name] and any(
+        "depthwise" in name and "requantize" in name for name in rules)
 
 
 @needs_vbmi
@@ -198,3 +204,12 @@ def test_avx_vnni_ymm_kernels(depthwise: bool) -> None:
     if "avx_vnni" in _host_flags():
         expected = build(mod, input_spec=spec, schedule="none").run(x)
         np.testing.assert_array_equal(compiled.run(x), expected)
+
+
+def test_depthwise_band_rows() -> None:
+    from tvm_compress.backend.schedules.depthwise_vnni import band_rows
+
+    assert band_rows(28, 28, 3, 1, 64) == 7  # 9 input rows x 28 x 64 B = 16 KiB
+    assert band_rows(14, 14, 3, 1, 64) == 14  # the whole plane fits
+    assert band_rows(11, 56, 5, 1, 128) == 11  # no divisor fits: whole plane, never 1 row
+    assert band_rows(28, 28, 3, 2, 64) == 4  # stride 2: 9 input rows for 4 output rows
