@@ -213,3 +213,31 @@ def test_depthwise_band_rows() -> None:
     assert band_rows(14, 14, 3, 1, 64) == 14  # the whole plane fits
     assert band_rows(11, 56, 5, 1, 128) == 11  # no divisor fits: whole plane, never 1 row
     assert band_rows(28, 28, 3, 2, 64) == 4  # stride 2: 9 input rows for 4 output rows
+
+
+@needs_vnni
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1280, 1000), (3, 96, 64), (1, 64, 40)])
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_vnni_dense_exact(rows: int, k: int, n: int, dtype: str) -> None:
+    weight = _weights((k, n))  # (K, N), as the frontends fold dense weights
+    x = _activations((rows, k), dtype)
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        acc = bb.emit(relax.op.matmul(v, relax.const(weight), out_dtype="int32"))
+        return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")),
+                                 relax.const(np.float32(0.01)))
+
+    asm, scheduled = _check(relax_main(relax.TensorType(x.shape, dtype), body), x)
+    assert "vpdpbusd" in asm
+    assert list(_rules(scheduled).values()) == ["matmul_vnni"]  # epilogue fused
+
+
+def test_dense_without_vnni_keeps_the_generic_path() -> None:
+    weight = _weights((64, 32))
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        return relax.op.matmul(v, relax.const(weight), out_dtype="int32")
+
+    mod = relax_main(relax.TensorType((1, 64), "uint8"), body)
+    rules = _rules(default_schedule_pipeline(resolve_target("x86-avx2"))(mod))
+    assert "matmul_vnni" not in rules.values()

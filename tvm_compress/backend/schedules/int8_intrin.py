@@ -143,8 +143,10 @@ def register_intrinsics() -> None:
         TensorIntrin.register(name, _int16_desc, _int16_impl)
 
 
-def start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
-    """``stmt`` with the kernel block's reduction starting at ``start[oc, oi]`` instead of 0.
+def start_from(stmt: tirx.Stmt, start: tirx.Buffer,
+               axes: tuple[int, ...] = (1, 4)) -> tirx.Stmt:
+    """``stmt`` with the kernel block's reduction starting at ``start[iter vars at axes]``
+    (``start[oc, oi]`` for NCHW[x]c convolutions, ``start[n]`` for matmul) instead of 0.
 
     Not a separate ``+ start`` stage: inlined into the requantization, an int32 add under the
     int64 cast is distributed into two 64-bit values, which defeats ``vpmuldq`` there. (A te
@@ -152,10 +154,10 @@ def start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
     statement mutator, so the loop nest that TE produces is rebuilt here.)
     """
     if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([start_from(s, start) for s in stmt.seq])
+        return tirx.SeqStmt([start_from(s, start, axes) for s in stmt.seq])
     if isinstance(stmt, tirx.For):
         return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
-                        start_from(stmt.body, start), stmt.thread_binding, stmt.annotations)
+                        start_from(stmt.body, start, axes), stmt.thread_binding, stmt.annotations)
     if not isinstance(stmt, s_tir.SBlockRealize):
         return stmt
     block = stmt.block
@@ -163,9 +165,9 @@ def start_from(stmt: tirx.Stmt, start: tirx.Buffer) -> tirx.Stmt:
     if KERNEL_ATTR in block.annotations:
         # The block's read regions stay those of its update, which is what tensorize matches;
         # decompose_reduction derives the init block's own regions from its statement.
-        oc, oi = block.iter_vars[1].var, block.iter_vars[4].var
-        init = tirx.BufferStore(init.buffer, tirx.BufferLoad(start, [oc, oi]), init.indices)
+        index = [block.iter_vars[axis].var for axis in axes]
+        init = tirx.BufferStore(init.buffer, tirx.BufferLoad(start, index), init.indices)
     block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint,
-                         start_from(block.body, start), init, block.alloc_buffers,
+                         start_from(block.body, start, axes), init, block.alloc_buffers,
                          block.match_buffers, block.annotations)
     return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)

@@ -10,6 +10,7 @@ from tvm import relax
 from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
 from tvm_compress.backend.schedules.conv_transpose import ConvTransposeToConv
+from tvm_compress.backend.schedules.dense_vnni import legalize_matmul_int8
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
 from tvm_compress.backend.schedules.int8 import legalize_conv2d_int8
@@ -50,7 +51,8 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         relax.transform.FoldConstant(),
         lower_requantize,
         relax.transform.LegalizeOps({"relax.nn.conv2d": functools.partial(
-            legalize_conv2d, int8_legalizer=legalize_conv2d_int8)}),
+            legalize_conv2d, int8_legalizer=legalize_conv2d_int8),
+            "relax.matmul": legalize_matmul_int8}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -1,0 +1,115 @@
+"""Integer matmul (dense layers, the classifier GEMV) on VNNI: ``vpdpbusd``, exact.
+
+``RealizeInteger`` emits ``matmul(x u8/s8 (M, K), W s8 (K, N) constant, out int32)``. Here the
+weights are packed (N/l, K/4, l, 4) so that one step broadcasts 4 input bytes and meets ``l``
+output columns x 4 inputs: the intrinsic of the VNNI convolutions (``int8_vnni``), 16 or 8
+columns wide. s8 inputs are offset by 128 inside the step and the sums start at
+``-128 * sum_k W[k, n]`` (as in ``int8.py``). The generic matmul schedule widened every
+product to int32 first (MobileNetV2's 1280 x 1000 classifier took longer than the fp32 one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+
+from tvm_compress.backend.schedules.blocks import extent, fuse_epilogue, parallelize
+from tvm_compress.backend.schedules.compute import KERNEL_ATTR
+from tvm_compress.backend.schedules.hardware import vnni_lanes
+from tvm_compress.backend.schedules.int8_intrin import start_from
+from tvm_compress.backend.schedules.int8_vnni import intrin_name, offset, register_intrinsics
+
+MATMUL_VNNI = "matmul_vnni"
+INTRIN_ATTR = "tvm_compress.intrin"
+
+
+def pack_matmul_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
+    """(K, N) -> (N/lanes, K/4, lanes, 4)."""
+    k, n = weight.shape
+    return np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
+
+
+def matmul_vnni(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """(M, K) u8/s8 x packed (N/l, K/4, l, 4) s8 -> (M, N) int32, the inputs offset by the
+    intrinsic's ``offset`` (undone by the start :func:`matmul_vnni_func` adds)."""
+    m = int(data.shape[0])
+    blocks, quads, lanes = (int(d) for d in weight.shape[:3])
+    add = offset(str(data.dtype))
+    ko = te.reduce_axis((0, quads), name="ko")
+    ki = te.reduce_axis((0, 4), name="ki")
+
+    def body(i, j):
+        value = data[i, ko * 4 + ki].astype("int32")
+        if add:
+            value = value + add
+        return te.sum(value * weight[j // lanes, ko, j % lanes, ki].astype("int32"),
+                      axis=[ko, ki])
+
+    return te.compute((m, blocks * lanes), body, name="matmul_vnni",
+                      attrs={KERNEL_ATTR: MATMUL_VNNI,
+                             INTRIN_ATTR: intrin_name(lanes, str(data.dtype))})
+
+
+def matmul_vnni_func(data: relax.TensorType, weight: np.ndarray) -> tirx.PrimFunc:
+    """PrimFunc ``(data, packed weight, start) -> int32 (M, N)``."""
+    data_ph = te.placeholder([int(d) for d in data.shape], str(data.dtype), name="data")
+    weight_ph = te.placeholder(weight.shape, "int8", name="weight")
+    start_ph = te.placeholder((weight.shape[0] * weight.shape[2],), "int32", name="start")
+    out = matmul_vnni(data_ph, weight_ph)
+    func = te.create_prim_func([data_ph, weight_ph, start_ph, out],
+                               index_dtype_override="int64").without_attr("global_symbol")
+    return func.with_body(start_from(func.body, func.params[2], axes=(1,)))
+
+
+def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
+    if isinstance(expr, relax.Var):
+        expr = bb.lookup_binding(expr) or expr
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    return None
+
+
+def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """The VNNI kernel for ``matmul(u8/s8 (M, K), constant s8 (K, N)) -> int32``; every other
+    matmul as TVM legalizes it."""
+    default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
+    target = tvm.target.Target.current(allow_none=True)
+    lanes = 0 if target is None else vnni_lanes(target)
+    data_ty = call.args[0].ty
+    weight = _constant(bb, call.args[1])
+    if (not lanes or str(data_ty.dtype) not in ("uint8", "int8") or weight is None
+            or weight.dtype != np.int8 or weight.ndim != 2 or data_ty.ndim != 2
+            or str(call.ty.dtype) != "int32" or weight.shape[0] % 4):
+        return default(bb, call)
+    lanes = 16 if weight.shape[1] % 16 == 0 and lanes == 16 else 8
+    if weight.shape[1] % lanes:
+        return default(bb, call)
+    packed = pack_matmul_weight(weight, lanes)
+    start = (-offset(str(data_ty.dtype)) * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
+    func = matmul_vnni_func(data_ty, packed)
+    gv = bb.add_func(func, "matmul_int8")
+    return relax.call_tir(gv, [call.args[0], relax.const(packed, "int8"),
+                               relax.const(start, "int32")],
+                          relax.TensorType(func.params[3].shape, "int32"))
+
+
+def schedule_matmul_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
+                         lanes: int, registers: int, cores: int) -> None:
+    """Columns in blocks of the intrinsic's width, ``tile`` blocks per register tile (one
+    accumulator each), the whole K reduction around the tile; the epilogue per tile."""
+    register_intrinsics()
+    intrin = str(sch.get(block).annotations[INTRIN_ATTR])
+    width = int(intrin.split("_")[-2].split("x")[0])
+    i, j, ko, ki = sch.get_loops(block)
+    blocks = extent(sch, j) // width
+    tile = max(t for t in (1, 2, 4, 5, 8) if blocks % t == 0 and t <= registers - 4)
+    j_o, j_t, j_i = sch.split(j, [None, tile, width])
+    sch.reorder(i, j_o, ko, j_t, j_i, ki)
+    tail = fuse_epilogue(sch, block, j_o)
+    parallelize(sch, [i, j_o], cores)
+    sch.unroll(j_t)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(j_i, intrin)
+    sch.vectorize(sch.get_loops(tail)[-1])
