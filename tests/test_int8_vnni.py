@@ -241,3 +241,25 @@ def test_dense_without_vnni_keeps_the_generic_path() -> None:
     mod = relax_main(relax.TensorType((1, 64), "uint8"), body)
     rules = _rules(default_schedule_pipeline(resolve_target("x86-avx2"))(mod))
     assert "matmul_vnni" not in rules.values()
+
+
+GROUPED_CASES = {  # cin, cout, groups, kernel, stride
+    "2_groups_16_in_32_out": (32, 64, 2, 3, 1),
+    "4_groups_8_in_8_out_strided": (32, 32, 4, 3, 2),
+    "1x1_8_groups": (64, 128, 8, 1, 1),
+}
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+@pytest.mark.parametrize("target", ["vnni", "avx2"])
+def test_grouped_int8_conv_exact(case: str, target: str) -> None:
+    cin, cout, groups, k, stride = GROUPED_CASES[case]
+    weight = _weights((cout, cin // groups, k, k))
+    x = _activations((1, cin, 9, 9), "int8")
+    mod = relax_main(relax.TensorType(x.shape, "int8"), lambda bb, v: _conv_block(
+        bb, v, weight, stride=stride, padding=k // 2, groups=groups, zero_point=0,
+        requantize=True))
+    asm, scheduled = _check(mod, x, VNNI if target == "vnni" else resolve_target("x86-avx2"))
+    assert "conv2d_nchwc_u8s8" in _rules(scheduled).values()
+    assert ("vpdpbusd" if target == "vnni" else "vpmaddwd") in asm

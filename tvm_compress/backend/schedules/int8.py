@@ -69,8 +69,10 @@ def pick_kind(weight: np.ndarray) -> str:
 
 def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, int],
                       padding: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                      kind: str = "direct") -> te.Tensor:
-    """conv2d, data (N, C/ib, H, W, ib) u8 or s8, kernel (O/8, C/ib, kh, kw, ib/g, 8, g).
+                      kind: str = "direct", groups: int = 1) -> te.Tensor:
+    """conv2d, data (N, C/ib, H, W, ib) u8 or s8, kernel (O/ob, C/groups/ib, kh, kw, ib/g, ob, g).
+
+    Grouped convolutions hold whole channel blocks per group on both sides.
 
     ``g`` = 4 with s8 weights for the 8-bit kinds, which compute ``sum((x + offset) * w)``
     with the activation offset of intrinsic ``kind`` (:func:`conv2d_int8_func` starts the sums
@@ -90,8 +92,11 @@ def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int,
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
     icg, kg = te.reduce_axis((0, ib // group), name="icg"), te.reduce_axis((0, group), name="kg")
 
+    oc_group_chunks = oc_chunks // groups
+
     def body(b, oc, y, x, oi):
-        value = padded[b, ico, y * sh + ry * dh, x * sw + rx * dw, icg * group + kg]
+        chunk = oc // oc_group_chunks * ic_chunks + ico if groups > 1 else ico
+        value = padded[b, chunk, y * sh + ry * dh, x * sw + rx * dw, icg * group + kg]
         value = value.astype("int32")
         if add:
             value = value + add
@@ -147,12 +152,12 @@ def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
                 return vnni
         return legalize_depthwise_int8(bb, call, weight, options)
     kind = None if target is None else pick_int8_kind(target, weight)
-    if groups != 1 or kind is None:
+    if kind is None:
         return None
     packed = pack_weight(weight, 2).astype(np.int16) if kind == "int16" else pack_weight(weight)
     sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/8, 8)
     start = (-offset(kind, data_dtype) * sums).astype(np.int32)
-    options = {k: options[k] for k in ("strides", "padding", "dilation")}
+    options = {k: options[k] for k in ("strides", "padding", "dilation")} | {"groups": groups}
     func = conv2d_int8_func(call.args[0].ty, packed, kind=kind, **options)
     gv = bb.add_func(func, "conv2d_nchwc_int8")
     return relax.call_tir(gv, [call.args[0], relax.const(packed, str(packed.dtype)),

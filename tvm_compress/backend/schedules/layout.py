@@ -70,7 +70,7 @@ def _int8_blocks(groups: int, cin: int, cout: int, lanes: int,
     block), ``lanes`` int32 outputs, or 8 on 16-lane (VNNI) targets where ``lanes`` does not
     divide the channels; depthwise as fp32."""
     block = lanes if cout % lanes == 0 else 8 if lanes == 16 and cout % 8 == 0 else None
-    if block is None:
+    if block is None and (groups == 1 or groups == cin == cout):
         return None
     if groups == 1:
         if in_block is not None and in_block % 4 == 0 and cin % in_block == 0:
@@ -78,7 +78,14 @@ def _int8_blocks(groups: int, cin: int, cout: int, lanes: int,
         return (lanes if cin % lanes == 0 else block if cin % block == 0 else 4), block
     if groups == cin == cout:
         return block, block
-    return None
+    # grouped: whole blocks of 4-channel groups in, of the kernel's lanes out, in every group
+    cin_g, cout_g = cin // groups, cout // groups
+    out = lanes if cout_g % lanes == 0 else 8 if lanes == 16 and cout_g % 8 == 0 else None
+    if out is None:
+        return None
+    if in_block is not None and in_block % 4 == 0 and cin_g % in_block == 0:
+        return in_block, out
+    return (math.gcd(cin_g, lanes), out) if math.gcd(cin_g, lanes) % 4 == 0 else None
 
 
 def _is_int8_conv(call: relax.Call) -> bool:
