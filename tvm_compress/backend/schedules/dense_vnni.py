@@ -64,7 +64,8 @@ def matmul_vnni_func(data: relax.TensorType, weight: np.ndarray) -> tirx.PrimFun
 
 def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
     if isinstance(expr, relax.Var):
-        expr = bb.lookup_binding(expr) or expr
+        bound = bb.lookup_binding(expr)
+        expr = bound if bound is not None else expr  # no `or`: Relax exprs have no truth value
     if isinstance(expr, tvm.ir.expr.Constant):
         return expr.value.numpy()
     return None

@@ -123,7 +123,8 @@ def conv2d_int8_func(data: relax.TensorType, weight: np.ndarray, *, kind: str,
 
 def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
     if isinstance(expr, relax.Var):
-        expr = bb.lookup_binding(expr) or expr
+        bound = bb.lookup_binding(expr)
+        expr = bound if bound is not None else expr  # no `or`: Relax exprs have no truth value
     if isinstance(expr, tvm.ir.expr.Constant):
         return expr.value.numpy()
     return None
