@@ -17,11 +17,11 @@ from tvm import relax, s_tir, te, tirx
 from tvm_compress.backend.schedules.blocks import extent, fuse_epilogue, parallelize
 from tvm_compress.backend.schedules.compute import KERNEL_ATTR
 from tvm_compress.backend.schedules.hardware import vnni_lanes
+from tvm_compress.backend.schedules.int8 import INTRIN_ATTR, constant_value
 from tvm_compress.backend.schedules.int8_intrin import start_from
 from tvm_compress.backend.schedules.int8_vnni import intrin_name, offset, register_intrinsics
 
 MATMUL_VNNI = "matmul_vnni"
-INTRIN_ATTR = "tvm_compress.intrin"
 
 
 def pack_matmul_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
@@ -62,15 +62,6 @@ def matmul_vnni_func(data: relax.TensorType, weight: np.ndarray) -> tirx.PrimFun
     return func.with_body(start_from(func.body, func.params[2], axes=(1,)))
 
 
-def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
-    if isinstance(expr, relax.Var):
-        bound = bb.lookup_binding(expr)
-        expr = bound if bound is not None else expr  # no `or`: Relax exprs have no truth value
-    if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy()
-    return None
-
-
 def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """The VNNI kernel for ``matmul(u8/s8 (M, K), constant s8 (K, N)) -> int32``; every other
     matmul as TVM legalizes it."""
@@ -78,7 +69,7 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
     target = tvm.target.Target.current(allow_none=True)
     lanes = 0 if target is None else vnni_lanes(target)
     data_ty = call.args[0].ty
-    weight = _constant(bb, call.args[1])
+    weight = constant_value(bb, call.args[1])
     if (not lanes or str(data_ty.dtype) not in ("uint8", "int8") or weight is None
             or weight.dtype != np.int8 or weight.ndim != 2 or data_ty.ndim != 2
             or str(call.ty.dtype) != "int32" or weight.shape[0] % 4):

@@ -122,7 +122,8 @@ def conv2d_int8_func(data: relax.TensorType, weight: np.ndarray, *, kind: str,
     return func.with_body(start_from(func.body, func.params[2]))
 
 
-def _constant(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
+def constant_value(bb: relax.BlockBuilder, expr: relax.Expr) -> np.ndarray | None:
+    """The value of ``expr`` when it is (bound to) a Relax constant, else None."""
     if isinstance(expr, relax.Var):
         bound = bb.lookup_binding(expr)
         expr = bound if bound is not None else expr  # no `or`: Relax exprs have no truth value
@@ -140,7 +141,7 @@ def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
     ones the fp32-arithmetic kernel of ``depthwise_int8`` where that is exact.
     """
     data_dtype = str(call.args[0].ty.dtype)
-    weight = _constant(bb, call.args[1])
+    weight = constant_value(bb, call.args[1])
     if (data_dtype not in ("uint8", "int8") or options["out_dtype"] != "int32"
             or weight is None or weight.dtype != np.int8 or weight.ndim != 6):
         return None
