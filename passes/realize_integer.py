@@ -84,8 +84,14 @@ def fixed_point(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(tiny, 0, m), np.clip(shift, 1, 62)
 
 
-def _channel_shape(ndim: int, channels: int) -> tuple[int, ...]:
-    return (1, channels, 1, 1) if ndim == 4 else (1, channels)
+def _channel_shape(ndim: int, channels: int, axis: int | None = None) -> tuple[int, ...]:
+    """Broadcast shape of a per-channel vector: channels on ``axis`` (default: 1 for 4-D NCHW
+    convs, the last axis otherwise; a matmul's channels are always last, e.g. a Linear applied
+    to a channels-last 4-D tensor)."""
+    axis = (1 if ndim == 4 else ndim - 1) if axis is None else axis
+    shape = [1] * ndim
+    shape[axis] = channels
+    return tuple(shape)
 
 
 def _const(arr: np.ndarray, dtype: str) -> relax.Expr:
@@ -93,11 +99,12 @@ def _const(arr: np.ndarray, dtype: str) -> relax.Expr:
 
 
 def requantize_int32(bb: relax.BlockBuilder, acc: relax.Expr, multiplier: np.ndarray,
-                     zero_point: int, lo: int, hi: int, out_dtype: str, ndim: int
-                     ) -> relax.Expr:
-    """``clip(round(acc * multiplier) + zero_point, lo, hi)`` in integer arithmetic."""
+                     zero_point: int, lo: int, hi: int, out_dtype: str, ndim: int,
+                     axis: int | None = None) -> relax.Expr:
+    """``clip(round(acc * multiplier) + zero_point, lo, hi)`` in integer arithmetic
+    (a per-channel ``multiplier`` runs along ``axis``; see ``_channel_shape``)."""
     m, shift = fixed_point(multiplier)
-    shape = _channel_shape(ndim, m.size) if m.ndim else ()
+    shape = _channel_shape(ndim, m.size, axis) if m.ndim else ()
     x = bb.emit(relax.op.astype(acc, "int64"))
     x = bb.emit(relax.op.multiply(x, _const(m.reshape(shape), "int64")))
     x = bb.emit(relax.op.add(x, _const((np.int64(1) << (shift - 1)).reshape(shape), "int64")))
@@ -306,19 +313,20 @@ class _Realizer(relax.PyExprMutator):
         in_scale = float(layer.x.scale) * layer.weight_scale()
         bias = np.round(block.bias / in_scale).astype(np.int64) + correction
         ndim = len(layer.call.ty.shape)
+        axis = 1 if layer.is_conv else ndim - 1
         if np.any(bias):
-            acc = bb.emit(relax.op.add(acc, _const(bias.reshape(_channel_shape(ndim, bias.size)),
-                                                    "int32")))
+            acc = bb.emit(relax.op.add(acc, _const(
+                bias.reshape(_channel_shape(ndim, bias.size, axis)), "int32")))
         out_scale, out_zp = float(_const_array(q.args[1])), int(_const_array(q.args[2]))
         lo, hi = _out_range(q, block.act, out_scale, out_zp)
         return requantize_int32(bb, acc, in_scale / out_scale, out_zp, lo, hi,
-                                str(q.attrs.out_dtype), ndim)
+                                str(q.attrs.out_dtype), ndim, axis)
 
     def dequantized_layer(self, layer: _Layer, name: str) -> relax.Expr:
         bb = self.builder_
         acc, correction = emit_accumulator(bb, layer, self.new(layer.x.expr), name)
         ndim = len(layer.call.ty.shape)
-        shape = _channel_shape(ndim, correction.size)
+        shape = _channel_shape(ndim, correction.size, 1 if layer.is_conv else ndim - 1)
         if np.any(correction):
             acc = bb.emit(relax.op.add(acc, _const(correction.reshape(shape), "int32")))
         scale = np.asarray(float(layer.x.scale) * layer.weight_scale())

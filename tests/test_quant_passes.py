@@ -315,3 +315,35 @@ def test_integer_model_same_with_and_without_default_schedules(tiny_cnn, tiny_in
     plain = build(q.model, schedule="none").predict(images)
     scheduled = build(q.model, schedule="default").predict(images)
     np.testing.assert_allclose(scheduled, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_on_channels_last_4d_tensor_quantizes_exactly_enough(tmp_path) -> None:
+    """ConvNeXt's pointwise Linear on an NHWC tensor: its int32 bias and requantization run
+    along the last axis (they were reshaped for NCHW and failed)."""
+    import torch
+    from torch import nn
+
+    from tvm_compress.backend.build import build
+    from tvm_compress.frontend.importers import export_onnx, from_onnx
+    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.quantize import quantize
+    from tvm_compress.runtime.metrics import sqnr_db
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 24)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype("float32")
+    model = from_onnx(export_onnx(Block().eval(), x[:1], tmp_path / "block.onnx"))
+    assert model.layers.names == ["conv", "fc"]
+    qm = quantize(model, QuantConfig(calib_samples=8), x, progress=False)
+    assert qm.fp32_layers == []
+    ref = build(model, target="x86").predict(x)
+    out = build(qm.model, target="x86").predict(x)
+    assert sqnr_db(out, ref) > 25
