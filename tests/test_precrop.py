@@ -272,8 +272,13 @@ def test_cli_writes_plan_state_and_onnx(tmp_path, capsys):
                  "-o", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["achieved"]["params"] <= 0.4 * out["dense"]["params"]
-    plan = PreCropPlan.from_json((tmp_path / "plan.json").read_text())
+    plan = PreCropPlan.from_json((tmp_path / "precrop.json").read_text())
     assert plan.scorer == "magnitude" and plan.budget == "params=0.4"
+    from tvm_compress.plan import CompressionPlan
+
+    unified = CompressionPlan.load(tmp_path / "plan.json")  # the same crop, groups by name
+    assert unified.method == "precrop" and len(unified.crop) == len(plan.crop)
+    assert sorted(map(len, unified.crop.values())) == sorted(map(len, plan.crop.values()))
     state = torch.load(tmp_path / "cropped.pt", weights_only=True)
     first = state["classifier.0.weight"].shape
     assert first[0] < 128 and (tmp_path / "cropped.onnx").stat().st_size > 0

@@ -179,7 +179,9 @@ class CompressionPlan:
         from tvm_compress.graph.channel_groups import analyze_channel_groups
 
         groups = analyze_channel_groups(mod)
-        by_key = {g.producers[0]: g for g in groups if g.producers}
+        # a group is found by any of its producer layers (the key is the first of them where the
+        # plan was made; another import may list the same producers in another order)
+        by_key = {name: g for g in groups for name in g.producers}
         out = {}
         for key, kept in self.crop.items():
             group = by_key.get(key)

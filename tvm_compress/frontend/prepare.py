@@ -282,6 +282,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); imported unfolded"]
     if slimmed is None:
         return model, []
+    _keep_node_order(slimmed, model)
     after = Counter(n.op_type for n in slimmed.graph.node)
     removed, added = before - after, after - before
     if not removed and not added:
@@ -292,6 +293,46 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if added:
         note += "; added " + ", ".join(f"{op} {n}" for op, n in added.most_common())
     return slimmed, [note + ")"]
+
+
+def _keep_node_order(slimmed: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Put ``slimmed``'s nodes back in the original order where it allows (in place).
+
+    onnxslim re-sorts the graph topologically; the import would then enumerate layers and
+    channel groups in another order than the torch frontend does for the same model. A stable
+    topological sort keyed by each node's position in the original file (new nodes right after
+    their inputs' producers) keeps the original order.
+    """
+    import heapq
+
+    position = {n.name: i for i, n in enumerate(original.graph.node) if n.name}
+    nodes = list(slimmed.graph.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+
+    def key(i: int) -> tuple[float, int]:
+        return (position.get(nodes[i].name, -1.0), i)  # new nodes as early as their inputs allow
+
+    waiting = [len(ds) for ds in deps]
+    ready = [key(i) for i in range(len(nodes)) if waiting[i] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, key(u))
+    if len(order) != len(nodes):  # a cycle cannot happen in a valid graph; keep slim's order
+        return
+    reordered = [nodes[i] for i in order]
+    del slimmed.graph.node[:]
+    slimmed.graph.node.extend(reordered)
 
 
 def check_tvm_ops(model: onnx.ModelProto, where: str) -> None:
