@@ -44,17 +44,21 @@ def intrin_name(kind: str, data_dtype: str) -> str:
     return f"tvm_compress.avx2_dot_8x4_{kind}_{data_dtype}"
 
 
-def _direct_desc(data_dtype: str):
-    add = offset("direct", data_dtype)
+def dot_desc(lanes: int, data_dtype: str, add: int):  # noqa: ANN201 (a TVMScript PrimFunc)
+    """Description of ``C[i] += (A[k] + add) * B[i, k]`` over 4 ``k``, ``lanes`` outputs.
+
+    Two functions, not one with ``+ add``: tensorize matches the compute structurally, and the
+    compute of an unshifted kernel has no ``+ 0``.
+    """
     if add == 0:
         @T.prim_func(s_tir=True)
         def plain(A: T.Buffer((4,), data_dtype, offset_factor=1),
-                  B: T.Buffer((8, 4), "int8", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+                  B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                  C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
             with T.sblock("root"):
-                T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-                T.writes(C[0:8])
-                for i, k in T.grid(8, 4):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                for i, k in T.grid(lanes, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
@@ -63,12 +67,12 @@ def _direct_desc(data_dtype: str):
 
     @T.prim_func(s_tir=True)
     def shifted(A: T.Buffer((4,), data_dtype, offset_factor=1),
-                B: T.Buffer((8, 4), "int8", offset_factor=1),
-                C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+                B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i, k in T.grid(8, 4):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + (T.cast(A[vk], "int32") + add) * T.cast(B[vi, vk], "int32")
@@ -137,7 +141,8 @@ def register_intrinsics() -> None:
     for dtype in ("uint8", "int8"):
         name = intrin_name("direct", dtype)
         if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, _direct_desc(dtype), _direct_impl(dtype))
+            TensorIntrin.register(name, dot_desc(8, dtype, offset("direct", dtype)),
+                                  _direct_impl(dtype))
     name = intrin_name("int16", "int16")
     if TensorIntrin.get(name, allow_missing=True) is None:
         TensorIntrin.register(name, _int16_desc, _int16_impl)

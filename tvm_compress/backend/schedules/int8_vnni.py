@@ -20,6 +20,8 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from tvm_compress.backend.schedules.int8_intrin import dot_desc
+
 LANES = (8, 16)
 _FLIP = -2139062144  # 0x80808080 as int32: flips the top bit of four bytes
 _LLVM = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
@@ -35,34 +37,8 @@ def intrin_name(lanes: int, data_dtype: str) -> str:
     return f"tvm_compress.vnni_dot_{lanes}x4_{data_dtype}"
 
 
-def _desc(lanes: int, data_dtype: str):
-    add = offset(data_dtype)
-
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), data_dtype, offset_factor=1),
-             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + (T.cast(A[vk], "int32") + add) * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
-    def plain(A: T.Buffer((4,), data_dtype, offset_factor=1),
-              B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    return desc if add else plain
+def _desc(lanes: int, data_dtype: str):  # noqa: ANN202 (a TVMScript PrimFunc)
+    return dot_desc(lanes, data_dtype, offset(data_dtype))
 
 
 def _impl(lanes: int, data_dtype: str):
