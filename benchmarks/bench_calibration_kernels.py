@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_compress.backend.schedules.hardware import cpu_name
 from tvm_compress.quant import entropy, native
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,16 +163,6 @@ def write_results(rows: list[dict], meta: dict) -> None:
             f"{r['numpy_ms']:.2f} ({r['numpy_min_ms']:.2f}) | {r['speedup']:.1f}x |"
         )
     (RESULTS / "calibration_kernels.md").write_text("\n".join(lines) + "\n")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

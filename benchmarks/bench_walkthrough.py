@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tvm_compress
     from tvm_compress.backend.build import build
+    from tvm_compress.backend.schedules.hardware import cpu_name
     from tvm_compress.data import fashion_mnist
     from tvm_compress.plan import CompressionPlan, apply_plans
     from tvm_compress.quant.quantize import folded_weight_bytes
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name]["latency_vs_dense"] = stats.median_ms / base
     bundle = steps["compress"]["artifact"]
     report = {"settings": vars(args), "steps": dict(steps), "host": rows, "bundle": bundle,
-              "load_avg": list(os.getloadavg()), "cpu": _cpu()}
+              "load_avg": list(os.getloadavg()), "cpu": cpu_name()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "walkthrough.json").write_text(json.dumps(report, indent=1, default=str))
     (RESULTS / "walkthrough.md").write_text(_markdown(report))
@@ -132,13 +133,6 @@ class _Steps(dict):
             result = run()  # type: ignore[operator]
             path.write_text(json.dumps(result, default=str))
         super().__setitem__(name, result)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _markdown(r: dict) -> str:

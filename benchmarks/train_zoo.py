@@ -19,12 +19,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the OpenMP r
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from tvm_compress.backend.schedules.hardware import cpu_name
 from tvm_compress.zoo.fmnist import ARCHITECTURES, CHECKPOINT_DIR, checkpoint_path
 from tvm_compress.zoo.train import train
 
@@ -69,19 +69,10 @@ def train_one(arch: str, epochs: int | None) -> dict:
     return entry
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def write_markdown(accuracy: dict, path: Path) -> None:
     goal = {"resnet": 0.92}
     lines = ["# Fashion-MNIST zoo: training results", "",
-             f"Trained by `benchmarks/train_zoo.py` on {_cpu_name()} ({os.cpu_count()} cores), "
+             f"Trained by `benchmarks/train_zoo.py` on {cpu_name()} ({os.cpu_count()} cores), "
              f"torch {torch.__version__}, one thread per training process, two processes side "
              "by side, CPU shared with other jobs: times are wall clock and noisy (the same "
              "ResNet step of 128 images took 135 ms, about 58 s per epoch, on the idle "

@@ -53,6 +53,20 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cpu_name() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``), for results files."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def num_cores(target: tvm.target.Target) -> int:
     """The target's ``num-cores``, else the cores this process may use."""
     cores = target.attrs.get("num-cores")
