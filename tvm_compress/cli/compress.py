@@ -67,8 +67,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
         _check_output_dir,
         run_bundle,
         target_arch,
-        write_bundle,
-        write_cuda_package,
+        write_artifact,
     )
     from tvm_compress.runtime.evaluation import evaluate
     from tvm_compress.runtime.metrics import top1_agreement
@@ -119,13 +118,9 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     arch = target_arch(target)
     extra = {"plans": [p.method for p in plans], "weight_bytes": bytes_after}
     with con.step(f"writing {out}"):
-        if arch == "cuda":
-            meta = write_cuda_package(compiled, out, model_name=model.name, preset=args.target,
-                                      extra_meta=extra)
-        else:
-            sample = images[:1] if images is not None else None
-            meta = write_bundle(compiled, out, model_name=model.name, preset=args.target,
-                                sample=sample, extra_meta=extra)
+        meta = write_artifact(compiled, out, model_name=model.name, preset=args.target,
+                              sample=images[:1] if images is not None else None,
+                              extra_meta=extra)
     report["artifact"] = {"dir": str(out), "bytes": meta["bytes"]}
     if arch != "cuda":
         with con.step(f"running the bundle ({'qemu' if arch != 'x86_64' else 'native'})"):

@@ -417,6 +417,17 @@ def write_cuda_package(compiled: Any, out_dir: str | Path, *, model_name: str, p
 # ------------------------------------------------------------------------------------- command
 
 
+def write_artifact(compiled: Any, out_dir: str | Path, *, model_name: str, preset: str,
+                   sample: np.ndarray | None = None, extra_meta: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """What a target deploys: the runner bundle for CPU targets, the CUDA package otherwise."""
+    if target_arch(compiled.target) == "cuda":
+        return write_cuda_package(compiled, out_dir, model_name=model_name, preset=preset,
+                                  extra_meta=extra_meta)
+    return write_bundle(compiled, out_dir, model_name=model_name, preset=preset, sample=sample,
+                        extra_meta=extra_meta)
+
+
 def compile_command(args: Any, con: Any, target: Any,
                     report: Any = None) -> dict[str, Any]:
     """``tvm-compress compile MODEL --target T -o DIR``: a bundle (CPU) or library + code (CUDA)."""
@@ -436,14 +447,9 @@ def compile_command(args: Any, con: Any, target: Any,
         model, extra = _quantize_default(model, con)
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=target)
-    if arch == "cuda":
-        with con.step(f"writing {args.output}"):
-            meta = write_cuda_package(compiled, args.output, model_name=model.name,
-                                      preset=args.target, extra_meta=extra)
-    else:
-        with con.step(f"writing the {arch} bundle {args.output}"):
-            meta = write_bundle(compiled, args.output, model_name=model.name, preset=args.target,
-                                extra_meta=extra)
+    with con.step(f"writing {args.output} ({arch})"):
+        meta = write_artifact(compiled, args.output, model_name=model.name, preset=args.target,
+                              extra_meta=extra)
     sizes = meta["bytes"]
     con.table(f"{args.output} ({arch})", ["file", "bytes"], [[k, v] for k, v in sizes.items()])
     if report is not None:  # the CLI's --report / --profile (cli.report.kernel_report)
