@@ -127,8 +127,9 @@ def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, q
     from tvm_compress.backend.targets import host_cores
     from tvm_compress.quant.ort_quant import ort_quantize_static
     from tvm_compress.runtime.bench import onnxruntime_session
+    from tvm_compress.runtime.threads import set_threads
 
-    threads = host_cores()
+    threads = set_threads(host_cores())  # TVM, ORT and PyTorch alike
     engines: dict[str, Any] = {}
     for name, cm in (("tvm_fp32", compiled), ("tvm_int8", qcompiled)):
         if cm is not None:

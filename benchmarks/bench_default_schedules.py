@@ -25,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_compress.runtime.threads import set_threads
+
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
+set_threads(THREADS)  # TVM would start 1 worker on a 2-CPU x86 VM (runtime/threads.py)
 # ResNet-style 3x3 convolutions (cin, cout, spatial, stride), batch 1, followed by ReLU.
 RESNET_CONVS = [(64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1), (64, 128, 56, 2)]
 

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_compress.runtime.threads import set_threads
+
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
+set_threads(THREADS)  # TVM would start 1 worker on a 2-CPU x86 VM (runtime/threads.py)
 ENGINES = ["tvm_int8", "tvm_int8_w7", "tvm_fp32", "onnxruntime_fp32", "onnxruntime_int8",
            "pytorch_eager"]
 # 7-bit weights: every vpmaddubsw pair sum fits int16, so on AVX2 without VNNI the u8 kernel

@@ -25,8 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from tvm_compress.runtime.threads import set_threads
+
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
+set_threads(THREADS)  # TVM would start 1 worker on a 2-CPU x86 VM (runtime/threads.py)
 ENGINES = ["tvm_untuned", "tvm_tuned", "tvm_int8", "tvm_cropped_int8", "onnxruntime_fp32",
            "onnxruntime_int8", "pytorch_eager"]
 MODELS = ["mobilenet_v2", "fmnist_resnet", "fmnist_mobilenet_v2", "fmnist_shufflenet_v2",

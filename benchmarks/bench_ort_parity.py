@@ -29,8 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_compress.runtime.threads import set_threads
+
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
+set_threads(THREADS)  # TVM would start 1 worker on a 2-CPU x86 VM (runtime/threads.py)
 
 
 # ------------------------------------------------------------------------------ graph cuts

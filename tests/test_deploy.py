@@ -7,6 +7,7 @@ The aarch64 bundles run under qemu-aarch64-static (Debian qemu-user-static, inst
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -99,6 +100,25 @@ def test_host_runner_reproduces_the_vm_and_times_runs(bundles, fmnist):
     np.testing.assert_array_equal(outs[0], bundles["int8-x86-ref"])
     assert report["outputs"] == [[1, 10]] and len(report["runs_ms"]) == 3
     assert report["median_ms"] > 0
+
+
+def test_host_runner_uses_every_cpu_unless_told(bundles):
+    """TVM alone would start one worker per two logical CPUs on x86; the runner sizes the pool to
+    the CPUs it may run on, and --threads / TVM_NUM_THREADS still win."""
+    bundle = bundles["int8-x86"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    base = [str(bundle / "runner"), "run", "--model", str(bundle / "model.so"),
+            "--input", str(bundle / "input.npy"), "--repeat", "1"]
+
+    def threads(cmd: list[str], **extra: str) -> int:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra},
+                              cwd=bundle, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])["threads"]
+
+    assert threads(base) == len(os.sched_getaffinity(0))
+    assert threads([*base, "--threads", "1"]) == 1
+    assert threads(base, TVM_NUM_THREADS="3") == 3  # passed through as given
 
 
 def test_cli_writes_a_self_contained_aarch64_bundle(tiny_onnx, tiny_cnn, tiny_input, tmp_path,

@@ -16,6 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+
+def _use_every_core() -> None:
+    # TVM would start one worker per two logical CPUs on x86 (see runtime/threads.py).
+    from tvm_compress.runtime.threads import default_threads
+
+    default_threads()
+
+
+_use_every_core()
+
 if TYPE_CHECKING:
     from tvm_compress.frontend.importers import Model
 

@@ -78,10 +78,11 @@ def reference_outputs(model: Any, images: Any) -> tuple[str, Any]:
             outs = [model.torch_module(torch.from_numpy(images[i:i + 256])).numpy()
                     for i in range(0, len(images), 256)]
         return "pytorch", np.concatenate(outs)
+    from tvm_compress.backend.targets import host_cores
     from tvm_compress.frontend.inputs import as_feed, batches, gather_outputs
     from tvm_compress.runtime.bench import onnxruntime_session
 
-    session = onnxruntime_session(model.onnx_model, threads=2)
+    session = onnxruntime_session(model.onnx_model, threads=host_cores())
     batch = model.input_shape[0]
     chunks = [(session.run(None, chunk), n)
               for chunk, n in batches(as_feed(images, model.inputs), batch)]

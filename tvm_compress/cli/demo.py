@@ -59,6 +59,7 @@ def _int8_side_by_side(con: Any, model: Any, images: np.ndarray, labels: np.ndar
                        fp32_logits: np.ndarray, repeat: int) -> dict[str, Any]:
     """Our W8A8 integer model and ONNX Runtime's own quantize_static model, same calibration."""
     from tvm_compress.backend.build import build
+    from tvm_compress.backend.targets import host_cores
     from tvm_compress.quant.config import QuantConfig
     from tvm_compress.quant.ort_quant import ort_quantize_static
     from tvm_compress.quant.quantize import quantize
@@ -74,7 +75,8 @@ def _int8_side_by_side(con: Any, model: Any, images: np.ndarray, labels: np.ndar
                         latency_repeat=repeat)
     with con.step("quantizing with ONNX Runtime's quantize_static (same calibration data)"):
         x = images[:1]
-        session = onnxruntime_session(ort_quantize_static(onnx_of(model, x), calib), threads=2)
+        session = onnxruntime_session(ort_quantize_static(onnx_of(model, x), calib),
+                                      threads=host_cores())
         name = session.get_inputs()[0].name
         ort_logits = np.concatenate([session.run(None, {name: images[i:i + 1]})[0]
                                      for i in range(len(images))])

@@ -14,6 +14,7 @@ from tvm_compress.backend.build import CompiledModel, Latency, build, latency_st
 from tvm_compress.backend.targets import host_cores
 from tvm_compress.frontend.importers import Model, export_onnx
 from tvm_compress.frontend.inputs import random_feed
+from tvm_compress.runtime.threads import set_threads
 
 
 def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
@@ -117,6 +118,7 @@ def benchmark(model: Model, *, target: str = "x86", repeat: int = 30, warmup: in
     import torch
 
     threads = host_cores()
+    set_threads(threads)  # the same count for all three engines
     feed = random_feed(model.inputs)
     x = feed[model.input_name]
     compiled = compiled or build(model, target=target)

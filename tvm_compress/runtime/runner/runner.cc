@@ -6,12 +6,13 @@
 //              [--work-dir DIR] [--sessions N]
 //
 // `run` reads the inputs from .npy files, writes every output as DIR/output_<i>.npy and prints one
-// JSON line (output shapes, per-run milliseconds, median). `rpc` is a TVM RPC server (the protocol
+// JSON line (output shapes, per-run milliseconds, median, threads). `rpc` is a TVM RPC server (the protocol
 // of tvm.rpc: handshake, optional tracker registration, then the runtime's rpc.ServerLoop), so a
 // device without Python can be measured from a host with `tvm-compress bench --rpc/--tracker`.
 // Built from the same source for the host (x86_64) and, with the toolchain file, for aarch64.
 
 #include <arpa/inet.h>
+#include <sched.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <sys/select.h>
@@ -222,6 +223,8 @@ int CmdRun(const Args& args) {
   json << "{\"outputs\": [" << shapes << "], \"runs_ms\": [";
   for (size_t i = 0; i < ms.size(); ++i) json << (i ? ", " : "") << ms[i];
   json << "]";
+  const char* threads = getenv("TVM_NUM_THREADS");  // set by main() before the pool starts
+  if (threads != nullptr) json << ", \"threads\": " << std::atoi(threads);
   if (!ms.empty()) {
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
@@ -445,6 +448,15 @@ void Usage() {
                "             [--work-dir DIR] [--sessions N]\n";
 }
 
+// CPUs this process may run on (its affinity mask), at least 1.
+int UsableCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  long online = sysconf(_SC_NPROCESSORS_ONLN);
+  return online > 0 ? static_cast<int>(online) : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -462,7 +474,11 @@ int main(int argc, char** argv) {
     }
     args.emplace(a, argv[++i]);
   }
+  // TVM starts hardware_concurrency / 2 workers on x86 (it assumes hyper-threads): on a VM
+  // whose logical CPUs are whole cores that uses half the machine. Default: every CPU this
+  // process may run on, unless --threads or TVM_NUM_THREADS says otherwise.
   std::string threads = Get(args, "--threads", "");
+  if (threads.empty() && getenv("TVM_NUM_THREADS") == nullptr) threads = std::to_string(UsableCpus());
   if (!threads.empty()) setenv("TVM_NUM_THREADS", threads.c_str(), 1);
   try {
     return std::string(argv[1]) == "run" ? CmdRun(args) : CmdRpc(args);

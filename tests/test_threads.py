@@ -1,0 +1,40 @@
+"""TVM's CPU thread pool: every usable CPU by default, resizable (runtime/threads.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tvm_compress.runtime.threads import available_cpus, current_threads, set_threads
+
+
+def _pool_size_after_import(env: dict[str, str]) -> int:
+    code = ("import tvm_compress, tvm; "
+            "print(tvm.get_global_func('runtime.NumThreads')())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_package_sizes_the_pool_to_every_cpu():
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    assert _pool_size_after_import(env) == len(os.sched_getaffinity(0))
+
+
+def test_a_users_setting_wins():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert _pool_size_after_import({**env, "TVM_NUM_THREADS": "1"}) == 1
+
+
+def test_set_threads_resizes_and_restores():
+    before = current_threads()
+    try:
+        assert set_threads(1) == 1 == current_threads()
+        assert set_threads() == len(available_cpus())
+    finally:
+        set_threads(before)
+    with pytest.raises(ValueError, match="at least 1"):
+        set_threads(-1)
