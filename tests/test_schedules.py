@@ -116,6 +116,18 @@ def test_pool_and_dense_match_torch(pool: str, classes: int) -> None:
     np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_batch1_classifier_reads_whole_weight_rows_per_thread() -> None:
+    # A GEMV: K is split into contiguous slabs of rows, one partial sum per slab and thread
+    # (rfactor), then the partials are added and the epilogue applied (dense.schedule_gemv).
+    mod, x, expected = _import(nn.Sequential(nn.Linear(512, 40), nn.ReLU()), (1, 512))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    kernel = next(f for gv, f in scheduled.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and "matmul" in gv.name_hint)
+    text = kernel.script()
+    assert "matmul_intermediate_rf" in text and "T.parallel(T.int64(4))" in text, text
+    np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_batched_dense_matches_torch() -> None:
     mod, x, expected = _import(nn.Sequential(nn.Linear(40, 24), nn.ReLU()), (3, 40))
     scheduled = default_schedule_pipeline(HOST)(mod)
