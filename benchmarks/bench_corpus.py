@@ -214,7 +214,8 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
             result["quantize"] = {"status": f"failed: {err}"}
         engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result)
         result["latency"] = _interleaved(engines, rounds=args.rounds, per_round=args.per_round)
-        result["cross_builds"] = _cross_builds(entry, model, qmodel)
+        if not args.host_only:
+            result["cross_builds"] = _cross_builds(entry, model, qmodel)
     except StageError as err:
         result["failed"] = str(err)
     return result
@@ -230,13 +231,48 @@ def _ok(builds: dict[str, str], key: str) -> str:
     return next(w for w in ("ok", "skipped", "FAIL") if builds[key].startswith(w) or w == "FAIL")
 
 
+def _geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def ratio_summary(results: list[dict]) -> list[str]:
+    """Latency ratios per model (typical / typical) and their geometric means: TVM fp32 vs ONNX
+    Runtime fp32, TVM int8 vs ONNX Runtime int8, TVM int8 vs TVM fp32."""
+    pairs = {"TVM fp32 / ORT fp32": ("tvm_fp32", "ort_fp32"),
+             "TVM int8 / ORT int8": ("tvm_int8", "ort_int8"),
+             "TVM int8 / TVM fp32": ("tvm_int8", "tvm_fp32")}
+    ratios: dict[str, dict[str, float]] = {label: {} for label in pairs}
+    for r in results:
+        lat = {k: v.get("typical_ms") for k, v in r.get("latency", {}).items()}
+        for label, (a, b) in pairs.items():
+            if lat.get(a) and lat.get(b):
+                ratios[label][r["name"]] = lat[a] / lat[b]
+    lines = ["## Ratios", "", "| model | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1)
+             + "|"]
+    for r in results:
+        cells = [_cell(ratios[label].get(r["name"])) for label in pairs]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    means = [f"**{_geomean(list(v.values())):.2f}** ({len(v)})" if v else "-"
+             for v in ratios.values()]
+    lines.append("| geometric mean (models) | " + " | ".join(means) + " |")
+    fp32 = ratios["TVM fp32 / ORT fp32"]
+    int8 = ratios["TVM int8 / TVM fp32"]
+    lines += ["", f"TVM fp32 above 1.5x ONNX Runtime fp32: {sum(v > 1.5 for v in fp32.values())} "
+              f"of {len(fp32)} ({', '.join(k for k, v in fp32.items() if v > 1.5) or 'none'}). "
+              f"TVM int8 at or below 0.8x TVM fp32: {sum(v <= 0.8 for v in int8.values())} of "
+              f"{len(int8)}."]
+    return lines
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         "# Real-model corpus", "",
         f"{meta['machine']}; {meta['threads']} threads per engine; {meta['mode']} shapes; engines "
         f"timed in one process in {meta['rounds']} interleaved rounds x {meta['per_round']} calls "
         "(typical = median over rounds of the round's fastest call). Load average before "
-        f"{meta['load_before']}, after {meta['load_after']}.", "",
+        f"{meta['load_before']}, after {meta['load_after']}."
+        + ("" if meta.get("cross_builds", True) else " Host only: no aarch64 / CUDA builds "
+           "(`--host-only`)."), "",
         "| model | import | x86 | matches ORT (max rel diff) | W8A8 | int8 vs fp32 | fp32 layers "
         "left | TVM fp32 ms | TVM int8 ms | ORT fp32 ms | ORT int8 ms | aarch64 fp32/int8 | "
         "cuda fp32/int8 |", "|---" * 13 + "|"]
@@ -261,7 +297,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"{_cell(lat.get('ort_fp32'))} | {_cell(lat.get('ort_int8'))} | "
             f"{_ok(cb, 'aarch64_fp32')}/{_ok(cb, 'aarch64_int8')} | "
             f"{_ok(cb, 'cuda-sm80_fp32')}/{_ok(cb, 'cuda-sm80_int8')} |")
-    lines += ["", "## Per model", ""]
+    lines += ["", *ratio_summary(results), "", "## Per model", ""]
     for r in results:
         lines.append(f"### {r['name']}\n\n{r['description']}. Source: {r['source']}. Shapes: "
                      f"{r['shapes']}. Outputs: {r['outputs']}.\n")
@@ -297,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--out", default="corpus", help="results file stem in benchmarks/results")
+    parser.add_argument("--host-only", action="store_true",
+                        help="skip the aarch64 and CUDA builds (timing runs on this host)")
     args = parser.parse_args(argv)
     if args.quick:
         args.calib, args.eval, args.rounds, args.per_round = 2, 1, 2, 2
@@ -304,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "threads": host_cores(), "mode": "small (--quick)" if args.quick else "full",
+            "cross_builds": not args.host_only,
             "rounds": args.rounds, "per_round": args.per_round,
             "load_before": round(os.getloadavg()[0], 2)}
     results = []
