@@ -282,6 +282,39 @@ def test_other_isas_compile(target: tvm.target.Target, stem_out: str, tmp_path) 
         assert path.stat().st_size > 0
 
 
+def _llvm_assembly(executable) -> str:  # noqa: ANN001
+    def walk(mod):  # noqa: ANN001, ANN202
+        return [mod, *(m for sub in mod.imports for m in walk(sub))]
+
+    return "\n".join(m.inspect_source("asm") for m in walk(executable.mod) if m.kind == "llvm")
+
+
+def _kernel_bodies(asm: str, marker: str) -> dict[str, str]:
+    """Assembly of each function whose name holds ``marker`` (split at the ELF symbol labels)."""
+    bodies, name = {}, None
+    for line in asm.splitlines():
+        if line.endswith(":") and not line.startswith((".", "\t", " ")):
+            name = line[:-1] if marker in line else None
+            if name:
+                bodies[name] = ""
+        elif name:
+            bodies[name] += line + "\n"
+    return bodies
+
+
+def test_aarch64_convs_are_neon_fma_on_whole_vectors() -> None:
+    # qemu timings say nothing about a phone, so the check is the code: every conv and
+    # depthwise kernel's inner loop multiplies-adds 4 lanes at a time (fmla vN.4s).
+    mod, _, _ = _import(_TinyMobileNet(), (1, 3, 32, 32))
+    asm = _llvm_assembly(tvm.compile(default_schedule_pipeline(AARCH64)(mod), AARCH64))
+    # The loops live in each kernel's parallel body ("<kernel>_compute_"), not its FFI wrapper.
+    convs = {n: b for n, b in _kernel_bodies(asm, "conv2d").items() if n.endswith("_compute_")}
+    assert len(convs) >= 7, list(convs)  # 5 convs, 2 depthwise
+    for name, body in convs.items():
+        vector_fma = [ln for ln in body.splitlines() if "fmla\tv" in ln and ".4s" in ln]
+        assert len(vector_fma) >= 4, (name, body[:2000])
+
+
 @pytest.mark.skipif(not target_has_features("avx2", _THIS_CPU), reason="needs an AVX2 host")
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"),
                          [(16, 16, 8, 3, 1), (8, 24, 9, 1, 2)])

@@ -62,8 +62,40 @@ def rule_of(func: tirx.PrimFunc) -> str:
     return UNSCHEDULED
 
 
+def _reduction_flops(stmt: Any, runs: int = 1) -> int:
+    """2 x the executions of every reduction block (one multiply-add each) under ``stmt``."""
+    if isinstance(stmt, tirx.For):
+        extent = stmt.extent
+        if not isinstance(extent, tirx.IntImm):
+            raise ValueError("dynamic loop extent")
+        return _reduction_flops(stmt.body, runs * int(extent))
+    if isinstance(stmt, tirx.SeqStmt):
+        return sum(_reduction_flops(s, runs) for s in stmt.seq)
+    if isinstance(stmt, tirx.IfThenElse):
+        return _reduction_flops(stmt.then_case, runs) + (
+            _reduction_flops(stmt.else_case, runs) if stmt.else_case is not None else 0)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = stmt.block
+        if any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+            if not isinstance(block.body, tirx.BufferStore):  # tensorized: MACs per call unknown
+                raise ValueError("tensorized reduction")
+            return 2 * runs
+        return _reduction_flops(block.body, runs)
+    body = getattr(stmt, "body", None)
+    return _reduction_flops(body, runs) if body is not None else 0
+
+
 def _flops(func: tirx.PrimFunc) -> float:
+    """Multiply-adds of the reduction blocks (conv, matmul, pooling) when there are any, so a
+    conv's GFLOP/s does not count its epilogue (a vectorized sigmoid is ~25 operations per
+    element); otherwise TVM's estimate of every operation (element-wise kernels)."""
     try:
+        reductions = _reduction_flops(func.body)
+    except ValueError:
+        reductions = 0
+    try:
+        if reductions:
+            return float(reductions)
         return float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
     except (RuntimeError, ValueError):  # e.g. a data-dependent loop (tvm InternalError)
         return 0.0

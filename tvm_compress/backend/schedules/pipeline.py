@@ -7,6 +7,7 @@ import functools
 import tvm
 from tvm import relax
 
+from tvm_compress.backend.schedules import fast_math
 from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
 from tvm_compress.backend.schedules.conv_transpose import ConvTransposeToConv
@@ -52,7 +53,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         lower_requantize,
         relax.transform.LegalizeOps({"relax.nn.conv2d": functools.partial(
             legalize_conv2d, int8_legalizer=legalize_conv2d_int8),
-            "relax.matmul": legalize_matmul_int8}),
+            "relax.matmul": legalize_matmul_int8, **fast_math.legalizers()}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -93,7 +94,8 @@ def default_schedule_pipeline(target: tvm.target.Target,
     NCHW[lanes]c (:func:`PackChannels`; on AVX2 and VNNI targets integer convs too), lower
     ``RealizeInteger``'s int64 requantization to its exact 32-bit form (``requantize.py``),
     legalize (blocked convs by ``compute.py``, integer ones by ``int8.py`` and
-    ``depthwise_int8.py``), fuse, and schedule every PrimFunc with the first rule of
+    ``depthwise_int8.py``; float32 exp, sigmoid, tanh, erf, GELU, SiLU and softmax as
+    vectorizable arithmetic by ``fast_math.py``), fuse, and schedule every PrimFunc with the first rule of
     ``rules.RULES`` that applies (the last, ``fallback``, schedules any function block by block;
     each function records its rule, see ``backend.report``). ``conv2d_transpose`` is rewritten
     to a conv2d first (``conv_transpose.py``); channel counts that are not a multiple of the
