@@ -128,6 +128,23 @@ def test_batch1_classifier_reads_whole_weight_rows_per_thread() -> None:
     np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("rows", "depth", "cols"), [(49, 64, 96), (6, 40, 37), (2, 24, 16)])
+def test_constant_weight_matmul_is_a_packed_panel_gemm(rows: int, depth: int, cols: int) -> None:
+    # Token-major linear layers (ConvNeXt, attention, OCR heads): the weight repacked into
+    # (panels, K, 2 registers) at compile time, columns past N (37 here) computed and dropped.
+    mod, x, expected = _import(nn.Sequential(nn.Linear(depth, cols), nn.ReLU()), (1, rows, depth))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    rules = {gv.name_hint: str(f.attrs.get("tvm_compress.rule")) for gv, f
+             in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)}
+    assert "matmul_packed" in rules.values(), rules
+    kernel = next(f for gv, f in scheduled.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and rules[gv.name_hint] == "matmul_packed")
+    panels = -(-cols // 16)  # AVX2: two 8-lane registers wide
+    panel = f"T.Buffer((T.int64({panels}), T.int64({depth}), T.int64(16))"
+    assert panel in kernel.script(), kernel.script()[:600]
+    np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_batched_dense_matches_torch() -> None:
     mod, x, expected = _import(nn.Sequential(nn.Linear(40, 24), nn.ReLU()), (3, 40))
     scheduled = default_schedule_pipeline(HOST)(mod)

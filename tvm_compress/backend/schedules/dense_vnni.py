@@ -16,6 +16,7 @@ from tvm import relax, s_tir, te, tirx
 
 from tvm_compress.backend.schedules.blocks import extent, fuse_epilogue, parallelize
 from tvm_compress.backend.schedules.compute import KERNEL_ATTR
+from tvm_compress.backend.schedules.dense_packed import legalize_matmul_f32
 from tvm_compress.backend.schedules.hardware import vnni_lanes
 from tvm_compress.backend.schedules.int8 import INTRIN_ATTR, constant_value
 from tvm_compress.backend.schedules.int8_intrin import start_from
@@ -63,8 +64,12 @@ def matmul_vnni_func(data: relax.TensorType, weight: np.ndarray) -> tirx.PrimFun
 
 
 def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """The VNNI kernel for ``matmul(u8/s8 (M, K), constant s8 (K, N)) -> int32``; every other
-    matmul as TVM legalizes it."""
+    """The VNNI kernel for ``matmul(u8/s8 (M, K), constant s8 (K, N)) -> int32``, the packed
+    float32 GEMM (``dense_packed``) for constant float32 weights; every other matmul as TVM
+    legalizes it."""
+    packed_f32 = legalize_matmul_f32(bb, call)
+    if packed_f32 is not None:
+        return packed_f32
     default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
     target = tvm.target.Target.current(allow_none=True)
     lanes = 0 if target is None else vnni_lanes(target)

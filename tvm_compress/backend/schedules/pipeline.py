@@ -95,8 +95,10 @@ def default_schedule_pipeline(target: tvm.target.Target,
     ``RealizeInteger``'s int64 requantization to its exact 32-bit form (``requantize.py``),
     legalize (blocked convs by ``compute.py``, integer ones by ``int8.py`` and
     ``depthwise_int8.py``; float32 exp, sigmoid, tanh, erf, GELU, SiLU and softmax as
-    vectorizable arithmetic by ``fast_math.py``), fuse, and schedule every PrimFunc with the first rule of
-    ``rules.RULES`` that applies (the last, ``fallback``, schedules any function block by block;
+    vectorizable arithmetic by ``fast_math.py``; float32 matmuls with constant weights as
+    packed-panel GEMMs by ``dense_packed.py``), fuse, and schedule every PrimFunc with the first
+    rule of ``rules.RULES`` that applies (the last, ``fallback``, schedules any function block by
+    block;
     each function records its rule, see ``backend.report``). ``conv2d_transpose`` is rewritten
     to a conv2d first (``conv_transpose.py``); channel counts that are not a multiple of the
     block are zero-padded. Integer kernels are exact: they equal the unscheduled build bit for
