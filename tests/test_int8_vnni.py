@@ -232,6 +232,22 @@ def test_vnni_dense_exact(rows: int, k: int, n: int, dtype: str) -> None:
     assert list(_rules(scheduled).values()) == ["matmul_vnni"]  # epilogue fused
 
 
+@needs_vnni
+def test_vnni_dense_on_token_major_rows_exact() -> None:
+    # (1, M, K) activations (ConvNeXt, attention): the kernel on the flattened rows.
+    weight = _weights((96, 48))
+    x = _activations((1, 49, 96), "uint8")
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        acc = bb.emit(relax.op.matmul(v, relax.const(weight), out_dtype="int32"))
+        return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")),
+                                 relax.const(np.float32(0.01)))
+
+    asm, scheduled = _check(relax_main(relax.TensorType(x.shape, "uint8"), body), x)
+    assert "vpdpbusd" in asm
+    assert "matmul_vnni" in _rules(scheduled).values()
+
+
 def test_dense_without_vnni_keeps_the_generic_path() -> None:
     weight = _weights((64, 32))
 

@@ -75,8 +75,10 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
     lanes = 0 if target is None else vnni_lanes(target)
     data_ty = call.args[0].ty
     weight = constant_value(bb, call.args[1])
+    shape = getattr(data_ty, "shape", None)
     if (not lanes or str(data_ty.dtype) not in ("uint8", "int8") or weight is None
-            or weight.dtype != np.int8 or weight.ndim != 2 or data_ty.ndim != 2
+            or weight.dtype != np.int8 or weight.ndim != 2 or shape is None or len(shape) < 2
+            or not all(isinstance(d, tirx.IntImm) for d in shape)
             or str(call.ty.dtype) != "int32" or weight.shape[0] % 4):
         return default(bb, call)
     lanes = 16 if weight.shape[1] % 16 == 0 and lanes == 16 else 8
@@ -84,11 +86,18 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
         return default(bb, call)
     packed = pack_matmul_weight(weight, lanes)
     start = (-offset(str(data_ty.dtype)) * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
-    func = matmul_vnni_func(data_ty, packed)
+    # Token-major layers ((..., M, K): ConvNeXt, attention): the kernel on the rows flattened.
+    dims = [int(d) for d in shape]
+    rows = int(np.prod(dims[:-1]))
+    data = call.args[0] if len(dims) == 2 else bb.emit(relax.op.reshape(call.args[0],
+                                                                       (rows, dims[-1])))
+    func = matmul_vnni_func(relax.TensorType((rows, dims[-1]), str(data_ty.dtype)), packed)
     gv = bb.add_func(func, "matmul_int8")
-    return relax.call_tir(gv, [call.args[0], relax.const(packed, "int8"),
-                               relax.const(start, "int32")],
-                          relax.TensorType(func.params[3].shape, "int32"))
+    out = relax.call_tir(gv, [data, relax.const(packed, "int8"), relax.const(start, "int32")],
+                         relax.TensorType(func.params[3].shape, "int32"))
+    if len(dims) == 2:
+        return out
+    return relax.op.reshape(bb.emit(out), (*dims[:-1], int(weight.shape[1])))
 
 
 def schedule_matmul_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
