@@ -216,7 +216,7 @@ def test_depthwise_band_rows() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1280, 1000), (3, 96, 64), (1, 64, 40)])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1280, 1000), (3, 96, 64), (1, 64, 40), (5, 64, 37)])
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
 def test_vnni_dense_exact(rows: int, k: int, n: int, dtype: str) -> None:
     weight = _weights((k, n))  # (K, N), as the frontends fold dense weights

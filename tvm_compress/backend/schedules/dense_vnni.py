@@ -81,9 +81,10 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
             or not all(isinstance(d, tirx.IntImm) for d in shape)
             or str(call.ty.dtype) != "int32" or weight.shape[0] % 4):
         return default(bb, call)
-    lanes = 16 if weight.shape[1] % 16 == 0 and lanes == 16 else 8
-    if weight.shape[1] % lanes:
-        return default(bb, call)
+    n = int(weight.shape[1])
+    lanes = 16 if (n % 16 == 0 or n % 8) and lanes == 16 else 8
+    if n % lanes:  # classifier heads (e.g. 18,710 classes): zero columns, sliced off after
+        weight = np.pad(weight, ((0, 0), (0, -n % lanes)))
     packed = pack_matmul_weight(weight, lanes)
     start = (-offset(str(data_ty.dtype)) * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
     # Token-major layers ((..., M, K): ConvNeXt, attention): the kernel on the rows flattened.
@@ -95,9 +96,11 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
     gv = bb.add_func(func, "matmul_int8")
     out = relax.call_tir(gv, [data, relax.const(packed, "int8"), relax.const(start, "int32")],
                          relax.TensorType(func.params[3].shape, "int32"))
+    if weight.shape[1] != n:
+        out = relax.op.strided_slice(bb.emit(out), axes=[1], begin=[0], end=[n])
     if len(dims) == 2:
         return out
-    return relax.op.reshape(bb.emit(out), (*dims[:-1], int(weight.shape[1])))
+    return relax.op.reshape(bb.emit(out), (*dims[:-1], n))
 
 
 def schedule_matmul_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
