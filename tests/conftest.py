@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+# pytest-xdist runs one worker per core; each TVM thread pool would otherwise take every core too,
+# and TVM's workers spin while they wait: oversubscribed, the suite ran about 2x slower. Each
+# worker gets its share (tests that check the default pool run it in a clean subprocess).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "TVM_NUM_THREADS" not in os.environ:
+    os.environ["TVM_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 
 def relax_main(x_type: object, body) -> object:  # noqa: ANN001
