@@ -71,9 +71,14 @@ def _int8_blocks(groups: int, cin: int, cout: int, lanes: int,
     divide the channels; depthwise as fp32."""
     block = lanes if cout % lanes == 0 else 8 if lanes == 16 and cout % 8 == 0 else None
     if block is None and (groups == 1 or groups == cin == cout):
-        return None
+        # Zero-padded output channels, as in fp32 (ShuffleNetV2's 58 / 116 channels): exact,
+        # the padded weights being zero whatever the padded activations hold.
+        if not padded_block(cout, lanes):
+            return None
+        block = lanes
     if groups == 1:
-        if in_block is not None and in_block % 4 == 0 and cin % in_block == 0:
+        if in_block is not None and in_block % 4 == 0 and (cin % in_block == 0
+                                                           or padded_block(cin, in_block)):
             return in_block, block
         return (lanes if cin % lanes == 0 else block if cin % block == 0 else 4), block
     if groups == cin == cout:
