@@ -17,7 +17,8 @@ ENV = "TVM_NUM_THREADS"
 
 
 def available_cpus() -> list[int]:
-    """The logical CPUs this process may run on."""
+    """The logical CPUs this process may run on (``backend.targets.host_cores`` counts the same;
+    this module stays free of TVM imports because the package root calls it on import)."""
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))

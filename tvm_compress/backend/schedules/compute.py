@@ -85,6 +85,11 @@ def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, i
                       attrs={KERNEL_ATTR: DEPTHWISE_NCHWC})
 
 
+def tvm_legalization(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``call`` legalized as TVM does it (for the overrides here that do not apply)."""
+    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+
+
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
@@ -100,8 +105,7 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, int8_legalizer: An
     data_match = _BLOCKED.match(attrs.data_layout)
     kernel_match = _BLOCKED_KERNEL.match(attrs.kernel_layout)
     if data_match is None or kernel_match is None or not _BLOCKED.match(attrs.out_layout):
-        default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
-        return default(bb, call)
+        return tvm_legalization(bb, call)
     groups = int(attrs.groups)
     data_ty = call.args[0].ty
     channels = int(data_ty.shape[1]) * int(data_ty.shape[4])

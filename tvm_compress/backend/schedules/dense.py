@@ -111,15 +111,13 @@ def schedule_gemv(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *, lanes:
         return False
     k_o, _ = sch.split(k, [slabs, None])
     partial = sch.rfactor(k_o, 0)
-    loops = sch.get_loops(partial)
-    slab, inner = loops[-2], loops[-1]  # rfactor keeps the order: spatial loops, k_o, k_i
-    col = loops[-3]
-    sch.reorder(slab, *loops[:-3], inner, col)
+    *outer, col, slab, inner = sch.get_loops(partial)  # rfactor keeps: spatial, k_o, k_i
+    sch.reorder(slab, *outer, inner, col)
     sch.parallel(slab)
     sch.vectorize(sch.split(col, [None, width])[1])
     sch.decompose_reduction(partial, inner)
     # The sum over slabs: slab loop outside, columns vectorized inside.
-    *spatial, cols, slab_sum = sch.get_loops(block)
+    *_, cols, slab_sum = sch.get_loops(block)
     sch.reorder(slab_sum, cols)
     sch.vectorize(sch.split(cols, [None, width])[1])
     sch.decompose_reduction(block, slab_sum)

@@ -11,8 +11,6 @@ for every few rows. Measured on ConvNeXt's 49 x 768 x 3072 matmul and OCR classi
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te
@@ -28,10 +26,8 @@ MATMUL_PACKED = "matmul_packed"
 def pack_weight(weight: np.ndarray, width: int) -> np.ndarray:
     """(K, N) -> (ceil(N / width), K, width), zero columns past N."""
     k, n = weight.shape
-    panels = math.ceil(n / width)
-    padded = np.zeros((k, panels * width), weight.dtype)
-    padded[:, :n] = weight
-    return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
+    padded = np.pad(weight, ((0, 0), (0, -n % width)))
+    return np.ascontiguousarray(padded.reshape(k, -1, width).transpose(1, 0, 2))
 
 
 def matmul_packed(data: te.Tensor, weight: te.Tensor, n: int) -> te.Tensor:

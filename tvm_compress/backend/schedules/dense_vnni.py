@@ -15,8 +15,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from tvm_compress.backend.schedules.blocks import extent, fuse_epilogue, parallelize
-from tvm_compress.backend.schedules.compute import KERNEL_ATTR
-from tvm_compress.backend.schedules.dense_packed import legalize_matmul_f32
+from tvm_compress.backend.schedules.compute import KERNEL_ATTR, tvm_legalization
 from tvm_compress.backend.schedules.hardware import vnni_lanes
 from tvm_compress.backend.schedules.int8 import INTRIN_ATTR, constant_value
 from tvm_compress.backend.schedules.int8_intrin import start_from
@@ -64,13 +63,8 @@ def matmul_vnni_func(data: relax.TensorType, weight: np.ndarray) -> tirx.PrimFun
 
 
 def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """The VNNI kernel for ``matmul(u8/s8 (M, K), constant s8 (K, N)) -> int32``, the packed
-    float32 GEMM (``dense_packed``) for constant float32 weights; every other matmul as TVM
-    legalizes it."""
-    packed_f32 = legalize_matmul_f32(bb, call)
-    if packed_f32 is not None:
-        return packed_f32
-    default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
+    """The VNNI kernel for ``matmul(u8/s8 (..., M, K), constant s8 (K, N)) -> int32``; every
+    other matmul as TVM legalizes it."""
     target = tvm.target.Target.current(allow_none=True)
     lanes = 0 if target is None else vnni_lanes(target)
     data_ty = call.args[0].ty
@@ -80,9 +74,10 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
             or weight.dtype != np.int8 or weight.ndim != 2 or shape is None or len(shape) < 2
             or not all(isinstance(d, tirx.IntImm) for d in shape)
             or str(call.ty.dtype) != "int32" or weight.shape[0] % 4):
-        return default(bb, call)
+        return tvm_legalization(bb, call)
     n = int(weight.shape[1])
-    lanes = 16 if (n % 16 == 0 or n % 8) and lanes == 16 else 8
+    if n % 16 and n % 8 == 0:  # 8-wide columns fit exactly where 16-wide would need padding
+        lanes = 8
     if n % lanes:  # classifier heads (e.g. 18,710 classes): zero columns, sliced off after
         weight = np.pad(weight, ((0, 0), (0, -n % lanes)))
     packed = pack_matmul_weight(weight, lanes)

@@ -21,8 +21,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import tvm
 from tvm import relax, te, tirx, topi
+
+from tvm_compress.backend.schedules.compute import tvm_legalization
 
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = hi + lo, hi exact in 9 bits
 _LOG2E = 1.44269504088896341
@@ -152,16 +153,12 @@ def _is_f32(call: relax.Call) -> bool:
     return str(getattr(call.args[0].ty, "dtype", "")) == "float32"
 
 
-def _default(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
-
-
 def _elementwise(name: str, fn: Callable[[tirx.PrimExpr], tirx.PrimExpr]) -> Callable:
     short = name.rsplit(".", 1)[-1]
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         if not _is_f32(call):
-            return _default(bb, call)
+            return tvm_legalization(bb, call)
         return bb.call_te(lambda x: te.compute(x.shape, lambda *i: fn(x(*i)), name=short),
                           call.args[0], primfunc_name_hint=short)
 
@@ -171,7 +168,7 @@ def _elementwise(name: str, fn: Callable[[tirx.PrimExpr], tirx.PrimExpr]) -> Cal
 def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """max, exp(x - max), sum, divide: TVM's four stages with the vectorizable exp."""
     if not _is_f32(call):
-        return _default(bb, call)
+        return tvm_legalization(bb, call)
 
     def compute(x: te.Tensor, axis: int) -> te.Tensor:
         axis = axis % len(x.shape)

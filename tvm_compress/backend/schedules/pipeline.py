@@ -11,6 +11,7 @@ from tvm_compress.backend.schedules import fast_math
 from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
 from tvm_compress.backend.schedules.conv_transpose import ConvTransposeToConv
+from tvm_compress.backend.schedules.dense_packed import legalize_matmul_f32
 from tvm_compress.backend.schedules.dense_vnni import legalize_matmul_int8
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
@@ -19,6 +20,12 @@ from tvm_compress.backend.schedules.layout import PackChannels
 from tvm_compress.backend.schedules.requantize import lower_requantize
 from tvm_compress.backend.schedules.rules import apply_default_schedules
 from tvm_compress.errors import UserError
+
+
+def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """float32 with a constant weight: packed GEMM; integer: VNNI; else TVM's legalization."""
+    packed = legalize_matmul_f32(bb, call)
+    return packed if packed is not None else legalize_matmul_int8(bb, call)
 
 
 def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir.transform.Pass]:
@@ -53,7 +60,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         lower_requantize,
         relax.transform.LegalizeOps({"relax.nn.conv2d": functools.partial(
             legalize_conv2d, int8_legalizer=legalize_conv2d_int8),
-            "relax.matmul": legalize_matmul_int8, **fast_math.legalizers()}),
+            "relax.matmul": _legalize_matmul, **fast_math.legalizers()}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
