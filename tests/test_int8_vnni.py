@@ -131,6 +131,34 @@ def test_two_int8_layers_share_the_blocked_layout() -> None:
     assert len(layout) == 2, layout  # into the first conv and out of the last, none between
 
 
+@needs_vnni
+@pytest.mark.parametrize("channels", [32, 24])  # 24: zero-padded to 32 between the layers
+def test_float_hardswish_island_between_int8_layers_stays_packed(channels: int) -> None:
+    """dequantize -> hardswish -> quantize (MobileNetV3, PaddleOCR) between two int8 convs:
+    the island is computed on the packed tensor and fused into the first conv's epilogue."""
+    w1, w2 = _weights((channels, 16, 1, 1)), _weights((32, channels, 3, 3), seed=1)
+    x = _activations((1, 16, 8, 8))
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        y = bb.emit(_conv_block(bb, v, w1, stride=1, padding=0, groups=1, zero_point=0,
+                                requantize=True))
+        f = bb.emit(relax.op.dequantize(y, relax.const(0.05, "float32"),
+                                        relax.const(3, "int8"), axis=-1))
+        six = relax.const(6.0, "float32")
+        gate = bb.emit(relax.op.clip(relax.op.add(f, relax.const(3.0, "float32")), 0, 6))
+        h = bb.emit(relax.op.divide(relax.op.multiply(f, gate), six))
+        q = bb.emit(relax.op.quantize(h, relax.const(0.04, "float32"),
+                                      relax.const(7, "int8"), out_dtype="uint8", axis=-1))
+        return _conv_block(bb, q, w2, stride=1, padding=1, groups=1, zero_point=7,
+                           requantize=True)
+
+    _, scheduled = _check(relax_main(relax.TensorType(x.shape, "uint8"), body), x)
+    names = list(_rules(scheduled))
+    assert len([n for n in names if "layout_transform" in n]) == 2, names
+    assert any("conv2d" in n and "dequantize" in n and "quantize" in n.split("dequantize")[-1]
+               for n in names), names
+
+
 VBMI = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
 needs_vbmi = pytest.mark.skipif(not target_has_features("avx512vbmi", _THIS_CPU),
                                 reason="running vpermb needs an AVX512-VBMI host")

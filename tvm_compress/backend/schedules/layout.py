@@ -238,6 +238,21 @@ class _Packer(PyExprMutator):
         return self._emit_packed(relax.Call(call.op, args, call.attrs, call.ty_args), block,
                                  shape[1])
 
+    def _qdq(self, call: relax.Call) -> relax.Expr | None:
+        """Per-tensor quantize / dequantize (the float islands of an integer graph: hardswish,
+        SiLU, squeeze-excitation) on the packed tensor, so int8 layers stay packed around them.
+        Padded channels stay finite; they meet zero weights or a crop downstream."""
+        source = self._packed_source(call.args[0])
+        shape = _static_shape(call)
+        qparams = [_static_shape(a) for a in call.args[1:]]
+        if source is None or shape is None or len(shape) != 4 \
+                or any(q is None or math.prod(q) != 1 for q in qparams):
+            return None
+        data, block = source
+        scalars = [a if not _static_shape(a) else relax.op.reshape(a, ()) for a in call.args[1:]]
+        return self._emit_packed(relax.Call(call.op, [data, *scalars], call.attrs, call.ty_args),
+                                 block, shape[1])
+
     def _pool(self, call: relax.Call) -> relax.Expr | None:
         source = self._packed_source(call.args[0])
         attrs = call.attrs
@@ -337,6 +352,8 @@ class _Packer(PyExprMutator):
             new = self._conv2d(call)
         elif name in _UNARY or name in _BINARY:
             new = self._elementwise(call)
+        elif name in ("relax.quantize", "relax.dequantize"):
+            new = self._qdq(call)
         elif name in _POOL:
             new = self._pool(call)
         elif name in _SPATIAL_REDUCE:
