@@ -128,11 +128,15 @@ def test_batch1_classifier_reads_whole_weight_rows_per_thread() -> None:
     np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("rows", "depth", "cols"), [(49, 64, 96), (6, 40, 37), (2, 24, 16)])
-def test_constant_weight_matmul_is_a_packed_panel_gemm(rows: int, depth: int, cols: int) -> None:
+@pytest.mark.parametrize(("shape", "cols"), [((1, 49, 64), 96), ((1, 6, 40), 37),
+                                             ((1, 2, 24), 16), ((12, 1, 40), 48)])
+def test_constant_weight_matmul_is_a_packed_panel_gemm(shape: tuple[int, int, int],
+                                                       cols: int) -> None:
     # Token-major linear layers (ConvNeXt, attention, OCR heads): the weight repacked into
     # (panels, K, 2 registers) at compile time, columns past N (37 here) computed and dropped.
-    mod, x, expected = _import(nn.Sequential(nn.Linear(depth, cols), nn.ReLU()), (1, rows, depth))
+    # (12, 1, 40): an LSTM's input projection over 12 time steps, one row each, is 12 rows.
+    depth = shape[-1]
+    mod, x, expected = _import(nn.Sequential(nn.Linear(depth, cols), nn.ReLU()), shape)
     scheduled = default_schedule_pipeline(HOST)(mod)
     rules = {gv.name_hint: str(f.attrs.get("tvm_compress.rule")) for gv, f
              in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)}

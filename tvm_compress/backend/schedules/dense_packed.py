@@ -49,8 +49,9 @@ def matmul_packed(data: te.Tensor, weight: te.Tensor, n: int) -> te.Tensor:
 
 
 def legalize_matmul_f32(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
-    """The packed GEMM for ``matmul(float32 (..., M, K), constant float32 (K, N))`` with
-    ``M >= 2`` on a CPU target; None when the call does not fit (single rows stay GEMVs)."""
+    """The packed GEMM for ``matmul(float32 (..., M, K), constant float32 (K, N))`` with at
+    least 2 rows in all (``(T, 1, K)`` is ``T`` rows) on a CPU target; None when the call does
+    not fit (single rows stay GEMVs)."""
     target = tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return None
@@ -62,7 +63,8 @@ def legalize_matmul_f32(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr 
     weight = constant_value(bb, call.args[1])
     if weight is None or weight.dtype != np.float32 or weight.ndim != 2:
         return None
-    rows, depth = int(shape[-2]), int(shape[-1])
+    dims = [int(d) for d in shape]
+    rows, depth = int(np.prod(dims[:-1])), dims[-1]
     width = 2 * vector_lanes(target)
     if rows < 2 or depth != weight.shape[0] or weight.shape[1] < width:
         return None
@@ -84,6 +86,8 @@ def schedule_matmul_packed(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, 
     """Panels outermost (each streamed once), then row tiles; per tile the whole K reduction
     around ``rows x width`` accumulators; the epilogue per tile."""
     *batch, i, j, k = sch.get_loops(block)
+    if batch:  # one row loop: (T, 1, K), an LSTM's input projection over T steps, is T rows
+        i, batch = sch.fuse(*batch, i), []
     width = int(sch.get(block).reads[1].source.shape[-1])
     vectors = max(width // lanes, 1)
     rows = _row_tile(extent(sch, i), vectors, registers)
