@@ -276,6 +276,36 @@ def test_vnni_dense_on_token_major_rows_exact() -> None:
     assert "matmul_vnni" in _rules(scheduled).values()
 
 
+@needs_vnni
+@pytest.mark.parametrize(("weight_dtype", "weight_zp", "data_zp"),
+                         [("uint8", 119, 128), ("int8", 0, 0), ("int8", 3, 77)])
+def test_matmul_integer_runs_as_an_8bit_matmul(weight_dtype: str, weight_zp: int,
+                                               data_zp: int) -> None:
+    # ONNX MatMulInteger as imported: int32 x int32 matmul of the widened operands minus their
+    # zero points. u8 weights minus 119 span [-119, 136]: shifted by 9 into int8.
+    info = np.iinfo(weight_dtype)
+    weight = np.random.default_rng(4).integers(info.min, info.max + 1, (64, 40)).astype(
+        weight_dtype)
+    x = _activations((5, 64), "uint8")
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        data = bb.emit(relax.op.astype(v, "int32"))
+        if data_zp:
+            zp = bb.emit(relax.op.astype(relax.const(np.uint8(data_zp)), "int32"))
+            data = bb.emit(relax.op.subtract(data, zp))
+        w = bb.emit(relax.op.subtract(
+            relax.op.astype(relax.const(weight), "int32"),
+            relax.op.astype(relax.const(np.array(weight_zp, weight_dtype)), "int32")))
+        return relax.op.matmul(data, w, out_dtype="int32")
+
+    mod = relax_main(relax.TensorType(x.shape, "uint8"), body)
+    expected = (x.astype(np.int64) - data_zp) @ (weight.astype(np.int64) - weight_zp)
+    asm, scheduled = _check(mod, x)
+    np.testing.assert_array_equal(build(mod, target=VNNI, input_spec=InputSpec(
+        "x", x.shape, "uint8")).run(x), expected)
+    assert "vpdpbusd" in asm and "matmul_vnni" in _rules(scheduled).values()
+
+
 def test_dense_without_vnni_keeps_the_generic_path() -> None:
     weight = _weights((64, 32))
 

@@ -149,6 +149,25 @@ def test_constant_weight_matmul_is_a_packed_panel_gemm(shape: tuple[int, int, in
     np.testing.assert_allclose(_run(scheduled, x), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["max", "min", "sum", "mean"])
+def test_whole_tensor_reduction_is_split_across_threads_and_lanes(op: str) -> None:
+    # ONNX DynamicQuantizeLinear's min / max of a whole feature map: 2 threads x 8 lanes of
+    # partial results (rfactor), then the partials; it ran as one serial scalar loop before.
+    from conftest import relax_main
+
+    x = np.random.default_rng(0).standard_normal((1, 48, 16, 64)).astype("float32")
+    make = getattr(relax.op, op)
+    mod = relax_main(relax.TensorType(x.shape, "float32"), lambda bb, v: make(v))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    text = next(f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)).script()
+    assert "_rf = T.sblock_alloc_buffer((T.int64(16),))" in text, text[:800]
+    assert "T.parallel(T.int64(2))" in text and "T.vectorized(T.int64(8))" in text, text[:800]
+    # float32 partial sums in another order than NumPy's: bounded by the absolute sum
+    scale = np.abs(x).sum(dtype=np.float64) / (x.size if op == "mean" else 1)
+    np.testing.assert_allclose(_run(scheduled, x), getattr(np, op)(x.astype(np.float64)),
+                               rtol=0, atol=1e-6 * scale)
+
+
 def test_batched_dense_matches_torch() -> None:
     mod, x, expected = _import(nn.Sequential(nn.Linear(40, 24), nn.ReLU()), (3, 40))
     scheduled = default_schedule_pipeline(HOST)(mod)

@@ -74,6 +74,8 @@ def _evaluate(call: relax.Call) -> np.ndarray | None:
     data = _value(call.args[0])
     if not isinstance(data, np.ndarray):
         return None
+    if name == "relax.astype":  # the result is cast to the call's dtype below
+        return data
     if name == "relax.reshape" and isinstance(call.args[1], relax.ShapeExpr):
         return data.reshape([int(v) for v in call.args[1].values])
     if name == "relax.expand_dims":
@@ -117,7 +119,8 @@ class _NumpyFolder(PyExprMutator):
 
 @tvm.ir.transform.module_pass(opt_level=0, name="FoldConstantsNumpy")
 def fold_constants_numpy(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Fold arithmetic, reshape-like, transpose and layout_transform calls on constants in NumPy."""
+    """Fold arithmetic, casts, reshape-like, transpose and layout_transform calls on constants in
+    NumPy."""
     folder = _NumpyFolder(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):

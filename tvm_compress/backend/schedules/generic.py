@@ -45,6 +45,9 @@ def schedule_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *, l
     reduce = [lp for lp, kind in zip(loops, kinds, strict=True) if kind == tirx.IterVar.CommReduce]
     if len(spatial) + len(reduce) != len(loops) or not reduce:
         raise ValueError("reduction block with unexpected loop structure")
+    if all(extent(sch, lp) == 1 for lp in spatial) and _reduce_to_scalar(sch, block, reduce,
+                                                                         lanes, cores):
+        return None
     tile = _vector_tile(extent(sch, spatial[-1]), lanes) if spatial else None
     inner = None
     outer = list(spatial)
@@ -60,6 +63,35 @@ def schedule_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *, l
     if inner is not None and init_loops:
         sch.vectorize(init_loops[-1])
     return outer[-1] if outer else None
+
+
+def _reduce_to_scalar(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, reduce: list,
+                      lanes: int, cores: int) -> bool:
+    """A whole tensor to one value (the min / max of ONNX ``DynamicQuantizeLinear``, a global
+    sum): ``cores x lanes`` partial results (rfactor), each thread reducing its contiguous
+    share a vector at a time, then the partials. False (nothing changed) when the extent does
+    not split evenly or is too short to be worth it."""
+    total = 1
+    for lp in reduce:
+        total *= extent(sch, lp)
+    parts = cores * lanes
+    if total % parts or total < 16 * parts:
+        return False
+    for other in child_blocks(sch):  # rfactor fails next to a loop-less block (mean's divide)
+        if not sch.get_loops(other):
+            sch.add_unit_loop(other)
+    fused = sch.fuse(*reduce) if len(reduce) > 1 else reduce[0]
+    thread, middle, lane = sch.split(fused, [cores, None, lanes])
+    sch.reorder(thread, lane, middle)
+    partial = sch.rfactor(sch.fuse(thread, lane), factor_axis=0)
+    outer, inner = sch.get_loops(partial)[-2:]
+    thread, lane = sch.split(outer, [cores, lanes])
+    sch.reorder(thread, inner, lane)
+    sch.parallel(thread)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(partial, inner)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return True
 
 
 def schedule_reduction_func(sch: s_tir.Schedule, *, lanes: int, cores: int) -> bool:

@@ -12,7 +12,7 @@ from tvm_compress.backend.schedules.compute import legalize_conv2d
 from tvm_compress.backend.schedules.constants import fold_constants_numpy
 from tvm_compress.backend.schedules.conv_transpose import ConvTransposeToConv
 from tvm_compress.backend.schedules.dense_packed import legalize_matmul_f32
-from tvm_compress.backend.schedules.dense_vnni import legalize_matmul_int8
+from tvm_compress.backend.schedules.dense_vnni import legalize_matmul_int8, narrow_integer_matmul
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
 from tvm_compress.backend.schedules.int8 import legalize_conv2d_int8
@@ -57,6 +57,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         *(layout if pack else []),
         fold_constants_numpy,
         relax.transform.FoldConstant(),
+        narrow_integer_matmul,
         lower_requantize,
         relax.transform.LegalizeOps({"relax.nn.conv2d": functools.partial(
             legalize_conv2d, int8_legalizer=legalize_conv2d_int8),
