@@ -171,6 +171,32 @@ def test_aarch64_int8_under_qemu_equals_x86_exactly(bundles, fmnist):
     assert np.abs(a64[0] - bundles["fp32-x86-ref"]).max() > 0  # really the quantized model
 
 
+def test_aarch64_dotprod_int8_is_sdot_and_equals_x86_exactly(fmnist, fmnist_int8, bundles,
+                                                              tmp_path):
+    # aarch64-dotprod: the int8 convs are the NEON sdot kernel (int8_sdot); under qemu its
+    # outputs are the x86 int8 build's, bit for bit.
+    from tvm_compress.backend.build import build
+
+    _, x = fmnist
+    compiled = build(fmnist_int8, target="aarch64-dotprod")
+    asm = "\n".join(m.inspect_source("asm") for m in _llvm_modules(compiled.executable.mod))
+    assert asm.count("sdot\tv") >= 4
+    _require_qemu()
+    deploy.write_bundle(compiled, tmp_path / "dot", model_name="fmnist_vgg-int8-a64dot",
+                        preset="aarch64-dotprod", sample=x)
+    outs, _ = deploy.run_bundle(tmp_path / "dot", [x])
+    x86, _ = deploy.run_bundle(bundles["int8-x86"], [x])
+    np.testing.assert_array_equal(outs[0], x86[0])
+
+
+def _llvm_modules(mod):  # noqa: ANN001, ANN202
+    """``mod`` and the modules it imports, recursively, that hold LLVM code."""
+    def walk(m):  # noqa: ANN001, ANN202
+        return [m, *(found for sub in m.imports for found in walk(sub))]
+
+    return [m for m in walk(mod) if m.kind == "llvm"]
+
+
 def test_runner_rejects_bad_input(bundles, tmp_path):
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not an npy file")

@@ -306,6 +306,16 @@ def test_vector_width_follows_target() -> None:
     assert vector_lanes(AVX512) == 16
 
 
+def test_int8_kernel_targets() -> None:
+    from tvm_compress.backend.schedules.hardware import has_int8_kernel, has_sdot
+    from tvm_compress.backend.targets import resolve_target
+
+    dotprod = resolve_target("aarch64-dotprod")
+    assert has_sdot(dotprod) and has_int8_kernel(dotprod)
+    assert not has_sdot(AARCH64) and not has_int8_kernel(AARCH64)  # plain NEON: no int8 kernel
+    assert not has_sdot(AVX512)
+
+
 # The stem's output (16 channels, 16x16) in the target's channel block.
 @pytest.mark.parametrize(("target", "stem_out"), [(AARCH64, "(1, 4, 16, 16, 4)"),
                                                   (AVX512, "(1, 1, 16, 16, 16)")])

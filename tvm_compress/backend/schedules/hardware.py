@@ -91,10 +91,15 @@ def vnni_lanes(target: tvm.target.Target) -> int:
     return 8 if _has("avxvnni", target) else 0
 
 
+def has_sdot(target: tvm.target.Target) -> bool:
+    """Whether the target has the NEON dot product (``sdot``, Armv8.2 ``+dotprod``)."""
+    return is_aarch64(target) and _has("dotprod", target)
+
+
 def has_int8_kernel(target: tvm.target.Target) -> bool:
-    """Whether integer convolutions get a tensorized micro-kernel (AVX2 or VNNI) on ``target``,
-    and so are packed to the blocked layout with their neighbours."""
-    return has_avx2_int8(target) or vnni_lanes(target) > 0
+    """Whether integer convolutions get a tensorized micro-kernel (AVX2, VNNI or NEON
+    ``sdot``) on ``target``, and so are packed to the blocked layout with their neighbours."""
+    return has_avx2_int8(target) or vnni_lanes(target) > 0 or has_sdot(target)
 
 
 def has_vbmi(target: tvm.target.Target) -> bool:

@@ -29,9 +29,12 @@ from tvm_compress.backend.schedules.compute import KERNEL_ATTR, out_size, pad_nc
 from tvm_compress.backend.schedules.conv2d import ConvTile, pick_tile
 from tvm_compress.backend.schedules.depthwise_int8 import legalize_depthwise_int8
 from tvm_compress.backend.schedules.depthwise_vnni import legalize_depthwise_vnni
-from tvm_compress.backend.schedules.hardware import has_avx2_int8, vnni_lanes
+from tvm_compress.backend.schedules.hardware import has_avx2_int8, has_sdot, vnni_lanes
 from tvm_compress.backend.schedules.int8_intrin import intrin_name, register_intrinsics, start_from
 from tvm_compress.backend.schedules.int8_intrin import offset as avx2_offset
+from tvm_compress.backend.schedules.int8_sdot import intrin_name as sdot_intrin_name
+from tvm_compress.backend.schedules.int8_sdot import offset as sdot_offset
+from tvm_compress.backend.schedules.int8_sdot import register_intrinsics as register_sdot
 from tvm_compress.backend.schedules.int8_vnni import intrin_name as vnni_intrin_name
 from tvm_compress.backend.schedules.int8_vnni import offset as vnni_offset
 from tvm_compress.backend.schedules.int8_vnni import register_intrinsics as register_vnni
@@ -42,12 +45,14 @@ INTRIN_ATTR = "tvm_compress.intrin"
 # Registers an intrinsic holds besides accumulators and weight rows: the broadcast (both), the
 # ones and pair sums of direct. vnni: 4, not its 1 broadcast: 2 x 14 tiles (31 of 32 zmm) spilled,
 # measured 1.7x slower than 2 x 7 on MobileNetV2's 384 -> 64 and 192 -> 32 layers.
-_INTRIN_REGISTERS = {"direct": 2, "int16": 1, "vnni": 4}
+_INTRIN_REGISTERS = {"direct": 2, "int16": 1, "vnni": 4, "sdot": 4}
 
 
 def offset(kind: str, data_dtype: str) -> int:
     """What intrinsic ``kind`` adds to each activation before multiplying."""
-    return vnni_offset(data_dtype) if kind == "vnni" else avx2_offset(kind, data_dtype)
+    if kind == "vnni":
+        return vnni_offset(data_dtype)
+    return sdot_offset(data_dtype) if kind == "sdot" else avx2_offset(kind, data_dtype)
 
 
 def pack_weight(weight: np.ndarray, group: int = 4) -> np.ndarray:
@@ -105,6 +110,7 @@ def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int,
         return te.sum(value * weight, axis=[ico, ry, rx, icg, kg])
 
     intrin = (vnni_intrin_name(ob, str(data.dtype)) if kind == "vnni"
+              else sdot_intrin_name(str(data.dtype)) if kind == "sdot"
               else intrin_name(kind, str(data.dtype)))
     return te.compute((n, oc_chunks, oh, ow, ob), body, name="conv2d_NCHWc_u8s8",
                       attrs={KERNEL_ATTR: CONV_NCHWC_U8S8, INTRIN_ATTR: intrin})
@@ -178,6 +184,8 @@ def pick_int8_kind(target: tvm.target.Target, weight: np.ndarray) -> str | None:
         return None
     if weight.shape[5] <= vnni_lanes(target) and weight.shape[5] in (8, 16):
         return "vnni"
+    if has_sdot(target) and weight.shape[5] == 4:
+        return "sdot"
     if has_avx2_int8(target) and weight.shape[5] == 8:
         return pick_kind(pack_weight(weight))
     return None
@@ -192,7 +200,7 @@ def pick_int8_tile(oc_chunks: int, out_h: int, out_w: int, registers: int,
     broadcasts weigh more than in fp32), 1 x 8 pixels is best where the channel blocks do not
     divide by 3; other shapes keep the fp32 tile with the intrinsic's registers set aside.
     """
-    if kind == "vnni":  # one instruction per step, 32 registers: the fp32 rule fits
+    if kind in ("vnni", "sdot"):  # one instruction per step, 32 registers: the fp32 rule fits
         return pick_tile(oc_chunks, out_h, out_w, registers - _INTRIN_REGISTERS[kind])
     if out_w % 2 == 0 and oc_chunks % 3 == 0:
         return ConvTile(3, 1, 2)
@@ -204,6 +212,8 @@ def pick_int8_tile(oc_chunks: int, out_h: int, out_w: int, registers: int,
 def _kind(intrin: str) -> str:
     if "vnni" in intrin:
         return "vnni"
+    if "sdot" in intrin:
+        return "sdot"
     return next(k for k in _INTRIN_REGISTERS if f"_{k}" in intrin)
 
 
@@ -214,6 +224,7 @@ def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlock
     tensorized; the padding / int16 copy of the data is computed in a pass of its own."""
     register_intrinsics()
     register_vnni()
+    register_sdot()
     intrin = str(sch.get(block).annotations[INTRIN_ATTR])
     producers, _ = producers_and_consumers(sch, block)
     n, oc, y, x, oi, ico, ry, rx, icg, kg = sch.get_loops(block)
