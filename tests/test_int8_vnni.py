@@ -195,6 +195,8 @@ def test_vnni_depthwise_exact(case: str, dtype: str) -> None:
     assert [name for name, rule in rules.items() if rule == "depthwise_nchwc_vnni"] == [
         name for name in rules if "depthwise" in name] and any(
         "depthwise" in name and "requantize" in name for name in rules)
+    # the zero-point padding is the kernel's own (fold_zero_point_pads): no pad kernel
+    assert not any(name.startswith("pad") for name in rules), rules
 
 
 @needs_vbmi

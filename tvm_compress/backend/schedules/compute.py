@@ -21,12 +21,15 @@ _BLOCKED = re.compile(r"^NCHW(\d+)c$")
 _BLOCKED_KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
 
 
-def pad_nchwc(data: te.Tensor, padding: tuple[int, int, int, int]) -> te.Tensor:
-    """Zero-pad the H and W axes of an NCHW[x]c tensor by (top, left, bottom, right)."""
+def pad_nchwc(data: te.Tensor, padding: tuple[int, int, int, int],
+              pad_value: int | float = 0) -> te.Tensor:
+    """Pad the H and W axes of an NCHW[x]c tensor by (top, left, bottom, right) with
+    ``pad_value`` (an integer conv's activation zero point, else 0)."""
     top, left, bottom, right = padding
     if not any(padding):
         return data
-    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="data_pad")
+    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0],
+                       pad_value=pad_value, name="data_pad")
 
 
 def out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
@@ -94,6 +97,21 @@ def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def blocked_conv_options(call: relax.Call) -> dict | None:
+    """Strides, padding (top, left, bottom, right), dilation and out_dtype of an NCHW[x]c
+    conv2d, or None when its layouts are not blocked."""
+    attrs = call.attrs
+    if not (_BLOCKED.match(attrs.data_layout) and _BLOCKED_KERNEL.match(attrs.kernel_layout)
+            and _BLOCKED.match(attrs.out_layout)):
+        return None
+    padding = _ints(attrs.padding)
+    if len(padding) == 2:
+        padding = padding + padding
+    return {"strides": _ints(attrs.strides), "padding": padding,
+            "dilation": _ints(attrs.dilation),
+            "out_dtype": str(attrs.out_dtype or call.args[0].ty.dtype)}
+
+
 def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, int8_legalizer: Any = None
                     ) -> relax.Expr:
     """Legalize ``relax.nn.conv2d``: NCHW[x]c layouts here, every other layout as TVM does.
@@ -102,19 +120,13 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, int8_legalizer: An
     computes) gets 8-bit blocked convs first; it returns None for those it does not tensorize.
     """
     attrs = call.attrs
-    data_match = _BLOCKED.match(attrs.data_layout)
     kernel_match = _BLOCKED_KERNEL.match(attrs.kernel_layout)
-    if data_match is None or kernel_match is None or not _BLOCKED.match(attrs.out_layout):
+    options = blocked_conv_options(call)
+    if options is None or kernel_match is None:
         return tvm_legalization(bb, call)
     groups = int(attrs.groups)
     data_ty = call.args[0].ty
     channels = int(data_ty.shape[1]) * int(data_ty.shape[4])
-    out_dtype = attrs.out_dtype or data_ty.dtype
-    padding = _ints(attrs.padding)
-    if len(padding) == 2:
-        padding = padding + padding
-    options = {"strides": _ints(attrs.strides), "padding": padding,
-               "dilation": _ints(attrs.dilation), "out_dtype": str(out_dtype)}
     if int8_legalizer is not None and str(data_ty.dtype) in ("uint8", "int8"):
         tensorized = int8_legalizer(bb, call, options)
         if tensorized is not None:

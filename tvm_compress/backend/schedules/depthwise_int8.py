@@ -37,8 +37,9 @@ def exact_in_fp32(data_dtype: str, weight: np.ndarray, taps: int) -> bool:
 
 def depthwise_nchwc_int8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, int],
                          padding: tuple[int, int, int, int],
-                         dilation: tuple[int, int]) -> te.Tensor:
-    """Depthwise conv2d, data u8/s8 NCHW[b]c, kernel fp32 (integer-valued) OIHW1i[b]o -> int32."""
+                         dilation: tuple[int, int], pad_value: int = 0) -> te.Tensor:
+    """Depthwise conv2d, data u8/s8 NCHW[b]c, kernel fp32 (integer-valued) OIHW1i[b]o -> int32;
+    the padding holds ``pad_value`` (the activation zero point)."""
     n, chunks, height, width, block = (int(d) for d in data.shape)
     kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     (sh, sw), (dh, dw) = strides, dilation
@@ -49,7 +50,7 @@ def depthwise_nchwc_int8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[i
     def convert(b, c, y, x, ci):
         inside = tirx.all(y >= top, y < top + height, x >= left, x < left + width)
         value = data[b, c, tirx.max(y - top, 0), tirx.max(x - left, 0), ci].astype("float32")
-        return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
+        return tirx.if_then_else(inside, value, tirx.const(float(pad_value), "float32"))
 
     staged = te.compute((n, chunks, height + top + bottom, width + left + right, block),
                         convert, name="data_f32")
@@ -74,7 +75,8 @@ def legalize_depthwise_int8(bb: relax.BlockBuilder, call: relax.Call, weight: np
     return bb.call_te(depthwise_nchwc_int8, call.args[0],
                       relax.const(weight.astype(np.float32), "float32"),
                       strides=options["strides"], padding=options["padding"],
-                      dilation=options["dilation"], primfunc_name_hint="depthwise_conv2d_int8")
+                      dilation=options["dilation"], pad_value=options.get("pad_value", 0),
+                      primfunc_name_hint="depthwise_conv2d_int8")
 
 
 def schedule_depthwise_nchwc_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,

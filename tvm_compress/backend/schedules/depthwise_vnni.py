@@ -68,8 +68,8 @@ def pack_depthwise_weight(weight: np.ndarray) -> np.ndarray:
 
 
 def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *, kw: int,
-                         strides: tuple[int, int],
-                         padding: tuple[int, int, int, int]) -> te.Tensor:
+                         strides: tuple[int, int], padding: tuple[int, int, int, int],
+                         pad_value: int = 0) -> te.Tensor:
     """Depthwise conv2d, data u8/s8 NCHW[b]c, weight (O/b, kh, G, b, 4) s8 -> int32 (without
     the ``-offset * sum(w)`` start, which :func:`depthwise_vnni_func` adds); ``perm``: the
     byte order of a quad (``int8_vnni.quads_order``), which the staging only reads ``& 0``."""
@@ -87,7 +87,7 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
         yy = tirx.min(tirx.max(y - top, 0), height - 1)
         xx = tirx.min(tirx.max(x - left, 0), width - 1)
         value = (data[b, c, yy, xx, ci].astype("int32") + add).astype("uint8")
-        return tirx.if_then_else(inside, value, tirx.const(add, "uint8"))
+        return tirx.if_then_else(inside, value, tirx.const(pad_value + add, "uint8"))
 
     plane = te.compute((n, chunks, height + top + bottom, padded_w, block), pad, name="data_u8")
     rows = band_rows(oh, ow, kh, sh, groups * block * 4)
@@ -110,15 +110,15 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
 
 
 def depthwise_vnni_func(data: relax.TensorType, weight: np.ndarray, *, kw: int,
-                        strides: tuple[int, int],
-                        padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
+                        strides: tuple[int, int], padding: tuple[int, int, int, int],
+                        pad_value: int = 0) -> tirx.PrimFunc:
     """PrimFunc ``(data, packed weight, start, quad order) -> int32 depthwise conv``."""
     data_ph = te.placeholder([int(d) for d in data.shape], str(data.dtype), name="data")
     weight_ph = te.placeholder(weight.shape, "int8", name="weight")
     start_ph = te.placeholder((weight.shape[0], weight.shape[3]), "int32", name="start")
     perm_ph = te.placeholder((weight.shape[3] * 4,), "uint8", name="perm")
     conv = depthwise_nchwc_vnni(data_ph, weight_ph, perm_ph, kw=kw, strides=strides,
-                                padding=padding)
+                                padding=padding, pad_value=pad_value)
     func = te.create_prim_func([data_ph, weight_ph, start_ph, perm_ph, conv],
                                index_dtype_override="int64").without_attr("global_symbol")
     return func.with_body(start_from(func.body, func.params[2]))
@@ -134,7 +134,8 @@ def legalize_depthwise_vnni(bb: relax.BlockBuilder, call: relax.Call, weight: np
     sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/b, b)
     start = (-offset(data_dtype) * sums).astype(np.int32)
     func = depthwise_vnni_func(call.args[0].ty, packed, kw=int(weight.shape[3]),
-                               strides=options["strides"], padding=options["padding"])
+                               strides=options["strides"], padding=options["padding"],
+                               pad_value=options.get("pad_value", 0))
     gv = bb.add_func(func, "depthwise_conv2d_int8")
     order = np.array(quads_order(int(weight.shape[5])), np.uint8)
     return relax.call_tir(gv, [call.args[0], relax.const(packed, "int8"),

@@ -25,7 +25,12 @@ from tvm_compress.backend.schedules.blocks import (
     schedule_spatial,
     vectorize_pixels,
 )
-from tvm_compress.backend.schedules.compute import KERNEL_ATTR, out_size, pad_nchwc
+from tvm_compress.backend.schedules.compute import (
+    KERNEL_ATTR,
+    blocked_conv_options,
+    out_size,
+    pad_nchwc,
+)
 from tvm_compress.backend.schedules.conv2d import ConvTile, pick_tile
 from tvm_compress.backend.schedules.depthwise_int8 import legalize_depthwise_int8
 from tvm_compress.backend.schedules.depthwise_vnni import legalize_depthwise_vnni
@@ -75,7 +80,7 @@ def pick_kind(weight: np.ndarray) -> str:
 
 def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int, int],
                       padding: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                      kind: str = "direct", groups: int = 1) -> te.Tensor:
+                      kind: str = "direct", groups: int = 1, pad_value: int = 0) -> te.Tensor:
     """conv2d, data (N, C/ib, H, W, ib) u8 or s8, kernel (O/ob, C/groups/ib, kh, kw, ib/g, ob, g).
 
     Grouped convolutions hold whole channel blocks per group on both sides.
@@ -90,7 +95,7 @@ def conv2d_nchwc_u8s8(data: te.Tensor, kernel: te.Tensor, *, strides: tuple[int,
     (sh, sw), (dh, dw) = strides, dilation
     oh = out_size(height, padding[0] + padding[2], kh, sh, dh)
     ow = out_size(width, padding[1] + padding[3], kw, sw, dw)
-    padded = pad_nchwc(data, padding)
+    padded = pad_nchwc(data, padding, pad_value)
     if kind == "int16":
         padded = te.compute(padded.shape, lambda *i: padded[i].astype("int16"), name="data_i16")
     add = offset(kind, str(data.dtype))
@@ -166,7 +171,8 @@ def legalize_conv2d_int8(bb: relax.BlockBuilder, call: relax.Call, options: dict
     packed = pack_weight(weight, 2).astype(np.int16) if kind == "int16" else pack_weight(weight)
     sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/8, 8)
     start = (-offset(kind, data_dtype) * sums).astype(np.int32)
-    options = {k: options[k] for k in ("strides", "padding", "dilation")} | {"groups": groups}
+    options = {k: options[k] for k in ("strides", "padding", "dilation", "pad_value")
+               if k in options} | {"groups": groups}
     func = conv2d_int8_func(call.args[0].ty, packed, kind=kind, **options)
     gv = bb.add_func(func, "conv2d_nchwc_int8")
     return relax.call_tir(gv, [call.args[0], relax.const(packed, str(packed.dtype)),
@@ -248,3 +254,75 @@ def schedule_conv2d_nchwc_u8s8(sch: s_tir.Schedule, block: s_tir.schedule.SBlock
         sch.compute_inline(producer)
     if producers:
         schedule_spatial(sch, producers[-1], lanes, cores)
+
+
+@relax.expr_functor.mutator
+class _ZeroPointPads(relax.expr_functor.PyExprMutator):
+    """``conv2d(nn.pad(x, zp))`` on packed 8-bit data -> the int8 kernel padding ``x`` with
+    ``zp`` itself (see :func:`fold_zero_point_pads`)."""
+
+    def _bound(self, expr: relax.Expr, op: str) -> relax.Call | None:
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return value if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get(op) else None
+
+    def _unpadded(self, data: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], int] | None:
+        """(the conv's data without its zero-point pad, (top, left, bottom, right), value):
+        a pad of the packed tensor, or a pad of an NCHW tensor packed afterwards (the first
+        conv, whose input is packed after the pad)."""
+        packing = self._bound(data, "relax.layout_transform")
+        pad = self._bound(packing.args[0] if packing is not None else data, "relax.nn.pad")
+        if pad is None or str(pad.attrs.pad_mode) != "constant" \
+                or str(pad.args[0].ty.dtype) not in ("uint8", "int8"):
+            return None
+        widths = [int(v) for v in pad.attrs.pad_width]
+        value = float(pad.attrs.pad_value)
+        if len(widths) != (8 if packing is not None else 10) or any(widths[:4]) \
+                or any(widths[8:]) or value != int(value):
+            return None
+        top, bottom, left, right = widths[4:8]
+        unpadded = pad.args[0]
+        if packing is not None:
+            unpadded = self.builder_.emit(relax.op.layout_transform(
+                unpadded, packing.attrs.index_map, packing.attrs.pad_value))
+        return unpadded, (top, left, bottom, right), int(value)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+            return call
+        options = blocked_conv_options(call)
+        if options is None or any(options["padding"]) \
+                or str(call.args[0].ty.dtype) not in ("uint8", "int8"):
+            return call
+        found = self._unpadded(call.args[0])
+        if found is None:
+            return call
+        data, padding, value = found
+        attrs = call.attrs
+        folded = self.builder_.normalize(relax.op.nn.conv2d(
+            data, call.args[1], strides=attrs.strides, padding=padding,
+            dilation=attrs.dilation, groups=attrs.groups, data_layout=attrs.data_layout,
+            kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
+            out_dtype=attrs.out_dtype))
+        kernel = legalize_conv2d_int8(self.builder_, folded,
+                                      blocked_conv_options(folded) | {"pad_value": value})
+        return call if kernel is None else kernel
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name="FoldZeroPointPads")
+def fold_zero_point_pads(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Give the zero-point padding of integer convs to their int8 kernels.
+
+    ``RealizeInteger`` pads an integer conv's input with the activation zero point in an
+    ``nn.pad`` of its own (conv2d pads with 0): one more kernel and one more copy of the
+    activations per layer whose zero point is not 0 (after hardswish, SiLU, or any layer
+    without ReLU). The int8 kernels stage a padded copy of their input anyway; here they are
+    legalized early with the zero point as the padding value, and the ``nn.pad`` is left dead.
+    Convs that no int8 kernel takes keep the ``nn.pad``. Run under the target, before
+    ``LegalizeOps``.
+    """
+    folder = _ZeroPointPads(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gv, folder.visit_expr(func))
+    return folder.builder_.get()

@@ -15,7 +15,7 @@ from tvm_compress.backend.schedules.dense_packed import legalize_matmul_f32
 from tvm_compress.backend.schedules.dense_vnni import legalize_matmul_int8, narrow_integer_matmul
 from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
-from tvm_compress.backend.schedules.int8 import legalize_conv2d_int8
+from tvm_compress.backend.schedules.int8 import fold_zero_point_pads, legalize_conv2d_int8
 from tvm_compress.backend.schedules.layout import PackChannels
 from tvm_compress.backend.schedules.requantize import lower_requantize
 from tvm_compress.backend.schedules.rules import apply_default_schedules
@@ -59,6 +59,7 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         relax.transform.FoldConstant(),
         narrow_integer_matmul,
         lower_requantize,
+        fold_zero_point_pads,
         relax.transform.LegalizeOps({"relax.nn.conv2d": functools.partial(
             legalize_conv2d, int8_legalizer=legalize_conv2d_int8),
             "relax.matmul": _legalize_matmul, **fast_math.legalizers()}),
