@@ -44,6 +44,26 @@ def producers_and_consumers(sch: s_tir.Schedule,
     return blocks[:index], blocks[index + 1:]
 
 
+def inline_side_inputs(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    """Inline the blocks before ``block`` that it does not depend on: element-wise work on the
+    epilogue's other inputs (the dequantized skip tensor of a residual add that leaves the
+    integer graph). Left in front of the kernel, they make it look like a chain of producers."""
+    needed, todo = set(), [block]
+    while todo:
+        for producer in sch.get_producers(todo.pop()):
+            name = sch.get(producer).name_hint
+            if name not in needed:
+                needed.add(name)
+                todo.append(producer)
+    before, _ = producers_and_consumers(sch, block)
+    for other in before:
+        if sch.get(other).name_hint not in needed:
+            try:
+                sch.compute_inline(other)
+            except s_tir.schedule.ScheduleError:
+                pass
+
+
 def fuse_epilogue(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> SBlockRV:
     """Move the element-wise tail of ``block`` (bias, activation, residual) under ``loop``.
 

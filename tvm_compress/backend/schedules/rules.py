@@ -9,7 +9,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from tvm_compress.backend.schedules.blocks import find_kernel
+from tvm_compress.backend.schedules.blocks import find_kernel, inline_side_inputs
 from tvm_compress.backend.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
 from tvm_compress.backend.schedules.conv2d import schedule_conv2d_nchwc
 from tvm_compress.backend.schedules.dense import find_matmul, schedule_matmul
@@ -49,7 +49,8 @@ def _kernel_rule(kind: str, schedule: Callable) -> Rule:
         block = find_kernel(sch, kind)
         if block is None:
             return False
-        schedule(sch, block, **_machine(target))
+        inline_side_inputs(sch, block)
+        schedule(sch, find_kernel(sch, kind), **_machine(target))
         return True
 
     return rule
