@@ -15,6 +15,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvm_compress.backend.schedules.rewrite import rewrite_functions
+
 _BINARY: dict[str, Callable] = {
     "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
     "relax.divide": np.divide, "relax.power": np.power, "relax.maximum": np.maximum,
@@ -121,8 +123,4 @@ class _NumpyFolder(PyExprMutator):
 def fold_constants_numpy(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Fold arithmetic, casts, reshape-like, transpose and layout_transform calls on constants in
     NumPy."""
-    folder = _NumpyFolder(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    return folder.builder_.get()
+    return rewrite_functions(mod, _NumpyFolder(mod))

@@ -20,6 +20,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvm_compress.backend.schedules.rewrite import rewrite_functions
+
 
 def _static(expr: relax.Expr) -> tuple[int, ...] | None:
     shape = getattr(expr.ty, "shape", None)
@@ -200,11 +202,7 @@ def ConvTransposeToConv(*, block: int | None = None) -> tvm.ir.transform.Pass:  
 
     @tvm.ir.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
     def _transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, block)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return rewrite_functions(mod, _Rewriter(mod, block))
 
     return _transform
 

@@ -20,6 +20,7 @@ from tvm_compress.backend.schedules.hardware import vnni_lanes
 from tvm_compress.backend.schedules.int8 import INTRIN_ATTR, constant_value
 from tvm_compress.backend.schedules.int8_intrin import start_from
 from tvm_compress.backend.schedules.int8_vnni import intrin_name, offset, register_intrinsics
+from tvm_compress.backend.schedules.rewrite import bound_call, rewrite_functions
 
 MATMUL_VNNI = "matmul_vnni"
 
@@ -145,13 +146,6 @@ class _WidenedMatmul(relax.expr_functor.PyExprMutator):
     term is the VNNI kernel's.
     """
 
-    def _bound(self, expr: relax.Expr, op: str) -> relax.Call | None:
-        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
-        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) \
-                and value.op.name == op:
-            return value
-        return None
-
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" \
@@ -162,10 +156,10 @@ class _WidenedMatmul(relax.expr_functor.PyExprMutator):
                 or int(weight.max()) - int(weight.min()) > 255:
             return call
         data, zero_point = call.args[0], None
-        sub = self._bound(data, "relax.subtract")
+        sub = bound_call(self, data, "relax.subtract")
         if sub is not None and _scalar_int(sub.args[1]):
             data, zero_point = sub.args[0], sub.args[1]
-        widened = self._bound(data, "relax.astype")
+        widened = bound_call(self, data, "relax.astype")
         if widened is None or str(widened.args[0].ty.dtype) not in ("uint8", "int8"):
             return call
         shift = 0 if weight.min() >= -128 and weight.max() <= 127 else int(weight.max()) - 127
@@ -185,8 +179,4 @@ class _WidenedMatmul(relax.expr_functor.PyExprMutator):
 def narrow_integer_matmul(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Rewrite widened 8-bit int32 matmuls (ONNX ``MatMulInteger``) as 8-bit ones (after
     constant folding, before legalization; see :class:`_WidenedMatmul`)."""
-    rewriter = _WidenedMatmul(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_functions(mod, _WidenedMatmul(mod))

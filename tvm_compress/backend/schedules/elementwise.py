@@ -13,6 +13,8 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from tvm_compress.backend.schedules.rewrite import rewrite_functions
+
 _OPS = {tirx.Add: relax.op.add, tirx.Sub: relax.op.subtract, tirx.Mul: relax.op.multiply,
         tirx.Div: relax.op.divide, tirx.Max: relax.op.maximum, tirx.Min: relax.op.minimum}
 
@@ -113,8 +115,4 @@ class _RaiseMutator(PyExprMutator):
 @tvm.ir.transform.module_pass(opt_level=0, name="RaiseElementwise")
 def raise_elementwise(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Rewrite point-wise arithmetic ``call_tir`` (e.g. the ONNX importer's Clip) as Relax ops."""
-    raiser = _RaiseMutator(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            raiser.builder_.update_func(gv, raiser.visit_expr(func))
-    return raiser.builder_.get()
+    return rewrite_functions(mod, _RaiseMutator(mod))

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 
 from tvm_compress.backend.schedules.blocks import (
@@ -71,9 +73,7 @@ def _reduce_to_scalar(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, reduc
     sum): ``cores x lanes`` partial results (rfactor), each thread reducing its contiguous
     share a vector at a time, then the partials. False (nothing changed) when the extent does
     not split evenly or is too short to be worth it."""
-    total = 1
-    for lp in reduce:
-        total *= extent(sch, lp)
+    total = math.prod(extent(sch, lp) for lp in reduce)
     parts = cores * lanes
     if total % parts or total < 16 * parts:
         return False

@@ -44,6 +44,7 @@ from tvm_compress.backend.schedules.int8_vnni import intrin_name as vnni_intrin_
 from tvm_compress.backend.schedules.int8_vnni import offset as vnni_offset
 from tvm_compress.backend.schedules.int8_vnni import register_intrinsics as register_vnni
 from tvm_compress.backend.schedules.requantize_intrin import tensorize_high_mul
+from tvm_compress.backend.schedules.rewrite import bound_call, rewrite_functions
 
 CONV_NCHWC_U8S8 = "conv2d_nchwc_u8s8"
 INTRIN_ATTR = "tvm_compress.intrin"
@@ -261,16 +262,12 @@ class _ZeroPointPads(relax.expr_functor.PyExprMutator):
     """``conv2d(nn.pad(x, zp))`` on packed 8-bit data -> the int8 kernel padding ``x`` with
     ``zp`` itself (see :func:`fold_zero_point_pads`)."""
 
-    def _bound(self, expr: relax.Expr, op: str) -> relax.Call | None:
-        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        return value if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get(op) else None
-
     def _unpadded(self, data: relax.Expr) -> tuple[relax.Expr, tuple[int, ...], int] | None:
         """(the conv's data without its zero-point pad, (top, left, bottom, right), value):
         a pad of the packed tensor, or a pad of an NCHW tensor packed afterwards (the first
         conv, whose input is packed after the pad)."""
-        packing = self._bound(data, "relax.layout_transform")
-        pad = self._bound(packing.args[0] if packing is not None else data, "relax.nn.pad")
+        packing = bound_call(self, data, "relax.layout_transform")
+        pad = bound_call(self, packing.args[0] if packing is not None else data, "relax.nn.pad")
         if pad is None or str(pad.attrs.pad_mode) != "constant" \
                 or str(pad.args[0].ty.dtype) not in ("uint8", "int8"):
             return None
@@ -305,7 +302,7 @@ class _ZeroPointPads(relax.expr_functor.PyExprMutator):
             kernel_layout=attrs.kernel_layout, out_layout=attrs.out_layout,
             out_dtype=attrs.out_dtype))
         kernel = legalize_conv2d_int8(self.builder_, folded,
-                                      blocked_conv_options(folded) | {"pad_value": value})
+                                      options | {"padding": padding, "pad_value": value})
         return call if kernel is None else kernel
 
 
@@ -321,8 +318,4 @@ def fold_zero_point_pads(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> 
     Convs that no int8 kernel takes keep the ``nn.pad``. Run under the target, before
     ``LegalizeOps``.
     """
-    folder = _ZeroPointPads(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    return folder.builder_.get()
+    return rewrite_functions(mod, _ZeroPointPads(mod))

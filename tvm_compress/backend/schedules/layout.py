@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.backend.schedules.conv_transpose import match_interleave
+from tvm_compress.backend.schedules.rewrite import rewrite_functions
 
 # Element-wise ops: the packed layout passes straight through them.
 _UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
@@ -394,10 +395,6 @@ def PackChannels(*, lanes: int, int8: bool = False) -> tvm.ir.transform.Pass:  #
 
     @tvm.ir.transform.module_pass(opt_level=0, name="PackChannels")
     def _transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        packer = _Packer(mod, lanes, int8)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                packer.builder_.update_func(gv, packer.visit_expr(func))
-        return packer.builder_.get()
+        return rewrite_functions(mod, _Packer(mod, lanes, int8))
 
     return _transform

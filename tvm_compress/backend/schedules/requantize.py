@@ -28,6 +28,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.backend.schedules.blocks import STAGE_ATTR
 from tvm_compress.backend.schedules.requantize_intrin import HIGH_MUL, LANES
+from tvm_compress.backend.schedules.rewrite import rewrite_functions
 
 _INT32 = 2**31
 
@@ -297,8 +298,4 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
 @tvm.ir.transform.module_pass(opt_level=0, name="LowerRequantize")
 def lower_requantize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Replace int64 requantization chains by their exact 32-bit form (see module docstring)."""
-    lowerer = _Lowerer(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
-    return lowerer.builder_.get()
+    return rewrite_functions(mod, _Lowerer(mod))

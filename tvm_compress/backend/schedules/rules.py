@@ -50,7 +50,7 @@ def _kernel_rule(kind: str, schedule: Callable) -> Rule:
         if block is None:
             return False
         inline_side_inputs(sch, block)
-        schedule(sch, find_kernel(sch, kind), **_machine(target))
+        schedule(sch, block, **_machine(target))
         return True
 
     return rule
