@@ -270,7 +270,8 @@ def test_depthwise_band_rows() -> None:
 
     assert band_rows(28, 28, 3, 1, 64) == 7  # 9 input rows x 28 x 64 B = 16 KiB
     assert band_rows(14, 14, 3, 1, 64) == 14  # the whole plane fits
-    assert band_rows(11, 56, 5, 1, 128) == 11  # no divisor fits: whole plane, never 1 row
+    assert band_rows(11, 56, 5, 1, 128) == 11  # prime height: whole plane, never 1 row
+    assert band_rows(112, 112, 3, 1, 64) == 2  # none fits: the narrowest band, not 817 KiB
     assert band_rows(28, 28, 3, 2, 64) == 4  # stride 2: 9 input rows for 4 output rows
 
 

@@ -50,11 +50,14 @@ def band_rows(out_h: int, out_w: int, kh: int, stride: int, bytes_per_pixel: int
     """Output rows per band of staged quads: the whole height, or the most rows (at most 8,
     dividing it) whose input rows' quads fit ``_QUADS_BYTES``. Bands restage the window
     overlap (``kh - stride`` rows) but keep the quads in L1; whole planes of quads (53 KiB per
-    channel block on 28x28 layers) ran 1.5x slower than fp32 there. Never 1 row of several:
+    channel block on 28x28 layers) ran 1.5x slower than fp32 there. Where no band fits, the
+    narrowest: on 112x112 the whole plane of quads (817 KiB) made the kernel 1.12x fp32, bands
+    of 2 rows 0.78x. Never 1 row of several:
     TVM then classifies the kernel as a plain reduction and does not fuse its epilogue."""
-    fits = [t for t in [*range(2, min(out_h, 8) + 1), out_h] if out_h % t == 0
-            and ((t - 1) * stride + kh) * out_w * bytes_per_pixel <= _QUADS_BYTES]
-    return max(fits, default=out_h)
+    divisors = [t for t in [*range(2, min(out_h, 8) + 1), out_h] if out_h % t == 0]
+    fits = [t for t in divisors
+            if ((t - 1) * stride + kh) * out_w * bytes_per_pixel <= _QUADS_BYTES]
+    return max(fits, default=min(divisors))
 
 
 def pack_depthwise_weight(weight: np.ndarray) -> np.ndarray:
