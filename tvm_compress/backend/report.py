@@ -36,6 +36,7 @@ class KernelInfo:
     rule: str  # rule name, "tuned", or "unscheduled"
     flops: float  # estimated floating-point (or integer multiply-add) operations per call
     bytes: int  # bytes of its arguments (inputs and outputs) per call
+    arithmetic: str = ""  # 8-bit kernels: "integer", "table", "float island" (see arithmetic)
 
     @property
     def kind(self) -> str:
@@ -113,9 +114,29 @@ def _bytes(func: tirx.PrimFunc) -> int:
     return total
 
 
+_FLOAT_STEPS = ("dequantize", "cast")  # fused op names that compute in float32
+
+
+def arithmetic(name: str, func: tirx.PrimFunc) -> str:
+    """How a kernel reading 8-bit integers computes: ``integer`` end to end, with a 256-entry
+    ``table`` (``lookup.py``: an activation of one 8-bit tensor), or with a ``float island``
+    (a dequantize / cast to float32 in its epilogue: an activation the integer kernels do not
+    compute); "" for kernels that read no 8-bit tensor. From the fused op names."""
+    dtypes = {str(getattr(p.ty, "dtype", "")) for p in func.params}
+    if not dtypes & {"int8", "uint8"}:
+        return ""
+    steps = name.split("_")
+    if any(step.rstrip("0123456789") in _FLOAT_STEPS for step in steps):
+        return "float island"
+    if any(step.rstrip("0123456789") == "lookup" for step in steps):
+        return "table"
+    return "integer"
+
+
 def kernel_infos(mod: tvm.IRModule) -> list[KernelInfo]:
     """Every PrimFunc of a scheduled module, sorted by name."""
-    rows = [KernelInfo(gv.name_hint, rule_of(func), _flops(func), _bytes(func))
+    rows = [KernelInfo(gv.name_hint, rule_of(func), _flops(func), _bytes(func),
+                       arithmetic(gv.name_hint, func))
             for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)]
     return sorted(rows, key=lambda r: r.name)
 
@@ -123,6 +144,15 @@ def kernel_infos(mod: tvm.IRModule) -> list[KernelInfo]:
 def unscheduled(infos: list[KernelInfo]) -> list[str]:
     """Names of the kernels no rule and no database scheduled."""
     return [k.name for k in infos if k.rule == UNSCHEDULED]
+
+
+def arithmetic_counts(infos: list[KernelInfo]) -> dict[str, int]:
+    """How many 8-bit kernels compute in integers only, with a table, with a float island."""
+    counts: dict[str, int] = {}
+    for k in infos:
+        if k.arithmetic:
+            counts[k.arithmetic] = counts.get(k.arithmetic, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def rule_counts(infos: list[KernelInfo]) -> dict[str, int]:

@@ -35,7 +35,7 @@ def kernel_report(args: argparse.Namespace, con: Any, compiled: Any, *,
                   profile: bool | None = None) -> dict[str, Any]:
     """The ``kernels`` (and, when profiled, ``peak``) entries of the command's result; prints the
     table when ``--report`` or ``--profile`` was given."""
-    from tvm_compress.backend.report import rule_counts, unscheduled
+    from tvm_compress.backend.report import arithmetic_counts, rule_counts, unscheduled
     from tvm_compress.backend.targets import is_host_runnable
 
     if compiled.kernels is None:
@@ -49,7 +49,8 @@ def kernel_report(args: argparse.Namespace, con: Any, compiled: Any, *,
                         f"{compiled.target.kind.name} {compiled.target.attrs.get('mtriple', '')}"
                         "; use --report alone, or profile on the device")
     result: dict[str, Any] = {"schedule_rules": rule_counts(compiled.kernels),
-                              "unscheduled_kernels": unscheduled(compiled.kernels)}
+                              "unscheduled_kernels": unscheduled(compiled.kernels),
+                              "int8_arithmetic": arithmetic_counts(compiled.kernels)}
     if profile:
         from tvm_compress.runtime.profile import measure_peak, profile_kernels
 
@@ -66,12 +67,14 @@ def kernel_report(args: argparse.Namespace, con: Any, compiled: Any, *,
 
 
 def _print(con: Any, rows: list[dict[str, Any]], peak: dict[str, Any] | None) -> None:
-    headers = ["kernel", "rule", "MFLOP"]
+    int8 = any(r.get("arithmetic") for r in rows)
+    headers = ["kernel", "rule", *(["int8 arithmetic"] if int8 else []), "MFLOP"]
     if peak:
         headers += ["calls", "us/call", "share", "GFLOP/s", "% peak"]
     table = []
     for r in rows:
-        row = [r["name"], r["rule"], round(r["flops"] / 1e6, 2)]
+        row = [r["name"], r["rule"], *([r.get("arithmetic", "")] if int8 else []),
+               round(r["flops"] / 1e6, 2)]
         if peak:
             timed = "us_per_call" in r
             row += [r.get("calls", 0), round(r["us_per_call"], 1) if timed else "-",
@@ -86,7 +89,7 @@ def _print(con: Any, rows: list[dict[str, Any]], peak: dict[str, Any] | None) ->
 
     out = Table(title=title)
     for i, col in enumerate(headers):
-        out.add_column(col, overflow="fold", justify="left" if i < 2 else "right")
+        out.add_column(col, overflow="fold", justify="left" if i < 2 + int8 else "right")
     for row in table:
         out.add_row(*[str(v) for v in row])
     con.out.print(out)

@@ -17,6 +17,7 @@ from tvm_compress.backend.schedules.elementwise import raise_elementwise
 from tvm_compress.backend.schedules.hardware import has_int8_kernel, vector_lanes
 from tvm_compress.backend.schedules.int8 import fold_zero_point_pads, legalize_conv2d_int8
 from tvm_compress.backend.schedules.layout import PackChannels
+from tvm_compress.backend.schedules.lookup import lookup_tables, mark_elementwise
 from tvm_compress.backend.schedules.requantize import lower_requantize
 from tvm_compress.backend.schedules.rules import apply_default_schedules
 from tvm_compress.errors import UserError
@@ -59,11 +60,13 @@ def lower_passes(target: tvm.target.Target, *, pack: bool = True) -> list[tvm.ir
         relax.transform.FoldConstant(),
         narrow_integer_matmul,
         lower_requantize,
+        lookup_tables,
         fold_zero_point_pads,
         relax.transform.LegalizeOps({"relax.nn.conv2d": functools.partial(
             legalize_conv2d, int8_legalizer=legalize_conv2d_int8),
             "relax.matmul": _legalize_matmul, **fast_math.legalizers()}),
         relax.transform.AnnotateTIROpPattern(),
+        mark_elementwise,
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
