@@ -210,8 +210,8 @@ def compute_tables(islands: _Islands,
 
 def _domain(dtype: str) -> np.ndarray:
     """All values of an 8-bit dtype, in table order (index = value - min)."""
-    return np.arange(256, dtype=np.int64).astype(np.uint8).view(dtype) if dtype == "uint8" \
-        else (np.arange(256, dtype=np.int64) - 128).astype(np.int8)
+    return np.arange(256).astype(np.uint8) if dtype == "uint8" \
+        else (np.arange(256) - 128).astype(np.int8)
 
 
 def _lookup_te(q: te.Tensor, table: te.Tensor) -> te.Tensor:
