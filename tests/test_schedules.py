@@ -293,6 +293,26 @@ def test_conv_tile_fits_registers(registers: int) -> None:
         assert tile.accumulators >= 7 or (height, width) == (5, 3)
 
 
+def test_stem_tile_counts_reused_window_broadcasts() -> None:
+    # 3x3 stride-2 stem, 3 unblocked input channels: LLVM keeps one broadcast per pixel live
+    # from one window column to the next, so the 2 x 14 tile (28 accumulators) would spill
+    plain = pick_tile(2, 112, 112, 32)
+    overlap = pick_tile(2, 112, 112, 32, window_overlap=True)
+    assert plain.accumulators == 28
+    assert overlap.accumulators + overlap.oc + 1 + (overlap.x - 1) <= 32
+    assert overlap.accumulators >= 8
+    # the scheduled stem uses it; a 1x1 conv on blocked input does not
+    module = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU6(), nn.Conv2d(32, 32, 1))
+    mod, _, _ = _import(module, (1, 3, 224, 224))
+    scheduled = default_schedule_pipeline(AVX512)(mod)
+    scripts = {gv.name_hint: f.script() for gv, f in scheduled.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint}
+    stem = [s for s in scripts.values() if "T.int64(3), T.int64(3), T.int64(3), T.int64(1)" in s]
+    assert len(stem) == 1 and f"T.unroll(T.int64({overlap.x}))" in stem[0]
+    assert f"T.unroll(T.int64({overlap.x}))" not in "".join(
+        s for s in scripts.values() if s is not stem[0])
+
+
 def test_non_cpu_target_is_a_user_error() -> None:
     from tvm_compress.errors import UserError
 
