@@ -300,7 +300,7 @@ def test_stem_tile_counts_reused_window_broadcasts() -> None:
     overlap = pick_tile(2, 112, 112, 32, window_overlap=True)
     assert plain.accumulators == 28
     assert overlap.accumulators + overlap.oc + 1 + (overlap.x - 1) <= 32
-    assert overlap.accumulators >= 8
+    assert 8 <= overlap.accumulators <= 14
     # the scheduled stem uses it; a 1x1 conv on blocked input does not
     module = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU6(), nn.Conv2d(32, 32, 1))
     mod, _, _ = _import(module, (1, 3, 224, 224))

@@ -53,8 +53,11 @@ def pick_tile(oc_chunks: int, out_h: int, out_w: int, registers: int, *,
     ``window_overlap``: the input has no channel block (3-channel stems) and the kernel window is
     wider than the stride, so the window loop is innermost and LLVM, unrolling it, reuses the
     broadcast of one pixel's last window column as the next pixel's first: one more live
-    register per pixel of the tile. Without counting them a 2 x 14 tile of a 3x3 stride-2 stem
-    spilled (MobileNetV2's stem: 97 -> 77 us with them counted).
+    register per pixel of the tile, and at most 14 accumulators. Without counting them a 2 x 14
+    tile of a 3x3 stride-2 stem spilled (MobileNetV2's stem: 97 -> 70 us). The cap is measured:
+    on five stems (3x3 stride 1 and 2, 7x7 stride 2; 1, 2 and 4 output-channel blocks) the
+    fastest tile had 14 accumulators or fewer (U-Net's 3x3 stride-1 stem: 2 x 8 267 us, 2 x 7
+    228 us).
     """
     best, best_key = ConvTile(1, 1, 1), None
     for t_oc in _divisors(oc_chunks, 4):
@@ -62,7 +65,8 @@ def pick_tile(oc_chunks: int, out_h: int, out_w: int, registers: int, *,
             for t_y in _divisors(out_h, registers) if t_x == out_w else [1]:
                 tile = ConvTile(t_oc, t_y, t_x)
                 reused = tile.y * (tile.x - 1) if window_overlap else 0
-                if tile.accumulators + t_oc + 1 + reused > registers:
+                if tile.accumulators + t_oc + 1 + reused > registers or (
+                        window_overlap and tile.accumulators > 14):
                     continue
                 acc = tile.accumulators
                 key = (acc >= 8, acc <= 12 or registers > 16, tile.fma_per_load, acc)
