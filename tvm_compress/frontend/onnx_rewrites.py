@@ -11,6 +11,7 @@ attributes fall outside what is rewritten raises a one-line :class:`UserError` n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -117,12 +118,26 @@ def _fake_quant(em: _Emitter, x: str, enabled: bool) -> str:
     return em.op("DequantizeLinear", [q, scale, zp])
 
 
-def _lstm_direction(em: _Emitter, xw: str, r_t: str, p: np.ndarray | None, h0: str | None,
-                    c0: str,
+def _integer_matmul(em: _Emitter, x: str, weight: _QuantWeight) -> str:
+    """``x @ dequantized(weight)`` as DynamicQuantizeLSTM computes it: ``x`` quantized to uint8
+    per tensor, an exact integer MatMulInteger with the 8-bit weight, the int32 sums scaled by
+    ``x``'s scale x the weight's (per column) scale. The 8-bit weight stays 8-bit (4x less
+    memory traffic than a dequantized float32 copy: a batch-1 LSTM step streams it whole)."""
+    q, scale, zp = em.name("q"), em.name("scale"), em.name("zero_point")
+    em.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [q, scale, zp],
+                                     name=em.name("DynamicQuantizeLinear")))
+    acc = em.op("MatMulInteger", [q, em.const(weight.q, "wq"), zp, em.const(weight.zp, "w_zp")])
+    factor = em.op("Mul", [scale, em.const(weight.scale, "w_scale")])
+    return em.op("Mul", [em.op("Cast", [acc], to=TensorProto.FLOAT), factor])
+
+
+def _lstm_direction(em: _Emitter, xw: str, r_t: str | _QuantWeight, p: np.ndarray | None,
+                    h0: str | None, c0: str,
                     seq: int, hidden: int, reverse: bool, quant: bool
                     ) -> tuple[list[str], str, str]:
     """One direction: the per-step H (in time order), the final H and C. ``quant``: H is
-    dynamically quantized before its MatMul, as DynamicQuantizeLSTM does."""
+    dynamically quantized before its MatMul, as DynamicQuantizeLSTM does (``r_t`` then is the
+    8-bit recurrent weight: :func:`_integer_matmul`)."""
     gate = {k: (em.const(np.array([i * hidden], np.int64)),
                 em.const(np.array([(i + 1) * hidden], np.int64))) for i, k in enumerate("iofc")}
     axis = em.const(np.array([1], np.int64))
@@ -135,7 +150,9 @@ def _lstm_direction(em: _Emitter, xw: str, r_t: str, p: np.ndarray | None, h0: s
         if h is None:  # a zero initial state adds nothing (and cannot be quantized: scale 0)
             pre = step
         else:
-            pre = em.op("Add", [step, em.op("MatMul", [_fake_quant(em, h, quant), r_t])])
+            recurrent = (_integer_matmul(em, h, r_t) if isinstance(r_t, _QuantWeight)
+                         else em.op("MatMul", [_fake_quant(em, h, quant), r_t]))
+            pre = em.op("Add", [step, recurrent])
         g = {k: em.op("Slice", [pre, *gate[k], axis]) for k in "iofc"}
         if peep:
             g["i"] = em.op("Add", [g["i"], em.op("Mul", [c, peep["i"]])])
@@ -150,14 +167,17 @@ def _lstm_direction(em: _Emitter, xw: str, r_t: str, p: np.ndarray | None, h0: s
 
 def _unroll_lstm(node: onnx.NodeProto, weights: tuple[np.ndarray, np.ndarray, np.ndarray | None,
                  np.ndarray | None], shapes: dict[str, list[int | None]],
-                 consts: dict[str, np.ndarray]) -> tuple[_Emitter, int]:
+                 consts: dict[str, np.ndarray],
+                 quantized: tuple[list[_QuantWeight], list[_QuantWeight]] | None = None
+                 ) -> tuple[_Emitter, int]:
     """Nodes computing ``node`` (an LSTM or its dequantized weights) step by step.
 
     ``weights``: W [dirs, 4h, in], R [dirs, 4h, h], B [dirs, 8h] or None, P [dirs, 3h] or None,
     float32, gates in ONNX order i, o, f, c. For DynamicQuantizeLSTM, X (whole sequence) and
     each step's H are quantized to uint8 per tensor before their MatMul, as ONNX Runtime does at
     batch 1 (bit for bit); at larger batches ORT quantizes H per block of batch rows, so results
-    differ within quantization noise.
+    differ within quantization noise. ``quantized``: its 8-bit W and R per direction; the
+    matmuls are then integer (:func:`_integer_matmul`), as ORT computes them.
     """
     w, r, b, p = weights
     attrs = _attrs(node)
@@ -178,12 +198,16 @@ def _unroll_lstm(node: onnx.NodeProto, weights: tuple[np.ndarray, np.ndarray, np
     for d, reverse in enumerate(dirs):
         bias = (b[d, :4 * hidden] + b[d, 4 * hidden:]) if b is not None else \
             np.zeros(4 * hidden, np.float32)
-        x = _fake_quant(em, inputs[0], quant)
-        xw = em.op("Add", [em.op("MatMul", [x, em.const(w[d].T.copy(), "w_t")]),
-                           em.const(bias.astype(np.float32), "bias")])  # [seq, batch, 4h]
+        if quantized is not None:
+            xw = _integer_matmul(em, inputs[0], quantized[0][d])
+        else:
+            x = _fake_quant(em, inputs[0], quant)
+            xw = em.op("MatMul", [x, em.const(w[d].T.copy(), "w_t")])
+        xw = em.op("Add", [xw, em.const(bias.astype(np.float32), "bias")])  # [seq, batch, 4h]
         h0, c0 = (_initial_state(em, inputs, k, d, batch, hidden, consts) for k in (5, 6))
         c0 = c0 or em.const(np.zeros((batch, hidden), np.float32), "zero_state")
-        steps, h, c = _lstm_direction(em, xw, em.const(r[d].T.copy(), "r_t"),
+        r_t = quantized[1][d] if quantized is not None else em.const(r[d].T.copy(), "r_t")
+        steps, h, c = _lstm_direction(em, xw, r_t,
                                       None if p is None else p[d], h0, c0, seq, hidden, reverse,
                                       quant)
         shape4 = em.const(np.array([1, 1, batch, hidden], np.int64))
@@ -206,6 +230,30 @@ def _initial_state(em: _Emitter, inputs: list[str], index: int, d: int, batch: i
         return None
     picked = em.op("Gather", [inputs[index], em.const(np.array(d, np.int64))], axis=0)
     return em.op("Reshape", [picked, em.const(np.array([batch, hidden], np.int64))])
+
+
+class _QuantWeight(NamedTuple):
+    """One direction's 8-bit weight of a DynamicQuantizeLSTM as a MatMulInteger B operand:
+    ``q`` [K, N], ``zp`` and ``scale`` scalars or per column [N]."""
+
+    q: np.ndarray
+    zp: np.ndarray
+    scale: np.ndarray
+
+
+def _quantized_lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]
+                            ) -> tuple[list[_QuantWeight], list[_QuantWeight]]:
+    """DynamicQuantizeLSTM's W [dirs, in, 4h] and R [dirs, h, 4h] per direction, still 8-bit."""
+    inputs = list(node.input) + [""] * 12
+    out = []
+    for q, s, z in ((1, 8, 9), (2, 10, 11)):
+        weight = consts[inputs[q]]
+        scale = consts[inputs[s]].astype(np.float32).reshape(weight.shape[0], -1)
+        zp = consts[inputs[z]].astype(weight.dtype).reshape(weight.shape[0], -1)
+        out.append([_QuantWeight(weight[d], zp[d] if zp.shape[1] > 1 else zp[d, 0],
+                                 scale[d] if scale.shape[1] > 1 else scale[d, 0])
+                    for d in range(weight.shape[0])])
+    return out[0], out[1]
 
 
 def _float_lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]
@@ -303,8 +351,12 @@ def rewrite_unsupported_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
             em = _conv_integer(node, consts)
             counts["ConvInteger"] = counts.get("ConvInteger", 0) + 1
         else:
-            em, seq = _unroll_lstm(node, _float_lstm_weights(node, consts), shapes, consts)
-            extra = " with weights dequantized to float32" if node.op_type != "LSTM" else ""
+            quantized = (_quantized_lstm_weights(node, consts)
+                         if node.op_type == "DynamicQuantizeLSTM" else None)
+            em, seq = _unroll_lstm(node, _float_lstm_weights(node, consts), shapes, consts,
+                                   quantized)
+            extra = (" with integer MatMulInteger products on its 8-bit weights"
+                     if quantized is not None else "")
             notes.append(f"{_node_label(node)} unrolled over {seq} time steps into MatMul / Add "
                          f"/ Sigmoid / Tanh / Mul ({len(em.nodes)} nodes){extra}")
         new_nodes.extend(em.nodes)
