@@ -177,40 +177,6 @@ def test_conv_integer_matches_onnxruntime_exactly(group: int) -> None:
     np.testing.assert_array_equal(got_y, want_y)
 
 
-def _conv_integer_bias_model(bias_limit: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """ConvInteger -> Add(int32 bias) -> Cast(float) -> Mul, as quantize_dynamic writes it."""
-    model, feed = _conv_integer_model()
-    rng = np.random.default_rng(3)
-    bias = rng.integers(-bias_limit, bias_limit, (1, 6, 1, 1)).astype(np.int32)
-    model.graph.initializer.append(numpy_helper.from_array(bias, "bias"))
-    nodes = list(model.graph.node)
-    nodes.insert(2, helper.make_node("Add", ["acc", "bias"], ["acc_b"]))
-    nodes[3].input[0] = "acc_b"  # the Cast reads the biased sums
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    keep = [o for o in model.graph.output if o.name == "y"]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
-    return model, feed
-
-
-@pytest.mark.parametrize("bias_limit", [1000, 2 ** 25])
-def test_conv_integer_read_as_float_stays_float(bias_limit: int) -> None:
-    # float -> int32 casts import as int64 wrap-around arithmetic per element: a ConvInteger
-    # whose sums are only read (after an int32 bias) as float skips them; exactly the same y
-    model, feed = _conv_integer_bias_model(bias_limit)
-    rewritten, notes = rewrite_unsupported_ops(model)
-    casts = [_attrs_to(n) for n in rewritten.graph.node if n.op_type == "Cast"]
-    small = bias_limit < 2 ** 24
-    assert (TensorProto.INT32 in casts) != small and ("Round" in _op_types(rewritten)) != small
-    assert ("stay float" in notes[0]) == small
-    np.testing.assert_array_equal(_run_ort(rewritten, feed)[0], _run_ort(model, feed)[0])
-
-
-def _attrs_to(node: onnx.NodeProto) -> int:
-    return next(a.i for a in node.attribute if a.name == "to")
-
-
 def _tvm_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     from tvm_compress.backend.build import build
     from tvm_compress.frontend.importers import from_onnx

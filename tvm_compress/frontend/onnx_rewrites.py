@@ -283,13 +283,11 @@ def _float_lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]
 # ------------------------------------------------------------------------------------ ConvInteger
 
 
-def _conv_integer(node: onnx.NodeProto, consts: dict[str, np.ndarray], *,
-                  float_output: bool = False) -> _Emitter:
+def _conv_integer(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> _Emitter:
     """ConvInteger(x, w, x_zp, w_zp) -> Cast(Conv(float(x) - x_zp, float(w) - w_zp), int32).
 
     Integer products summed in float32 are exact below 2**24, which int8 convolutions of
-    the sizes in CNNs stay under in practice. ``float_output``: the float32 Conv itself (its
-    values are those integers; see :func:`_float_consumers`)."""
+    the sizes in CNNs stay under in practice."""
     em = _Emitter(node.name or f"convint_{node.output[0]}")
     inputs = list(node.input) + ["", ""]
     xf = em.op("Cast", [inputs[0]], to=TensorProto.FLOAT)
@@ -307,46 +305,9 @@ def _conv_integer(node: onnx.NodeProto, consts: dict[str, np.ndarray], *,
             zp = em.op("Cast", [inputs[3]], to=TensorProto.FLOAT)
             zp = em.op("Reshape", [zp, em.const(np.array([-1, 1, 1, 1], np.int64))])
             wf = em.op("Sub", [wf, zp])
-    if float_output:
-        em.op("Conv", [xf, wf], output=node.output[0], **_attrs(node))
-        return em
     conv = em.op("Conv", [xf, wf], **_attrs(node))
     em.op("Cast", [em.op("Round", [conv])], output=node.output[0], to=TensorProto.INT32)
     return em
-
-
-def _float_consumers(model: onnx.ModelProto, name: str, consts: dict[str, np.ndarray]
-                     ) -> list[onnx.NodeProto] | None:
-    """The int32 ``Add``s between a ConvInteger output ``name`` and its ``Cast``s to float32 when
-    that is all that reads it (``ConvInteger -> [Add int32 bias] -> Cast(float)``, as ONNX
-    Runtime's quantize_dynamic writes it), else None.
-
-    The whole chain can then stay float32 with the same values: the sums are integers below
-    2**24 (the rewrite's premise; a bias of 2**24 or more is refused here). Float -> int32 casts
-    are costly as TVM imports them (int64 wrap-around arithmetic per element: 94 us per
-    conv output of ddddocr's ``common_old.onnx``); int32 -> float32 ones are not.
-    """
-    outputs = {o.name for o in model.graph.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            readers.setdefault(i, []).append(node)
-
-    def to_float(n: onnx.NodeProto) -> bool:
-        return n.op_type == "Cast" and _attrs(n).get("to") == TensorProto.FLOAT
-
-    adds = []
-    for reader in readers.get(name, []):
-        if to_float(reader):
-            continue
-        other = [i for i in reader.input if i != name]
-        bias = consts.get(other[0]) if reader.op_type == "Add" and len(other) == 1 else None
-        if (bias is None or bias.dtype != np.int32 or np.abs(bias).max(initial=0) >= 2 ** 24
-                or reader.output[0] in outputs
-                or not all(to_float(r) for r in readers.get(reader.output[0], []))):
-            return None
-        adds.append(reader)
-    return None if name in outputs else adds
 
 
 # ------------------------------------------------------------------------------------- the driver
@@ -382,20 +343,13 @@ def rewrite_unsupported_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
     new_nodes: list[onnx.NodeProto] = []
     notes: list[str] = []
     counts: dict[str, int] = {}
-    retyped: set[str] = set()  # int32 values that became float32: their value_info goes
-    for node in list(model.graph.node):
+    for node in model.graph.node:
         if node.op_type not in targets:
             new_nodes.append(node)
             continue
         if node.op_type == "ConvInteger":
-            adds = _float_consumers(model, node.output[0], consts)
-            em = _conv_integer(node, consts, float_output=adds is not None)
-            for add in adds or []:  # its int32 bias as float32; the Add's output is float32
-                i = 0 if add.input[0] != node.output[0] else 1
-                add.input[i] = em.const(consts[add.input[i]].astype(np.float32), "bias")
-                retyped.update((node.output[0], add.output[0]))
+            em = _conv_integer(node, consts)
             counts["ConvInteger"] = counts.get("ConvInteger", 0) + 1
-            counts["float"] = counts.get("float", 0) + (adds is not None)
         else:
             quantized = (_quantized_lstm_weights(node, consts)
                          if node.op_type == "DynamicQuantizeLSTM" else None)
@@ -409,13 +363,7 @@ def rewrite_unsupported_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
         model.graph.initializer.extend(em.inits)
     if counts.get("ConvInteger"):
         notes.append(f"{counts['ConvInteger']} ConvInteger node(s) rewritten as float Conv on "
-                     "zero-point-shifted integers, cast back to int32 (exact for sums < 2**24)"
-                     + (f"; {counts['float']} read only through Cast to float (with int32 bias "
-                        "Adds) stay float" if counts.get("float") else ""))
-    if retyped:
-        keep = [v for v in model.graph.value_info if v.name not in retyped]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(keep)
+                     "zero-point-shifted integers, cast back to int32 (exact for sums < 2**24)")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     _drop_unused(model)
