@@ -168,6 +168,29 @@ def test_whole_tensor_reduction_is_split_across_threads_and_lanes(op: str) -> No
                                rtol=0, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("two_levels", [True, False])
+def test_long_mean_sums_in_two_levels(two_levels: bool, monkeypatch) -> None:
+    # ReduceMean over a whole 160x160 map of mixed-sign values (PaddleOCR's detector's
+    # squeeze-excite): one float32 accumulator per channel drifted by 1e-4 of the mean;
+    # partial sums per row, then their sum, stay near float64
+    from conftest import relax_main
+
+    from tvm_compress.backend.schedules import generic
+
+    if not two_levels:
+        monkeypatch.setattr(generic, "_sum_in_two_levels", lambda *a, **k: False)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, 16, 160, 160)) * 3 + rng.uniform(-6, 6, (1, 16, 1, 1))).astype(
+        "float32")  # channel means far from 0: long partial sums lose low bits
+    mod = relax_main(relax.TensorType(x.shape, "float32"),
+                     lambda bb, v: relax.op.mean(v, axis=[2, 3], keepdims=True))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    text = next(f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)).script()
+    assert ("_rf = T.sblock_alloc_buffer" in text) == two_levels
+    error = np.abs(_run(scheduled, x) - x.astype(np.float64).mean(axis=(2, 3), keepdims=True))
+    assert (error.max() < 6e-6) == two_levels, error.max()  # 2.6e-6 vs 1.3e-5 measured
+
+
 def test_batched_dense_matches_torch() -> None:
     mod, x, expected = _import(nn.Sequential(nn.Linear(40, 24), nn.ReLU()), (3, 40))
     scheduled = default_schedule_pipeline(HOST)(mod)
