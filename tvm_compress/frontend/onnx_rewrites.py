@@ -108,16 +108,6 @@ def _check_lstm(node: onnx.NodeProto, attrs: dict[str, object], inputs: list[str
                         "(supported: default activations, no clip, layout 0, full sequences)")
 
 
-def _fake_quant(em: _Emitter, x: str, enabled: bool) -> str:
-    """``x`` through DynamicQuantizeLinear -> DequantizeLinear (uint8, per tensor) if enabled."""
-    if not enabled:
-        return x
-    q, scale, zp = em.name("q"), em.name("scale"), em.name("zero_point")
-    em.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], [q, scale, zp],
-                                     name=em.name("DynamicQuantizeLinear")))
-    return em.op("DequantizeLinear", [q, scale, zp])
-
-
 def _integer_matmul(em: _Emitter, x: str, weight: _QuantWeight) -> str:
     """``x @ dequantized(weight)`` as DynamicQuantizeLSTM computes it: ``x`` quantized to uint8
     per tensor, an exact integer MatMulInteger with the 8-bit weight, the int32 sums scaled by
@@ -131,13 +121,20 @@ def _integer_matmul(em: _Emitter, x: str, weight: _QuantWeight) -> str:
     return em.op("Mul", [em.op("Cast", [acc], to=TensorProto.FLOAT), factor])
 
 
-def _lstm_direction(em: _Emitter, xw: str, r_t: str | _QuantWeight, p: np.ndarray | None,
-                    h0: str | None, c0: str,
-                    seq: int, hidden: int, reverse: bool, quant: bool
-                    ) -> tuple[list[str], str, str]:
-    """One direction: the per-step H (in time order), the final H and C. ``quant``: H is
-    dynamically quantized before its MatMul, as DynamicQuantizeLSTM does (``r_t`` then is the
-    8-bit recurrent weight: :func:`_integer_matmul`)."""
+def _matmul(em: _Emitter, x: str, weight: np.ndarray | _QuantWeight, hint: str) -> str:
+    """``x @ weight``: a float32 [K, N] weight as MatMul, an 8-bit one by
+    :func:`_integer_matmul`."""
+    if isinstance(weight, _QuantWeight):
+        return _integer_matmul(em, x, weight)
+    return em.op("MatMul", [x, em.const(weight, hint)])
+
+
+def _lstm_direction(em: _Emitter, xw: str, r_t: np.ndarray | _QuantWeight,
+                    p: np.ndarray | None, h0: str | None, c0: str,
+                    seq: int, hidden: int, reverse: bool) -> tuple[list[str], str, str]:
+    """One direction: the per-step H (in time order), the final H and C. ``r_t``: the
+    recurrent weight [h, 4h], float32 or (DynamicQuantizeLSTM) 8-bit, H then quantized per
+    step (:func:`_matmul`)."""
     gate = {k: (em.const(np.array([i * hidden], np.int64)),
                 em.const(np.array([(i + 1) * hidden], np.int64))) for i, k in enumerate("iofc")}
     axis = em.const(np.array([1], np.int64))
@@ -150,9 +147,7 @@ def _lstm_direction(em: _Emitter, xw: str, r_t: str | _QuantWeight, p: np.ndarra
         if h is None:  # a zero initial state adds nothing (and cannot be quantized: scale 0)
             pre = step
         else:
-            recurrent = (_integer_matmul(em, h, r_t) if isinstance(r_t, _QuantWeight)
-                         else em.op("MatMul", [_fake_quant(em, h, quant), r_t]))
-            pre = em.op("Add", [step, recurrent])
+            pre = em.op("Add", [step, _matmul(em, h, r_t, "r_t")])
         g = {k: em.op("Slice", [pre, *gate[k], axis]) for k in "iofc"}
         if peep:
             g["i"] = em.op("Add", [g["i"], em.op("Mul", [c, peep["i"]])])
@@ -165,19 +160,16 @@ def _lstm_direction(em: _Emitter, xw: str, r_t: str | _QuantWeight, p: np.ndarra
     return outputs, h, c
 
 
-def _unroll_lstm(node: onnx.NodeProto, weights: tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                 np.ndarray | None], shapes: dict[str, list[int | None]],
-                 consts: dict[str, np.ndarray],
-                 quantized: tuple[list[_QuantWeight], list[_QuantWeight]] | None = None
-                 ) -> tuple[_Emitter, int]:
-    """Nodes computing ``node`` (an LSTM or its dequantized weights) step by step.
+def _unroll_lstm(node: onnx.NodeProto, weights: _LstmWeights,
+                 shapes: dict[str, list[int | None]],
+                 consts: dict[str, np.ndarray]) -> tuple[_Emitter, int]:
+    """Nodes computing ``node`` (an LSTM or a DynamicQuantizeLSTM) step by step.
 
-    ``weights``: W [dirs, 4h, in], R [dirs, 4h, h], B [dirs, 8h] or None, P [dirs, 3h] or None,
-    float32, gates in ONNX order i, o, f, c. For DynamicQuantizeLSTM, X (whole sequence) and
-    each step's H are quantized to uint8 per tensor before their MatMul, as ONNX Runtime does at
-    batch 1 (bit for bit); at larger batches ORT quantizes H per block of batch rows, so results
-    differ within quantization noise. ``quantized``: its 8-bit W and R per direction; the
-    matmuls are then integer (:func:`_integer_matmul`), as ORT computes them.
+    ``weights`` (:func:`_lstm_weights`): per direction W^T [in, 4h] and R^T [h, 4h], gates in
+    ONNX order i, o, f, c; B [dirs, 8h] and P [dirs, 3h] or None. For DynamicQuantizeLSTM W and
+    R stay 8-bit: X (whole sequence) and each step's H are quantized to uint8 per tensor before
+    an integer MatMulInteger, as ONNX Runtime does at batch 1 (bit for bit); at larger batches
+    ORT quantizes H per block of batch rows, so results differ within quantization noise.
     """
     w, r, b, p = weights
     attrs = _attrs(node)
@@ -189,27 +181,20 @@ def _unroll_lstm(node: onnx.NodeProto, weights: tuple[np.ndarray, np.ndarray, np
                         "input shapes (--input-shape) so the LSTM can be unrolled")
     seq, batch, _ = (int(d) for d in x_shape)  # type: ignore[arg-type]
     _check_lstm(node, attrs, inputs, consts, seq)
-    hidden = int(attrs["hidden_size"]) if "hidden_size" in attrs else r.shape[-1]
+    hidden = int(attrs["hidden_size"]) if "hidden_size" in attrs else _rows(r[0])
     direction = _text(attrs.get("direction", "forward"))
     dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
     em = _Emitter(node.name or f"lstm_{node.output[0]}")
-    quant = node.op_type == "DynamicQuantizeLSTM"
     finals_h, finals_c, per_dir = [], [], []
     for d, reverse in enumerate(dirs):
         bias = (b[d, :4 * hidden] + b[d, 4 * hidden:]) if b is not None else \
             np.zeros(4 * hidden, np.float32)
-        if quantized is not None:
-            xw = _integer_matmul(em, inputs[0], quantized[0][d])
-        else:
-            x = _fake_quant(em, inputs[0], quant)
-            xw = em.op("MatMul", [x, em.const(w[d].T.copy(), "w_t")])
-        xw = em.op("Add", [xw, em.const(bias.astype(np.float32), "bias")])  # [seq, batch, 4h]
+        xw = em.op("Add", [_matmul(em, inputs[0], w[d], "w_t"),
+                           em.const(bias.astype(np.float32), "bias")])  # [seq, batch, 4h]
         h0, c0 = (_initial_state(em, inputs, k, d, batch, hidden, consts) for k in (5, 6))
         c0 = c0 or em.const(np.zeros((batch, hidden), np.float32), "zero_state")
-        r_t = quantized[1][d] if quantized is not None else em.const(r[d].T.copy(), "r_t")
-        steps, h, c = _lstm_direction(em, xw, r_t,
-                                      None if p is None else p[d], h0, c0, seq, hidden, reverse,
-                                      quant)
+        steps, h, c = _lstm_direction(em, xw, r[d], None if p is None else p[d], h0, c0, seq,
+                                      hidden, reverse)
         shape4 = em.const(np.array([1, 1, batch, hidden], np.int64))
         per_dir.append(em.op("Concat", [em.op("Reshape", [s, shape4]) for s in steps], axis=0))
         shape3 = em.const(np.array([1, batch, hidden], np.int64))
@@ -241,10 +226,29 @@ class _QuantWeight(NamedTuple):
     scale: np.ndarray
 
 
-def _quantized_lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]
-                            ) -> tuple[list[_QuantWeight], list[_QuantWeight]]:
-    """DynamicQuantizeLSTM's W [dirs, in, 4h] and R [dirs, h, 4h] per direction, still 8-bit."""
+_LstmWeights = tuple[list, list, "np.ndarray | None", "np.ndarray | None"]
+
+
+def _rows(weight: np.ndarray | _QuantWeight) -> int:
+    return (weight.q if isinstance(weight, _QuantWeight) else weight).shape[0]
+
+
+def _lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> _LstmWeights:
+    """Per direction W^T [in, 4h] and R^T [h, 4h] (float32 for LSTM, :class:`_QuantWeight`
+    for DynamicQuantizeLSTM), then B and P (float32 or None)."""
     inputs = list(node.input) + [""] * 12
+    for i, what in ((1, "W"), (2, "R")):
+        if inputs[i] not in consts:
+            raise UserError(f"{_node_label(node)}: its {what} weights are not constant; "
+                            "only LSTMs with initializer weights are unrolled")
+    get = lambda i: consts[inputs[i]].astype(np.float32) if inputs[i] in consts else None  # noqa: E731
+    if inputs[3] and inputs[3] not in consts or inputs[7] and inputs[7] not in consts:
+        raise UserError(f"{_node_label(node)}: its bias / peephole inputs are not constant")
+    if node.op_type == "LSTM":  # W [dirs, 4h, in], R [dirs, 4h, h]
+        w, r = get(1), get(2)
+        return ([m.T.copy() for m in w], [m.T.copy() for m in r], get(3), get(7))
+    # com.microsoft DynamicQuantizeLSTM: W [dirs, in, 4h], R [dirs, h, 4h] int8/uint8 with
+    # per-direction (or per-direction-and-column) scales and zero points at inputs 8-11.
     out = []
     for q, s, z in ((1, 8, 9), (2, 10, 11)):
         weight = consts[inputs[q]]
@@ -253,31 +257,7 @@ def _quantized_lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]
         out.append([_QuantWeight(weight[d], zp[d] if zp.shape[1] > 1 else zp[d, 0],
                                  scale[d] if scale.shape[1] > 1 else scale[d, 0])
                     for d in range(weight.shape[0])])
-    return out[0], out[1]
-
-
-def _float_lstm_weights(node: onnx.NodeProto, consts: dict[str, np.ndarray]
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    inputs = list(node.input) + [""] * 8
-    for i, what in ((1, "W"), (2, "R")):
-        if inputs[i] not in consts:
-            raise UserError(f"{_node_label(node)}: its {what} weights are not constant; "
-                            "only LSTMs with initializer weights are unrolled")
-    get = lambda i: consts[inputs[i]].astype(np.float32) if inputs[i] in consts else None  # noqa: E731
-    if inputs[3] and inputs[3] not in consts or inputs[7] and inputs[7] not in consts:
-        raise UserError(f"{_node_label(node)}: its bias / peephole inputs are not constant")
-    if node.op_type == "LSTM":
-        return get(1), get(2), get(3), get(7)
-    # com.microsoft DynamicQuantizeLSTM: W [dirs, in, 4h], R [dirs, h, 4h] int8/uint8 with
-    # per-direction (or per-direction-and-column) scales and zero points at inputs 8-11.
-    deq = []
-    for q, s, z in ((1, 8, 9), (2, 10, 11)):
-        scale = consts[inputs[s]].astype(np.float32)
-        zp = consts[inputs[z]].astype(np.float32)
-        scale = scale.reshape(scale.shape[0], 1, -1)
-        zp = zp.reshape(zp.shape[0], 1, -1)
-        deq.append(np.transpose((consts[inputs[q]].astype(np.float32) - zp) * scale, (0, 2, 1)))
-    return deq[0], deq[1], get(3), get(7)
+    return out[0], out[1], get(3), get(7)
 
 
 # ------------------------------------------------------------------------------------ ConvInteger
@@ -351,12 +331,9 @@ def rewrite_unsupported_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
             em = _conv_integer(node, consts)
             counts["ConvInteger"] = counts.get("ConvInteger", 0) + 1
         else:
-            quantized = (_quantized_lstm_weights(node, consts)
-                         if node.op_type == "DynamicQuantizeLSTM" else None)
-            em, seq = _unroll_lstm(node, _float_lstm_weights(node, consts), shapes, consts,
-                                   quantized)
+            em, seq = _unroll_lstm(node, _lstm_weights(node, consts), shapes, consts)
             extra = (" with integer MatMulInteger products on its 8-bit weights"
-                     if quantized is not None else "")
+                     if node.op_type == "DynamicQuantizeLSTM" else "")
             notes.append(f"{_node_label(node)} unrolled over {seq} time steps into MatMul / Add "
                          f"/ Sigmoid / Tanh / Mul ({len(em.nodes)} nodes){extra}")
         new_nodes.extend(em.nodes)
