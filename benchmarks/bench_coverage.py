@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 def _target() -> Any:
     import tvm
 
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
+    from tvm_compress.backend.schedules.hardware import host_cpu
+
+    return tvm.target.Target({"kind": "llvm", **host_cpu(), "num-cores": os.cpu_count() or 1})
 
 
 def load(name: str, size: int | None) -> tuple[Any, np.ndarray]:

@@ -37,8 +37,9 @@ RESNET_CONVS = [(64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1), (64, 128,
 def _target():
     import tvm
 
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": THREADS})
+    from tvm_compress.backend.schedules.hardware import host_cpu
+
+    return tvm.target.Target({"kind": "llvm", **host_cpu(), "num-cores": THREADS})
 
 
 def _workload(name: str):

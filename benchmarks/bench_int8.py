@@ -42,8 +42,9 @@ W7_WEIGHTS = (7, "symmetric", "per_channel")
 def _target():
     import tvm
 
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": THREADS})
+    from tvm_compress.backend.schedules.hardware import host_cpu
+
+    return tvm.target.Target({"kind": "llvm", **host_cpu(), "num-cores": THREADS})
 
 
 def int8_path(target) -> str:  # noqa: ANN001

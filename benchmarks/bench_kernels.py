@@ -39,8 +39,9 @@ MODELS = ["mobilenet_v2", "fmnist_resnet", "fmnist_mobilenet_v2", "fmnist_shuffl
 def _target():
     import tvm
 
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": THREADS})
+    from tvm_compress.backend.schedules.hardware import host_cpu
+
+    return tvm.target.Target({"kind": "llvm", **host_cpu(), "num-cores": THREADS})
 
 
 # ---------------------------------------------------------------------------- machine roofs

@@ -19,10 +19,10 @@ from tvm_compress.backend.report import kernel_infos, unscheduled
 from tvm_compress.backend.schedules import default_schedule_pipeline, lower_passes
 from tvm_compress.backend.schedules.conv_transpose import conv_transpose_to_conv
 from tvm_compress.backend.schedules.generic import schedule_fallback_func
-from tvm_compress.backend.schedules.hardware import vector_lanes
+from tvm_compress.backend.schedules.hardware import host_cpu, vector_lanes
 from tvm_compress.backend.schedules.layout import PackChannels
 
-HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+HOST = tvm.target.Target({"kind": "llvm", **host_cpu(),
                           "num-cores": 2})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})

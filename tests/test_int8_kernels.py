@@ -15,6 +15,7 @@ from tvm.target.codegen import target_has_features
 
 from tvm_compress.backend.build import InputSpec, build
 from tvm_compress.backend.schedules import default_schedule_pipeline
+from tvm_compress.backend.schedules.hardware import host_cpu
 from tvm_compress.backend.schedules.int8 import pick_kind
 from tvm_compress.backend.schedules.requantize import lower_requantize
 from tvm_compress.passes.realize_integer import requantize_int32
@@ -22,7 +23,7 @@ from tvm_compress.passes.realize_integer import requantize_int32
 # The AVX2 kernels (8 float lanes, the vpmaddubsw int8 micro-kernel), run here: any AVX2 host
 # executes them, including AVX-512 ones, whose own default would pick 16 lanes / VNNI instead.
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2})
-_THIS_CPU = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+_THIS_CPU = tvm.target.Target({"kind": "llvm", **host_cpu()})
 needs_avx2 = pytest.mark.skipif(not target_has_features("avx2", _THIS_CPU),
                                 reason="the int8 micro-kernel needs an AVX2 host")
 

@@ -11,15 +11,21 @@ import tvm
 from conftest import relax_main
 from test_int8_kernels import _activations, _conv_block, _weights
 from tvm import relax, tirx
-from tvm.target.codegen import llvm_get_system_cpu, target_has_features
+from tvm.target.codegen import target_has_features
 
 from tvm_compress.backend.build import InputSpec, build
+from tvm_compress.backend.report import kernel_infos, unscheduled
 from tvm_compress.backend.schedules import default_schedule_pipeline
-from tvm_compress.backend.schedules.hardware import has_avx2_int8, has_int8_kernel, vnni_lanes
+from tvm_compress.backend.schedules.hardware import (
+    has_avx2_int8,
+    has_int8_kernel,
+    host_cpu,
+    vnni_lanes,
+)
 from tvm_compress.backend.targets import resolve_target
 
 VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-_THIS_CPU = tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})
+_THIS_CPU = tvm.target.Target({"kind": "llvm", **host_cpu()})
 needs_vnni = pytest.mark.skipif(not target_has_features("avx512vnni", _THIS_CPU),
                                 reason="running vpdpbusd kernels needs an AVX512-VNNI host")
 
@@ -276,7 +282,8 @@ def test_depthwise_band_rows() -> None:
 
 
 @needs_vnni
-@pytest.mark.parametrize(("rows", "k", "n"), [(1, 1280, 1000), (3, 96, 64), (1, 64, 40), (5, 64, 37)])
+@pytest.mark.parametrize(("rows", "k", "n"),
+                         [(1, 1280, 1000), (3, 96, 64), (1, 64, 40), (5, 64, 37)])
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
 def test_vnni_dense_exact(rows: int, k: int, n: int, dtype: str) -> None:
     weight = _weights((k, n))  # (K, N), as the frontends fold dense weights
@@ -308,21 +315,25 @@ def test_vnni_dense_on_token_major_rows_exact() -> None:
     assert "matmul_vnni" in _rules(scheduled).values()
 
 
-@needs_vnni
-@pytest.mark.parametrize(("weight_dtype", "weight_zp", "data_zp"),
-                         [("uint8", 119, 128), ("int8", 0, 0), ("int8", 3, 77)])
-def test_matmul_integer_runs_as_an_8bit_matmul(weight_dtype: str, weight_zp: int,
-                                               data_zp: int) -> None:
-    # ONNX MatMulInteger as imported: int32 x int32 matmul of the widened operands minus their
-    # zero points. u8 weights minus 119 span [-119, 136]: shifted by 9 into int8.
+MATMUL_INTEGER_CASES = [("uint8", 119, 128), ("int8", 0, 0), ("int8", 3, 77)]
+
+
+def _matmul_integer(weight_dtype: str, weight_zp: int, data_zp: int | None, rows: int = 5
+                    ) -> tuple[tvm.IRModule, np.ndarray, np.ndarray]:
+    """ONNX MatMulInteger as imported: int32 x int32 matmul of the widened operands minus their
+    zero points; (module, input, exact result). ``data_zp`` None: a zero point computed at run
+    time (as DynamicQuantizeLinear's; here the input's minimum)."""
     info = np.iinfo(weight_dtype)
     weight = np.random.default_rng(4).integers(info.min, info.max + 1, (64, 40)).astype(
         weight_dtype)
-    x = _activations((5, 64), "uint8")
+    x = _activations((rows, 64), "uint8")
 
     def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
         data = bb.emit(relax.op.astype(v, "int32"))
-        if data_zp:
+        if data_zp is None:
+            zp = bb.emit(relax.op.astype(bb.emit(relax.op.min(v)), "int32"))
+            data = bb.emit(relax.op.subtract(data, zp))
+        elif data_zp:
             zp = bb.emit(relax.op.astype(relax.const(np.uint8(data_zp)), "int32"))
             data = bb.emit(relax.op.subtract(data, zp))
         w = bb.emit(relax.op.subtract(
@@ -331,11 +342,37 @@ def test_matmul_integer_runs_as_an_8bit_matmul(weight_dtype: str, weight_zp: int
         return relax.op.matmul(data, w, out_dtype="int32")
 
     mod = relax_main(relax.TensorType(x.shape, "uint8"), body)
-    expected = (x.astype(np.int64) - data_zp) @ (weight.astype(np.int64) - weight_zp)
+    shift = int(x.min()) if data_zp is None else data_zp
+    return mod, x, (x.astype(np.int64) - shift) @ (weight.astype(np.int64) - weight_zp)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("weight_dtype", "weight_zp", "data_zp"), MATMUL_INTEGER_CASES)
+def test_matmul_integer_runs_as_an_8bit_matmul(weight_dtype: str, weight_zp: int,
+                                               data_zp: int) -> None:
+    # u8 weights minus 119 span [-119, 136]: shifted by 9 into int8.
+    mod, x, expected = _matmul_integer(weight_dtype, weight_zp, data_zp)
     asm, scheduled = _check(mod, x)
     np.testing.assert_array_equal(build(mod, target=VNNI, input_spec=InputSpec(
         "x", x.shape, "uint8")).run(x), expected)
     assert "vpdpbusd" in asm and "matmul_vnni" in _rules(scheduled).values()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize(("weight_dtype", "weight_zp", "data_zp"),
+                         [*MATMUL_INTEGER_CASES, ("int8", 0, None)])
+def test_matmul_integer_without_vnni_is_scheduled(weight_dtype: str, weight_zp: int,
+                                                  data_zp: int | None, rows: int) -> None:
+    # AVX2: with a zero point known only at run time, the narrowed 8-bit matmul keeps its
+    # zero-point x column-sum term as a block in front of the matmul; the generic matmul rule
+    # inlines it into the epilogue (was unscheduled)
+    mod, x, expected = _matmul_integer(weight_dtype, weight_zp, data_zp, rows)
+    avx2 = resolve_target("x86-avx2")
+    scheduled = default_schedule_pipeline(avx2)(mod)
+    assert "matmul" in _rules(scheduled).values()
+    assert not unscheduled(kernel_infos(scheduled))
+    np.testing.assert_array_equal(build(mod, target=avx2, input_spec=InputSpec(
+        "x", x.shape, "uint8")).run(x), expected)
 
 
 def test_dense_without_vnni_keeps_the_generic_path() -> None:

@@ -10,8 +10,9 @@ import tvm
 from tvm import relax
 
 from tvm_compress.backend.schedules import lookup
+from tvm_compress.backend.schedules.hardware import host_cpu
 
-HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+HOST = tvm.target.Target({"kind": "llvm", **host_cpu(),
                           "num-cores": 2})
 SHAPE = (1, 2, 4, 4, 8)  # 256 elements: every 8-bit value once
 

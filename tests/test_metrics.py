@@ -49,3 +49,26 @@ def test_target_presets():
     assert resolve_target({"kind": "llvm"}).kind.name == "llvm"
     with pytest.raises(UserError, match="valid presets"):
         resolve_target("llvm -mcpu=haswell")
+
+
+def test_host_target_drops_features_the_cpu_hides(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a KVM guest on Zen 4: LLVM names the CPU znver4 (which implies AVX-512) while CPUID hides
+    # AVX-512; a module built for plain znver4 dies there with an illegal instruction
+    import tvm
+
+    from tvm_compress.backend.schedules import hardware
+    from tvm_compress.backend.targets import is_host_runnable
+
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        znver4 = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features()}
+    assert "avx512f" in znver4
+    guest = {f: not f.startswith("avx512") for f in znver4}
+    monkeypatch.setattr(tvm.target.codegen, "llvm_get_system_cpu", lambda: "znver4")
+    monkeypatch.setattr(hardware, "host_features", lambda: guest)
+    host = resolve_target("x86")
+    assert host.attrs["mcpu"] == "znver4" and "-avx512f" in list(host.attrs["mattr"])
+    assert hardware.vector_bits(host) == 256 and hardware.vnni_lanes(host) == 0
+    assert hardware.has_avx2_int8(host)
+    assert is_host_runnable(host) and is_host_runnable(resolve_target("x86-avx2"))
+    assert not is_host_runnable(resolve_target("x86-vnni"))
+    assert hardware.missing_host_features(resolve_target("x86-avx512"))[0] == "avx512f"

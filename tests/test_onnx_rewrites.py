@@ -105,14 +105,22 @@ def test_lstm_partial_sequence_lens_is_refused() -> None:
         rewrite_unsupported_ops(model)
 
 
-def _dq_lstm_model(batch: int = 1) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+# ONNX Runtime's u8 x s8 GEMM on AVX2 without VNNI (vpmaddubsw) saturates the int16 sum of two
+# products: with full-range int8 weights its own results are not exact there. Weights within
+# +-63 (7-bit) never saturate, so ORT is exact on every x86 host and can be the reference.
+ORT_EXACT = 63
+
+
+def _dq_lstm_model(batch: int = 1, wmax: int = ORT_EXACT
+                   ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """com.microsoft DynamicQuantizeLSTM as ORT's quantize_dynamic writes it: W [dirs, in, 4h] and
-    R [dirs, h, 4h] int8 with per-direction scales and zero points; zero initial state."""
+    R [dirs, h, 4h] int8 (within +-wmax) with per-direction scales and zero points; zero initial
+    state."""
     rng = np.random.default_rng(1)
     dirs = 2
     inits: dict[str, np.ndarray] = {
-        "Wq": rng.integers(-127, 128, (dirs, INPUT, 4 * HIDDEN)).astype(np.int8),
-        "Rq": rng.integers(-127, 128, (dirs, HIDDEN, 4 * HIDDEN)).astype(np.int8),
+        "Wq": rng.integers(-wmax, wmax + 1, (dirs, INPUT, 4 * HIDDEN)).astype(np.int8),
+        "Rq": rng.integers(-wmax, wmax + 1, (dirs, HIDDEN, 4 * HIDDEN)).astype(np.int8),
         "B": rng.standard_normal((dirs, 8 * HIDDEN)).astype("float32"),
         "h0": np.zeros((dirs, batch, HIDDEN), np.float32),
         "w_scale": np.array([0.01, 0.02], np.float32), "w_zp": np.zeros(dirs, np.int8),
@@ -143,6 +151,41 @@ def test_dynamic_quantize_lstm_matches_onnxruntime(batch: int) -> None:
     # rounding; at batch 2 ORT quantizes H per block of rows: quantization noise (|H| < 1)
     for want, got in zip(_run_ort(model, feed), _run_ort(rewritten, feed), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6 if batch == 1 else 1e-2)
+
+
+def _exact_integer_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every MatMulInteger(a, b, a_zp, b_zp) computed as an int32 MatMul of the
+    widened operands minus their zero points: the exact integer products, on any CPU."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger":
+            nodes.append(node)
+            continue
+        wide = []
+        for i, name in enumerate(node.input[:2]):
+            cast = f"{node.output[0]}_in{i}"
+            nodes.append(helper.make_node("Cast", [name], [cast], to=TensorProto.INT32))
+            if len(node.input) > 2 + i and node.input[2 + i]:
+                zp = f"{cast}_zp"
+                nodes.append(helper.make_node("Cast", [node.input[2 + i]], [zp],
+                                              to=TensorProto.INT32))
+                nodes.append(helper.make_node("Sub", [cast, zp], [f"{cast}_shifted"]))
+                cast = f"{cast}_shifted"
+            wide.append(cast)
+        nodes.append(helper.make_node("MatMul", wide, list(node.output)))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_dynamic_quantize_lstm_full_range_weights_are_exact() -> None:
+    """With full-range int8 weights (where ORT's AVX2 kernel may saturate) TVM computes the
+    rewritten graph's exact integer products: it matches the same graph with int32 MatMuls."""
+    model, feed = _dq_lstm_model(wmax=127)
+    rewritten, _ = rewrite_unsupported_ops(_single_output(model, "Y"))
+    want = _run_ort(_exact_integer_matmuls(rewritten), feed)[0]
+    np.testing.assert_allclose(_tvm_run(rewritten, feed["X"]), want, atol=1e-5)
 
 
 def _conv_integer_model(group: int = 1) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

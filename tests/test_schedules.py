@@ -16,13 +16,13 @@ from tvm.target.codegen import target_has_features
 from tvm_compress.backend.schedules import default_schedule_pipeline
 from tvm_compress.backend.schedules.constants import fold_constants_numpy, layout_transform_array
 from tvm_compress.backend.schedules.conv2d import pick_tile
-from tvm_compress.backend.schedules.hardware import vector_lanes
+from tvm_compress.backend.schedules.hardware import host_cpu, vector_lanes
 from tvm_compress.backend.schedules.layout import PackChannels
 
 # The AVX2 kernels (8 float lanes, the vpmaddubsw int8 micro-kernel), run here: any AVX2 host
 # executes them, including AVX-512 ones, whose own default would pick 16 lanes / VNNI instead.
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2})
-_THIS_CPU = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+_THIS_CPU = tvm.target.Target({"kind": "llvm", **host_cpu()})
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 4})
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import tvm
 
-from tvm_compress.backend.schedules.hardware import host_cores
+from tvm_compress.backend.schedules.hardware import host_cores, host_cpu, missing_host_features
 from tvm_compress.errors import UserError
 
 _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -21,8 +21,7 @@ def register_preset(name: str, factory: Callable[[], dict[str, Any]]) -> None:
 
 
 def _host_x86() -> dict[str, Any]:
-    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-            "num-cores": host_cores()}
+    return {"kind": "llvm", **host_cpu(), "num-cores": host_cores()}
 
 
 def _x86(mcpu: str) -> Callable[[], dict[str, Any]]:
@@ -85,4 +84,6 @@ def is_host_runnable(target: tvm.target.Target) -> bool:
     if target.kind.name != "llvm":
         return False
     mtriple = str(target.attrs.get("mtriple", ""))
-    return not mtriple or mtriple.startswith("x86_64")
+    if mtriple and not mtriple.startswith("x86_64"):
+        return False
+    return not missing_host_features(target)

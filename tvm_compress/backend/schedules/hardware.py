@@ -48,6 +48,44 @@ def vector_registers(target: tvm.target.Target) -> int:
     return 16
 
 
+def host_features() -> dict[str, bool]:
+    """LLVM's view of this CPU's features (CPUID and the register state the OS enables)."""
+    import tvm_ffi
+
+    query = tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")
+    return {str(k): bool(v) for k, v in query().items()}
+
+
+def host_cpu() -> dict[str, object]:
+    """This CPU as LLVM target attributes: ``mcpu`` and the ``mattr`` that correct it.
+
+    LLVM names the CPU from its family and model (``znver4``), which implies that model's full
+    feature set. A virtual machine may hide some of it: a KVM guest on Zen 4 reports
+    ``znver4`` without AVX-512, and code built for plain ``znver4`` dies there with an illegal
+    instruction. ``mattr`` switches off what the CPU name implies but this CPU does not report
+    (LLVM's host feature query: CPUID and the state the OS enables), and on what it reports but
+    the name does not imply.
+    """
+    mcpu = str(tvm.target.codegen.llvm_get_system_cpu())
+    host = host_features()
+    with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+        implied = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features()}
+    mattr = [f"-{f}" for f, on in sorted(host.items()) if not on and f in implied]
+    mattr += [f"+{f}" for f, on in sorted(host.items()) if on and f not in implied]
+    return {"mcpu": mcpu, "mattr": mattr} if mattr else {"mcpu": mcpu}
+
+
+# instruction-set extensions whose absence makes a module fail with an illegal instruction
+_ISA = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+        "avx512vnni", "avx512vbmi", "avx512bf16", "avx512fp16", "avxvnni", "amx-int8")
+
+
+def missing_host_features(target: tvm.target.Target) -> list[str]:
+    """The ISA extensions ``target`` may use that this CPU lacks (empty: it runs here)."""
+    host = host_features()
+    return [f for f in _ISA if _has(f, target) and not host.get(f, False)]
+
+
 def host_cores() -> int:
     """The cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -27,6 +27,7 @@ import tvm
 from tvm import relax, te
 
 from tvm_compress.backend.schedules import fast_math
+from tvm_compress.backend.schedules.hardware import host_cpu
 from tvm_compress.backend.schedules.rewrite import rewrite_functions
 
 _UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
@@ -171,12 +172,11 @@ def _rebuild(islands: _Islands, var: relax.Var, x: relax.Expr, leaf: _Leaf,
 def _host_target() -> tvm.target.Target:
     """The current target where it runs here (same float contraction), else this CPU."""
     current = tvm.target.Target.current(allow_none=True)
-    host_cpu = tvm.target.codegen.llvm_get_system_cpu()
-    if current is not None and current.kind.name == "llvm" and \
-            str(current.attrs.get("mtriple", "")) in ("", "x86_64-linux-gnu") and \
-            str(current.attrs.get("mcpu", "")) in ("", host_cpu):
+    from tvm_compress.backend.targets import is_host_runnable
+
+    if current is not None and is_host_runnable(current):
         return current
-    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu})
+    return tvm.target.Target({"kind": "llvm", **host_cpu()})
 
 
 def compute_tables(islands: _Islands,

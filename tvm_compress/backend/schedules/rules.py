@@ -60,6 +60,7 @@ def _matmul_rule(sch: s_tir.Schedule, target: tvm.target.Target) -> bool:
     block = find_matmul(sch)
     if block is None:
         return False
+    inline_side_inputs(sch, block)  # e.g. an integer matmul's zero-point x column-sum term
     schedule_matmul(sch, block, **_machine(target))
     return True
 
