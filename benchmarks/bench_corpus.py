@@ -1,6 +1,7 @@
 """The real-model corpus end to end (benchmarks/corpus.py): every model through inspect ->
 compile (x86) -> compare with ONNX Runtime -> W8A8 quantize -> compile for aarch64 and
-cuda-sm80 (codegen only), with TVM fp32 / int8 and ONNX Runtime fp32 / int8 latency.
+cuda-sm80 (codegen only), with TVM fp32 / int8 and ONNX Runtime fp32 / int8 latency (and TVM int8
+with 7-bit weights on AVX2 hosts without VNNI, where they take the faster u8 x s8 kernel).
 
 Timing: all four engines of a model live in this process and are timed in interleaved rounds
 (``--rounds`` x ``--per-round`` calls each, engines in turn), so load from other processes hits
@@ -19,7 +20,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -120,7 +120,8 @@ def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dic
 
 
 def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, qcompiled: Any,
-             calib: dict[str, np.ndarray], feed: dict[str, np.ndarray], result: dict) -> dict:
+             calib: dict[str, np.ndarray], feed: dict[str, np.ndarray], result: dict,
+             w7compiled: Any = None) -> dict:
     import onnx
     import tvm
 
@@ -131,7 +132,8 @@ def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, q
 
     threads = set_threads(host_cores())  # TVM, ORT and PyTorch alike
     engines: dict[str, Any] = {}
-    for name, cm in (("tvm_fp32", compiled), ("tvm_int8", qcompiled)):
+    for name, cm in (("tvm_fp32", compiled), ("tvm_int8", qcompiled),
+                     ("tvm_int8_w7", w7compiled)):
         if cm is not None:
             args = [tvm.runtime.tensor(feed[s.name]) for s in model.inputs]
             engines[name] = lambda vm=cm.vm, args=args: vm["main"](*args)
@@ -180,7 +182,7 @@ def _cross_builds(entry: corpus.CorpusEntry, model: Any, qmodel: Any) -> dict[st
 def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, Any]:
     import tvm_compress as tc
     from tvm_compress.backend.build import build
-    from tvm_compress.quant.config import QuantConfig
+    from tvm_compress.quant.config import QuantConfig, QuantSpec
     from tvm_compress.quant.quantize import quantize
 
     shapes = entry.small_shapes if args.quick else entry.input_shapes
@@ -212,7 +214,21 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
                                                      args.eval)
         except StageError as err:
             result["quantize"] = {"status": f"failed: {err}"}
-        engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result)
+        w7compiled = None
+        if args.w7 and qcompiled is not None:
+            try:
+                w7 = QuantConfig(weight=QuantSpec(7, "symmetric", "per_channel"),
+                                 calib_samples=args.calib)
+                w7res = _stage("quantize_w7", entry, quantize, model, w7, calib_arg,
+                               progress=False)
+                w7compiled = _stage("build_x86_int8_w7", entry, build, w7res.model,
+                                    target="x86")
+                result["quantize"]["w7_vs_fp32"] = _quality(entry, compiled, w7compiled, shapes,
+                                                            args.eval)
+            except StageError as err:
+                result["quantize"]["w7"] = f"failed: {err}"
+        engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result,
+                           w7compiled)
         result["latency"] = _interleaved(engines, rounds=args.rounds, per_round=args.per_round)
         if not args.host_only:
             result["cross_builds"] = _cross_builds(entry, model, qmodel)
@@ -241,6 +257,9 @@ def ratio_summary(results: list[dict]) -> list[str]:
     pairs = {"TVM fp32 / ORT fp32": ("tvm_fp32", "ort_fp32"),
              "TVM int8 / ORT int8": ("tvm_int8", "ort_int8"),
              "TVM int8 / TVM fp32": ("tvm_int8", "tvm_fp32")}
+    if any("tvm_int8_w7" in r.get("latency", {}) for r in results):
+        pairs.update({"TVM int8 7-bit w / ORT int8": ("tvm_int8_w7", "ort_int8"),
+                      "TVM int8 7-bit w / TVM fp32": ("tvm_int8_w7", "tvm_fp32")})
     ratios: dict[str, dict[str, float]] = {label: {} for label in pairs}
     for r in results:
         lat = {k: v.get("typical_ms") for k, v in r.get("latency", {}).items()}
@@ -261,7 +280,30 @@ def ratio_summary(results: list[dict]) -> list[str]:
               f"of {len(fp32)} ({', '.join(k for k, v in fp32.items() if v > 1.5) or 'none'}). "
               f"TVM int8 at or below 0.8x TVM fp32: {sum(v <= 0.8 for v in int8.values())} of "
               f"{len(int8)}."]
+    w7 = ratios.get("TVM int8 7-bit w / TVM fp32")
+    if w7:
+        lines[-1] += (f" With 7-bit weights: {sum(v <= 0.8 for v in w7.values())} of {len(w7)}.")
+        lines += ["", _w7_quality(results)]
     return lines
+
+
+def _w7_quality(results: list[dict]) -> str:
+    """Agreement with fp32 (top-1 where the outputs are classes, else the lowest SQNR) of the
+    8-bit and the 7-bit weight builds, side by side."""
+    def cell(q: dict) -> str:
+        if not q:
+            return "-"
+        top1 = f"top-1 {q['top1_agreement']:.2f}, " if "top1_agreement" in q else ""
+        return top1 + f"SQNR {min(q['sqnr_db']):.1f} dB"
+
+    lines = ["### 8-bit vs 7-bit weights: agreement with TVM fp32", "",
+             "| model | 8-bit weights | 7-bit weights |", "|---|---|---|"]
+    for r in results:
+        q = r.get("quantize", {})
+        if "w7_vs_fp32" in q:
+            lines.append(f"| {r['name']} | {cell(q.get('vs_fp32', {}))} | "
+                         f"{cell(q['w7_vs_fp32'])} |")
+    return "\n".join(lines)
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -274,11 +316,11 @@ def markdown(results: list[dict], meta: dict) -> str:
         + ("" if meta.get("cross_builds", True) else " Host only: no aarch64 / CUDA builds "
            "(`--host-only`)."), "",
         "| model | import | x86 | matches ORT (max rel diff) | W8A8 | int8 vs fp32 | fp32 layers "
-        "left | TVM fp32 ms | TVM int8 ms | ORT fp32 ms | ORT int8 ms | aarch64 fp32/int8 | "
-        "cuda fp32/int8 |", "|---" * 13 + "|"]
+        "left | TVM fp32 ms | TVM int8 ms | TVM int8 7-bit w ms | ORT fp32 ms | ORT int8 ms | "
+        "aarch64 fp32/int8 | cuda fp32/int8 |", "|---" * 14 + "|"]
     for r in results:
         if "failed" in r and "import" not in r:
-            lines.append(f"| {r['name']} | **{r['failed']}** |" + " |" * 11)
+            lines.append(f"| {r['name']} | **{r['failed']}** |" + " |" * 12)
             continue
         vs = r.get("vs_onnxruntime", {})
         q = r.get("quantize", {})
@@ -294,6 +336,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"{'ok' if q.get('status') == 'ok' else 'FAIL' if q else '-'} | {qual or '-'} | "
             f"{len(q.get('fp32_layers', {})) if q.get('status') == 'ok' else '-'} | "
             f"{_cell(lat.get('tvm_fp32'))} | {_cell(lat.get('tvm_int8'))} | "
+            f"{_cell(lat.get('tvm_int8_w7'))} | "
             f"{_cell(lat.get('ort_fp32'))} | {_cell(lat.get('ort_int8'))} | "
             f"{_ok(cb, 'aarch64_fp32')}/{_ok(cb, 'aarch64_int8')} | "
             f"{_ok(cb, 'cuda-sm80_fp32')}/{_ok(cb, 'cuda-sm80_int8')} |")
@@ -333,14 +376,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--out", default="corpus", help="results file stem in benchmarks/results")
+    parser.add_argument("--w7", choices=["auto", "on", "off"], default="auto",
+                        help="also build and time int8 with 7-bit weights (auto: on AVX2 hosts "
+                             "without VNNI, where they take a faster kernel)")
     parser.add_argument("--host-only", action="store_true",
                         help="skip the aarch64 and CUDA builds (timing runs on this host)")
     args = parser.parse_args(argv)
     if args.quick:
         args.calib, args.eval, args.rounds, args.per_round = 2, 1, 2, 2
-    from tvm_compress.backend.targets import host_cores
+    from tvm_compress.backend.schedules.hardware import cpu_name, has_avx2_int8, vnni_lanes
+    from tvm_compress.backend.targets import host_cores, resolve_target
 
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    args.w7 = args.w7 == "on" or (args.w7 == "auto" and has_avx2_int8(resolve_target("x86"))
+                                  and not vnni_lanes(resolve_target("x86")))
+
+    host = resolve_target("x86")
+    isa = ("AVX-512 VNNI" if vnni_lanes(host) == 16 else "AVX2 without VNNI"
+           if has_avx2_int8(host) else str(host.attrs.get("mcpu", "")))
+    meta = {"machine": f"{cpu_name()} ({isa}), {os.cpu_count()} cores",
             "threads": host_cores(), "mode": "small (--quick)" if args.quick else "full",
             "cross_builds": not args.host_only,
             "rounds": args.rounds, "per_round": args.per_round,
