@@ -118,3 +118,24 @@ def test_ajpq_on_top_of_a_crop_composes(workdir: Path, capsys) -> None:
     # stored at its widest channel's bits, as the packed library stores it)
     assert c["weight_bytes"]["after"] == r["methods"]["ajpq"]["weight_bytes_layer_max_bits"]
     assert c["artifact"]["top1_agrees_with_host"]
+
+
+def test_bundle_for_a_cpu_this_machine_lacks_is_not_run(workdir: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An x86 bundle that needs instructions this CPU lacks is written, and not run (it would
+    die with an illegal instruction); the report says why. The host is made to lack AVX2."""
+    from tvm_compress.backend.schedules import hardware
+
+    host = hardware.host_features()
+    monkeypatch.setattr(hardware, "host_features", lambda: {
+        **host, **{f: False for f in host if f.startswith(("avx", "fma", "f16c", "amx"))}})
+    crop_dir = workdir / "precrop"
+    if not (crop_dir / "plan.json").is_file():
+        _run(["precrop", "zoo:fmnist_resnet", "--budget", "macs=0.5", "--iterations", "2",
+              "-o", str(crop_dir)], capsys)
+    c = _run(["compress", "zoo:fmnist_resnet", "--plan", str(crop_dir / "plan.json"),
+              "--target", "x86-avx2", "--limit", "20", "--repeat", "0",
+              "-o", str(workdir / "avx2_bundle")], capsys)
+    assert c["artifact"]["run"].startswith("not run here: this CPU lacks avx, avx2")
+    assert (workdir / "avx2_bundle" / "model.so").is_file()
+    assert "top1_agrees_with_host" not in c["artifact"]

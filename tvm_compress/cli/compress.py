@@ -58,6 +58,7 @@ def _data(args: argparse.Namespace, model: Any, split: str) -> tuple[np.ndarray 
 
 def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     from tvm_compress.backend.build import build
+    from tvm_compress.backend.schedules.hardware import missing_host_features
     from tvm_compress.backend.targets import is_host_runnable, resolve_target
     from tvm_compress.cli.common import load_model
     from tvm_compress.errors import UserError
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
     from tvm_compress.quant.quantize import folded_weight_bytes
     from tvm_compress.runtime.deploy import (
         _check_output_dir,
+        host_arch,
         run_bundle,
         target_arch,
         write_artifact,
@@ -122,10 +124,13 @@ def run(args: argparse.Namespace, con: Any) -> dict[str, Any]:
                               sample=images[:1] if images is not None else None,
                               extra_meta=extra)
     report["artifact"] = {"dir": str(out), "bytes": meta["bytes"]}
-    if arch != "cuda":
+    missing = missing_host_features(target) if arch == host_arch() else []
+    if missing:  # e.g. an x86-vnni bundle written on an AVX2 machine: it would die here
+        report["artifact"]["run"] = f"not run here: this CPU lacks {', '.join(missing)}"
+    elif arch != "cuda":
         with con.step(f"running the bundle ({'qemu' if arch != 'x86_64' else 'native'})"):
             outs, _ = run_bundle(out)
-        if images is not None and is_host_runnable(resolve_target("x86")):
+        if images is not None and is_host_runnable(target):
             host_out = after.predict(images[:1])
             report["artifact"]["max_abs_diff_vs_host"] = float(
                 np.max(np.abs(outs[0].astype(np.float64) - host_out.astype(np.float64))))
