@@ -1,96 +1,141 @@
-"""Integer matmul (dense layers, the classifier GEMV) on VNNI: ``vpdpbusd``, exact.
+"""Integer matmul (dense layers, the classifier GEMV): ``vpdpbusd`` on VNNI, the AVX2 steps of
+``int8_intrin`` elsewhere on x86; exact.
 
 ``RealizeInteger`` emits ``matmul(x u8/s8 (M, K), W s8 (K, N) constant, out int32)``. Here the
-weights are packed (N/l, K/4, l, 4) so that one step broadcasts 4 input bytes and meets ``l``
-output columns x 4 inputs: the intrinsic of the VNNI convolutions (``int8_vnni``), 16 or 8
-columns wide. s8 inputs are offset by 128 inside the step and the sums start at
-``-128 * sum_k W[k, n]`` (as in ``int8.py``). The generic matmul schedule widened every
-product to int32 first (MobileNetV2's 1280 x 1000 classifier took longer than the fp32 one).
+weights are packed (N/l, K/g, l, g) so that one step broadcasts g input values and meets ``l``
+output columns x g inputs: the intrinsics of the integer convolutions. VNNI: g = 4, 16 or 8
+columns wide. AVX2 (8 columns): ``direct`` (``vpmaddubsw``, g = 4) for pair-safe weights, else
+``int16`` (``vpmaddwd`` on a widened int16 copy of the input, g = 2), as ``int8.pick_kind``
+decides. Inputs offset by the intrinsic (s8 -> u8) are undone by sums that start at
+``-offset * sum_k W[k, n]`` (as in ``int8.py``). The generic matmul schedule widened every
+product to int32 first: MobileNetV2's 1280 x 1000 classifier took longer than the fp32 one, and
+ddddocr's 512 x 8210 classifier on AVX2 took 40 ms against 5 ms in fp32.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from tvm_compress.backend.schedules.blocks import extent, fuse_epilogue, parallelize
+from tvm_compress.backend.schedules.blocks import (
+    extent,
+    fuse_epilogue,
+    parallelize,
+    producers_and_consumers,
+    schedule_spatial,
+)
 from tvm_compress.backend.schedules.compute import KERNEL_ATTR, tvm_legalization
-from tvm_compress.backend.schedules.hardware import vnni_lanes
-from tvm_compress.backend.schedules.int8 import INTRIN_ATTR, constant_value
+from tvm_compress.backend.schedules.hardware import has_avx2_int8, vnni_lanes
+from tvm_compress.backend.schedules.int8 import INTRIN_ATTR, constant_value, pick_kind
+from tvm_compress.backend.schedules.int8_intrin import intrin_name as avx2_intrin_name
+from tvm_compress.backend.schedules.int8_intrin import offset as avx2_offset
+from tvm_compress.backend.schedules.int8_intrin import register_intrinsics as register_avx2
 from tvm_compress.backend.schedules.int8_intrin import start_from
 from tvm_compress.backend.schedules.int8_vnni import intrin_name, offset, register_intrinsics
 from tvm_compress.backend.schedules.rewrite import bound_call, rewrite_functions
 
 MATMUL_VNNI = "matmul_vnni"
+MATMUL_AVX2 = "matmul_avx2"
 
 
-def pack_matmul_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
-    """(K, N) -> (N/lanes, K/4, lanes, 4)."""
+def pack_matmul_weight(weight: np.ndarray, lanes: int, group: int = 4) -> np.ndarray:
+    """(K, N) -> (N/lanes, K/group, lanes, group)."""
     k, n = weight.shape
-    return np.ascontiguousarray(weight.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(
+        weight.reshape(k // group, group, n // lanes, lanes).transpose(2, 0, 3, 1))
 
 
-def matmul_vnni(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
-    """(M, K) u8/s8 x packed (N/l, K/4, l, 4) s8 -> (M, N) int32, the inputs offset by the
-    intrinsic's ``offset`` (undone by the start :func:`matmul_vnni_func` adds)."""
+def matmul_int8(data: te.Tensor, weight: te.Tensor, kind: str = "vnni") -> te.Tensor:
+    """(M, K) u8/s8 x packed (N/l, K/g, l, g) -> (M, N) int32 with the step of ``kind``
+    (``vnni``, ``direct`` or ``int16``): the inputs offset as that step offsets them (undone
+    by the start :func:`matmul_int8_func` adds); ``int16`` reads a widened copy of the input."""
     m = int(data.shape[0])
-    blocks, quads, lanes = (int(d) for d in weight.shape[:3])
-    add = offset(str(data.dtype))
-    ko = te.reduce_axis((0, quads), name="ko")
-    ki = te.reduce_axis((0, 4), name="ki")
+    blocks, groups, lanes, group = (int(d) for d in weight.shape)
+    dtype = str(data.dtype)
+    if kind == "vnni":
+        add, intrin, attr = offset(dtype), intrin_name(lanes, dtype), MATMUL_VNNI
+    else:
+        add, intrin, attr = avx2_offset(kind, dtype), avx2_intrin_name(kind, dtype), MATMUL_AVX2
+    if kind == "int16":
+        data = te.compute(data.shape, lambda i, k: data[i, k].astype("int16"), name="data_i16")
+    ko = te.reduce_axis((0, groups), name="ko")
+    ki = te.reduce_axis((0, group), name="ki")
 
     def body(i, j):
-        value = data[i, ko * 4 + ki].astype("int32")
+        value = data[i, ko * group + ki].astype("int32")
         if add:
             value = value + add
         return te.sum(value * weight[j // lanes, ko, j % lanes, ki].astype("int32"),
                       axis=[ko, ki])
 
-    return te.compute((m, blocks * lanes), body, name="matmul_vnni",
-                      attrs={KERNEL_ATTR: MATMUL_VNNI,
-                             INTRIN_ATTR: intrin_name(lanes, str(data.dtype))})
+    return te.compute((m, blocks * lanes), body, name=attr,
+                      attrs={KERNEL_ATTR: attr, INTRIN_ATTR: intrin})
 
 
-def matmul_vnni_func(data: relax.TensorType, weight: np.ndarray) -> tirx.PrimFunc:
+def matmul_int8_func(data: relax.TensorType, weight: np.ndarray,
+                     kind: str = "vnni") -> tirx.PrimFunc:
     """PrimFunc ``(data, packed weight, start) -> int32 (M, N)``."""
     data_ph = te.placeholder([int(d) for d in data.shape], str(data.dtype), name="data")
-    weight_ph = te.placeholder(weight.shape, "int8", name="weight")
+    weight_ph = te.placeholder(weight.shape, str(weight.dtype), name="weight")
     start_ph = te.placeholder((weight.shape[0] * weight.shape[2],), "int32", name="start")
-    out = matmul_vnni(data_ph, weight_ph)
+    out = matmul_int8(data_ph, weight_ph, kind)
     func = te.create_prim_func([data_ph, weight_ph, start_ph, out],
                                index_dtype_override="int64").without_attr("global_symbol")
     return func.with_body(start_from(func.body, func.params[2], axes=(1,)))
 
 
+def _pick(target: tvm.target.Target | None, weight: np.ndarray) -> tuple[str, int, int] | None:
+    """(kind, columns per step, inputs per step) for a (K, N) s8 weight on ``target``."""
+    if target is None:
+        return None
+    lanes = vnni_lanes(target)
+    if lanes:
+        n = weight.shape[1]
+        # 8-wide columns fit exactly where 16-wide would need padding
+        return ("vnni", 8 if n % 16 and n % 8 == 0 else lanes, 4)
+    if not has_avx2_int8(target):
+        return None
+    # pick_kind reads (..., 4 inputs) groups: adjacent input pairs are what vpmaddubsw adds
+    kind = pick_kind(weight.T) if weight.shape[0] % 4 == 0 else "int16"
+    return (kind, 8, 4 if kind == "direct" else 2)
+
+
 def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """The VNNI kernel for ``matmul(u8/s8 (..., M, K), constant s8 (K, N)) -> int32``; every
-    other matmul as TVM legalizes it."""
-    target = tvm.target.Target.current(allow_none=True)
-    lanes = 0 if target is None else vnni_lanes(target)
+    """The VNNI or AVX2 kernel for ``matmul(u8/s8 (..., M, K), constant s8 (K, N)) -> int32``;
+    every other matmul as TVM legalizes it."""
     data_ty = call.args[0].ty
     weight = constant_value(bb, call.args[1])
     shape = getattr(data_ty, "shape", None)
-    if (not lanes or str(data_ty.dtype) not in ("uint8", "int8") or weight is None
+    if (str(data_ty.dtype) not in ("uint8", "int8") or weight is None
             or weight.dtype != np.int8 or weight.ndim != 2 or shape is None or len(shape) < 2
             or not all(isinstance(d, tirx.IntImm) for d in shape)
-            or str(call.ty.dtype) != "int32" or weight.shape[0] % 4):
+            or str(call.ty.dtype) != "int32"):
         return tvm_legalization(bb, call)
+    picked = _pick(tvm.target.Target.current(allow_none=True), weight)
+    if picked is None or weight.shape[0] % picked[2]:
+        return tvm_legalization(bb, call)
+    kind, lanes, group = picked
     n = int(weight.shape[1])
-    if n % 16 and n % 8 == 0:  # 8-wide columns fit exactly where 16-wide would need padding
-        lanes = 8
     if n % lanes:  # classifier heads (e.g. 18,710 classes): zero columns, sliced off after
         weight = np.pad(weight, ((0, 0), (0, -n % lanes)))
-    packed = pack_matmul_weight(weight, lanes)
-    start = (-offset(str(data_ty.dtype)) * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
+    packed = pack_matmul_weight(weight, lanes, group)
+    if kind == "int16":
+        packed = packed.astype(np.int16)
+    add = offset(str(data_ty.dtype)) if kind == "vnni" else avx2_offset(kind, str(data_ty.dtype))
+    start = (-add * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
     # Token-major layers ((..., M, K): ConvNeXt, attention): the kernel on the rows flattened.
     dims = [int(d) for d in shape]
     rows = int(np.prod(dims[:-1]))
     data = call.args[0] if len(dims) == 2 else bb.emit(relax.op.reshape(call.args[0],
                                                                        (rows, dims[-1])))
-    func = matmul_vnni_func(relax.TensorType((rows, dims[-1]), str(data_ty.dtype)), packed)
+    func = matmul_int8_func(relax.TensorType((rows, dims[-1]), str(data_ty.dtype)), packed,
+                            kind)
     gv = bb.add_func(func, "matmul_int8")
-    out = relax.call_tir(gv, [data, relax.const(packed, "int8"), relax.const(start, "int32")],
+    out = relax.call_tir(gv, [data, relax.const(packed, str(packed.dtype)),
+                              relax.const(start, "int32")],
                          relax.TensorType(func.params[3].shape, "int32"))
     if weight.shape[1] != n:
         out = relax.op.strided_slice(bb.emit(out), axes=[1], begin=[0], end=[n])
@@ -99,22 +144,29 @@ def legalize_matmul_int8(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
     return relax.op.reshape(bb.emit(out), (*dims[:-1], n))
 
 
-def schedule_matmul_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
+def _register_tile(rows: int, blocks: int, budget: int) -> tuple[int, int]:
+    """(rows, column blocks) of the register tile: the most accumulators (``rows x blocks``)
+    that fit ``budget`` registers with a weight vector per block and a broadcast per row."""
+    return max(((r, t) for r in range(1, 9) for t in (1, 2, 3, 4, 5, 6, 8)
+                if rows % r == 0 and blocks % t == 0 and r * t + t + r <= budget),
+               key=lambda rt: (rt[0] * rt[1], rt[1]))
+
+
+def schedule_matmul_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
                          lanes: int, registers: int, cores: int) -> None:
     """Columns in blocks of the intrinsic's width; a register tile of ``rows x tile`` blocks
     (one accumulator each) around the whole K reduction; column tiles outermost, so that each
     column panel of the weight is read from memory once and from cache by every row tile
     (row by row, a 32 x 1024 x 8210 classifier streamed its 8 MB weight 32 times: 4 ms). The
-    epilogue per tile."""
+    epilogue per tile; the int16 copy of the input (AVX2 ``int16``) in a pass of its own."""
     register_intrinsics()
+    register_avx2()
     intrin = str(sch.get(block).annotations[INTRIN_ATTR])
-    width = int(intrin.split("_")[-2].split("x")[0])
+    width = int(re.search(r"_(\d+)x[24]_", intrin).group(1))
+    budget = registers - (2 if "direct" in intrin else 0)  # direct: the ones, the pair sums
+    producers, _ = producers_and_consumers(sch, block)
     i, j, ko, ki = sch.get_loops(block)
-    blocks = extent(sch, j) // width
-    tile = max(t for t in (1, 2, 4, 5, 8) if blocks % t == 0 and t <= registers - 4)
-    # accumulators, the tile's weight vectors and a broadcast of 4 input bytes per row
-    rows = max(r for r in range(1, 9)
-               if extent(sch, i) % r == 0 and r * tile + tile + r <= registers)
+    rows, tile = _register_tile(extent(sch, i), extent(sch, j) // width, budget)
     i_o, i_t = sch.split(i, [None, rows])
     j_o, j_t, j_i = sch.split(j, [None, tile, width])
     sch.reorder(j_o, i_o, ko, i_t, j_t, j_i, ki)
@@ -126,6 +178,10 @@ def schedule_matmul_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(j_i, intrin)
     sch.vectorize(sch.get_loops(tail)[-1])
+    for producer in producers[:-1]:
+        sch.compute_inline(producer)
+    if producers:
+        schedule_spatial(sch, producers[-1], lanes, cores)
 
 
 def _scalar_int(expr: relax.Expr) -> bool:

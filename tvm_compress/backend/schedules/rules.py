@@ -14,7 +14,11 @@ from tvm_compress.backend.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
 from tvm_compress.backend.schedules.conv2d import schedule_conv2d_nchwc
 from tvm_compress.backend.schedules.dense import find_matmul, schedule_matmul
 from tvm_compress.backend.schedules.dense_packed import MATMUL_PACKED, schedule_matmul_packed
-from tvm_compress.backend.schedules.dense_vnni import MATMUL_VNNI, schedule_matmul_vnni
+from tvm_compress.backend.schedules.dense_vnni import (
+    MATMUL_AVX2,
+    MATMUL_VNNI,
+    schedule_matmul_int8,
+)
 from tvm_compress.backend.schedules.depthwise import schedule_depthwise_nchwc
 from tvm_compress.backend.schedules.depthwise_int8 import (
     DEPTHWISE_NCHWC_INT8,
@@ -102,7 +106,8 @@ RULES: list[tuple[str, Rule]] = [
     ("depthwise_nchwc", _kernel_rule(DEPTHWISE_NCHWC, schedule_depthwise_nchwc)),
     ("depthwise_nchwc_int8", _kernel_rule(DEPTHWISE_NCHWC_INT8, schedule_depthwise_nchwc_int8)),
     ("depthwise_nchwc_vnni", _kernel_rule(DEPTHWISE_NCHWC_VNNI, schedule_depthwise_nchwc_vnni)),
-    ("matmul_vnni", _kernel_rule(MATMUL_VNNI, schedule_matmul_vnni)),
+    ("matmul_vnni", _kernel_rule(MATMUL_VNNI, schedule_matmul_int8)),
+    ("matmul_avx2", _kernel_rule(MATMUL_AVX2, schedule_matmul_int8)),
     ("matmul_packed", _kernel_rule(MATMUL_PACKED, schedule_matmul_packed)),
     ("matmul", _matmul_rule),
     ("dlight.cpu.GEMV", _dlight_rule(dl.cpu.GEMV())),
