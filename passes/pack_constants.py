@@ -1,6 +1,6 @@
 """PackConstants: store narrow integer constants bit-packed; unpack them inside the graph.
 
-Sub-8-bit weights (2-7 bits) are computed by the 8-bit integer kernels, so after lowering they
+Sub-8-bit weights (2-6 bits by default) are computed by the 8-bit integer kernels, so after lowering they
 are int8 (or, for kernels that compute in float, integer-valued float32) constants - one byte or
 four per weight. This pass finds every large constant whose values are integers spanning at most
 ``max_bits`` bits, stores ``value - lo`` as a little-endian bit stream of ``b`` bits per element
@@ -10,8 +10,12 @@ mask, add ``lo``, cast) that rebuilds the exact original tensor.
 
 Requires: the module as it goes to ``tvm.compile`` - after every constant-folding pass (our
 schedule pipeline folds constants; ``tvm.compile``'s CPU pipeline does not, so the unpack stays
-in the artifact). The unpack runs on every call of ``main`` (its cost is measured in
-benchmarks/bench_pack_weights.py).
+in the artifact). The unpack runs on every call of ``main``, once per distinct constant per dataflow block (an
+unrolled LSTM uses one weight at every step: ddddocr's 65 steps unpacked it 65 times, 114 ms
+per call); its cost is measured in benchmarks/bench_pack_weights.py. About 1 ns per weight per
+call is worth paying for a quarter or more of the bytes (6 bits and fewer, the default), not
+for the eighth that 7-bit weights save (ResNet-50: 25 ms per call at 7 bits; 7-bit weights are
+the fast AVX2 int8 option, ``int8_intrin``).
 Guarantees: bit-exact - the unpacked tensor equals the original constant (same dtype, shape and
 values), so outputs equal the unpacked build exactly. Constants that are not integer-valued, are
 smaller than ``min_elements`` or would need more than ``max_bits`` bits are left as they are.
@@ -19,6 +23,7 @@ smaller than ``min_elements`` or would need more than ``max_bits`` bits are left
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +77,7 @@ def unpack_bits(packed: np.ndarray, bits: int, lo: int, shape: tuple[int, ...],
     return (codes + lo).astype(dtype).reshape(shape)
 
 
-def pack_constant(values: np.ndarray, max_bits: int = 7) -> PackedConstant | None:
+def pack_constant(values: np.ndarray, max_bits: int = 6) -> PackedConstant | None:
     found = needed_bits(values)
     if found is None or found[0] > max_bits or found[0] >= 8 * values.dtype.itemsize:
         return None
@@ -110,7 +115,16 @@ class _Packer(PyExprMutator):
         super().__init__(mod)
         self.min_elements, self.max_bits = min_elements, max_bits
         self.funcs: dict[tuple, relax.GlobalVar] = {}
+        self.unpacked: dict[tuple, relax.Var] = {}  # this block's unpacks, by constant
         self.packed = 0
+
+    def visit_dataflow_block_(self, block: relax.DataflowBlock) -> relax.BindingBlock:  # noqa: D102
+        self.unpacked = {}  # a block's vars are not visible in the next one
+        return super().visit_dataflow_block_(block)
+
+    def visit_binding_block_(self, block: relax.BindingBlock) -> relax.BindingBlock:  # noqa: D102
+        self.unpacked = {}
+        return super().visit_binding_block_(block)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
@@ -131,15 +145,20 @@ class _Packer(PyExprMutator):
         value = arg.value
         if str(value.dtype) not in PACKED_DTYPES or int(np.prod(value.shape)) < self.min_elements:
             return arg
-        pc = pack_constant(value.numpy(), self.max_bits)
+        array = value.numpy()
+        same = (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
+        if same in self.unpacked:
+            return self.unpacked[same]
+        pc = pack_constant(array, self.max_bits)
         if pc is None:
             return arg
         key = (pc.bits, pc.lo, pc.dtype, len(pc.shape))
         if key not in self.funcs:
             self.funcs[key] = self.builder_.add_func(unpack_func(*key), f"unpack{pc.bits}")
         self.packed += 1
-        return self.builder_.emit(relax.call_tir(
+        self.unpacked[same] = self.builder_.emit(relax.call_tir(
             self.funcs[key], [relax.const(pc.data, "uint8")], relax.TensorType(pc.shape, pc.dtype)))
+        return self.unpacked[same]
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="tvmc.PackConstants")
@@ -151,10 +170,11 @@ class PackConstants:
     min_elements : int
         Smaller constants stay as they are (scalars, per-channel vectors).
     max_bits : int
-        Pack only constants whose values span at most this many bits (7: sub-8-bit weights).
+        Pack only constants whose values span at most this many bits (6: not 7-bit weights,
+        see the module docstring).
     """
 
-    def __init__(self, min_elements: int = 256, max_bits: int = 7) -> None:
+    def __init__(self, min_elements: int = 256, max_bits: int = 6) -> None:
         self.min_elements, self.max_bits = min_elements, max_bits
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext

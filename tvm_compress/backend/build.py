@@ -173,7 +173,7 @@ def build(model: Model | tvm.IRModule, *, target: str | dict[str, Any] = "x86",
         with the package; ``tuning_ms.database_dirs``); a path: that database only; False:
         none (untuned default schedules). Functions not in a database keep the default schedule.
     pack_weights : bool
-        CPU targets: store sub-8-bit integer weights bit-packed in the artifact and unpack them
+        CPU targets: store 2-6-bit integer weights bit-packed in the artifact and unpack them
         inside the graph (``passes.pack_constants``; exact, about 1 ns per weight per call).
     """
     if schedule not in SCHEDULES:
