@@ -1,21 +1,21 @@
 """PackConstants: store narrow integer constants bit-packed; unpack them inside the graph.
 
-Sub-8-bit weights (2-6 bits by default) are computed by the 8-bit integer kernels, so after lowering they
-are int8 (or, for kernels that compute in float, integer-valued float32) constants - one byte or
-four per weight. This pass finds every large constant whose values are integers spanning at most
-``max_bits`` bits, stores ``value - lo`` as a little-endian bit stream of ``b`` bits per element
-in a uint8 constant (two 4-bit or four 2-bit values per byte; 3/5/6/7 bits cross byte borders),
-and replaces the constant by a ``call_tir`` of a small unpack kernel (two byte loads, shift,
-mask, add ``lo``, cast) that rebuilds the exact original tensor.
+Sub-8-bit weights (2-6 bits by default) are computed by the 8-bit integer kernels, so after
+lowering they are int8 (or, for kernels that compute in float, integer-valued float32) constants:
+one byte or four per weight. This pass finds every large constant whose values are integers
+spanning at most ``max_bits`` bits, stores ``value - lo`` as a little-endian bit stream of ``b``
+bits per element in a uint8 constant (two 4-bit or four 2-bit values per byte; 3/5/6/7 bits cross
+byte borders), and replaces the constant by a ``call_tir`` of a small unpack kernel (two byte
+loads, shift, mask, add ``lo``, cast) that rebuilds the exact original tensor.
 
 Requires: the module as it goes to ``tvm.compile`` - after every constant-folding pass (our
 schedule pipeline folds constants; ``tvm.compile``'s CPU pipeline does not, so the unpack stays
-in the artifact). The unpack runs on every call of ``main``, once per distinct constant per dataflow block (an
-unrolled LSTM uses one weight at every step: ddddocr's 65 steps unpacked it 65 times, 114 ms
-per call); its cost is measured in benchmarks/bench_pack_weights.py. About 1 ns per weight per
-call is worth paying for a quarter or more of the bytes (6 bits and fewer, the default), not
-for the eighth that 7-bit weights save (ResNet-50: 25 ms per call at 7 bits; 7-bit weights are
-the fast AVX2 int8 option, ``int8_intrin``).
+in the artifact). The unpack runs on every call of ``main``, once per distinct constant per
+dataflow block (an unrolled LSTM uses one weight at every step: ddddocr's 65 steps unpacked it
+65 times, 114 ms per call); its cost is measured in benchmarks/bench_pack_weights.py. About
+1 ns per weight per call is worth paying for a quarter or more of the bytes (6 bits and fewer,
+the default), not for the eighth that 7-bit weights save (ResNet-50: 25 ms per call at 7 bits;
+7-bit weights are the fast AVX2 int8 option, ``int8_intrin``).
 Guarantees: bit-exact - the unpacked tensor equals the original constant (same dtype, shape and
 values), so outputs equal the unpacked build exactly. Constants that are not integer-valued, are
 smaller than ``min_elements`` or would need more than ``max_bits`` bits are left as they are.
