@@ -80,12 +80,18 @@ def test_precrop_train_quantune_zeroq_compress_bundle(workdir: Path, capsys) -> 
     assert out.shape == (1, 10) and np.isfinite(out).all()
 
 
-def test_base_plan_searches_on_the_cropped_model(workdir: Path, capsys) -> None:
-    """quantize --base-plan works on the cropped import; compress composes both plans."""
+def _crop_plan(workdir: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """The directory of a quick PreCrop plan (made by the first test that needs it)."""
     crop_dir = workdir / "precrop"
     if not (crop_dir / "plan.json").is_file():
         _run(["precrop", "zoo:fmnist_resnet", "--budget", "macs=0.5", "--iterations", "2",
               "-o", str(crop_dir)], capsys)
+    return crop_dir
+
+
+def test_base_plan_searches_on_the_cropped_model(workdir: Path, capsys) -> None:
+    """quantize --base-plan works on the cropped import; compress composes both plans."""
+    crop_dir = _crop_plan(workdir, capsys)
     r = _run(["quantize", "zoo:fmnist_resnet", "--base-plan", str(crop_dir / "plan.json"),
               "--limit", "100", "--repeat", "0", "-o", str(workdir / "q_on_crop")], capsys)
     plan = CompressionPlan.load(workdir / "q_on_crop" / "plan.json")
@@ -101,10 +107,7 @@ def test_base_plan_searches_on_the_cropped_model(workdir: Path, capsys) -> None:
 
 def test_ajpq_on_top_of_a_crop_composes(workdir: Path, capsys) -> None:
     """ajpq --base-plan searches the cropped network; compress applies crop, then AJPQ's plan."""
-    crop_dir = workdir / "precrop"
-    if not (crop_dir / "plan.json").is_file():
-        _run(["precrop", "zoo:fmnist_resnet", "--budget", "macs=0.5", "--iterations", "2",
-              "-o", str(crop_dir)], capsys)
+    crop_dir = _crop_plan(workdir, capsys)
     r = _run(["ajpq", "zoo:fmnist_resnet", "--base-plan", str(crop_dir / "plan.json"),
               "--episodes", "2", "--val-samples", "50", "--finetune-samples", "0",
               "--test-samples", "100", "--no-baselines", "--repeat", "0",
@@ -129,10 +132,7 @@ def test_bundle_for_a_cpu_this_machine_lacks_is_not_run(workdir: Path, capsys,
     host = hardware.host_features()
     monkeypatch.setattr(hardware, "host_features", lambda: {
         **host, **{f: False for f in host if f.startswith(("avx", "fma", "f16c", "amx"))}})
-    crop_dir = workdir / "precrop"
-    if not (crop_dir / "plan.json").is_file():
-        _run(["precrop", "zoo:fmnist_resnet", "--budget", "macs=0.5", "--iterations", "2",
-              "-o", str(crop_dir)], capsys)
+    crop_dir = _crop_plan(workdir, capsys)
     c = _run(["compress", "zoo:fmnist_resnet", "--plan", str(crop_dir / "plan.json"),
               "--target", "x86-avx2", "--limit", "20", "--repeat", "0",
               "-o", str(workdir / "avx2_bundle")], capsys)
