@@ -228,7 +228,29 @@ def _release_into(exc: BaseException, log: Path) -> None:
             os.close(saved)
 
 
-def quant_config(args: argparse.Namespace) -> Any:
+def _wbits(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 2-8 or auto, got {text!r}") from None
+
+
+def auto_weight_bits(args: argparse.Namespace) -> int | None:
+    """The weight bits ``--wbits auto`` stands for on ``args.target`` (None when the bits were
+    given, by ``--wbits N`` or ``--config``)."""
+    from tvm_compress.backend.schedules.hardware import preferred_weight_bits
+    from tvm_compress.backend.targets import resolve_target
+
+    if getattr(args, "config", None) or getattr(args, "wbits", "auto") != "auto":
+        return None
+    return preferred_weight_bits(resolve_target(getattr(args, "target", "x86")))
+
+
+def quant_config(args: argparse.Namespace, *, weight_bits: int | None = None) -> Any:
+    """The QuantConfig of the quantize flags (``--config`` wins); ``weight_bits`` replaces an
+    ``--wbits auto``."""
     from tvm_compress.quant.config import LayerOverride, QuantConfig, QuantSpec
 
     if args.config:
@@ -237,7 +259,8 @@ def quant_config(args: argparse.Namespace) -> Any:
             raise UserError(f"config file not found: {path} (a JSON QuantConfig, see --help)")
         return QuantConfig.from_json(path.read_text())
     overrides = {name: LayerOverride(fp32=True) for name in args.fp32 or []}
-    return QuantConfig(weight=QuantSpec(args.wbits, args.wscheme, args.granularity),
+    wbits = args.wbits if args.wbits != "auto" else (weight_bits or auto_weight_bits(args))
+    return QuantConfig(weight=QuantSpec(wbits, args.wscheme, args.granularity),
                        activation=QuantSpec(args.abits, args.ascheme),
                        calibration=args.calibration, calib_samples=args.calib_samples,
                        percentile=args.percentile, overrides=overrides)
@@ -283,7 +306,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", help="evaluation .npz ('images', 'labels'); default: zoo test data")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
     p.add_argument("--config", help="QuantConfig JSON file (overrides the flags below)")
-    p.add_argument("--wbits", type=int, default=8, help="weight bits 2-8 (default 8)")
+    p.add_argument("--wbits", type=_wbits, default="auto",
+                   help="weight bits 2-8, or auto (default): 7 on x86 targets with AVX2 and no "
+                        "VNNI when the 7-bit build keeps the accuracy (else 8), 8 elsewhere")
     p.add_argument("--abits", type=int, default=8, help="activation bits 2-8 (default 8)")
     p.add_argument("--wscheme", default="symmetric", choices=SCHEMES)
     p.add_argument("--ascheme", default="asymmetric", choices=SCHEMES)

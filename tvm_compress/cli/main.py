@@ -23,6 +23,7 @@ from tvm_compress.cli.common import (
     _print_bench,
     add_common,
     add_quantize_args,
+    auto_weight_bits,
     load_model,
     model_io,
     npz_samples,
@@ -101,13 +102,18 @@ def cmd_compile(args: argparse.Namespace, con: Console) -> dict[str, Any]:
                                report=lambda compiled: kernel_report(args, con, compiled))
     with con.step(f"importing {args.model}"):
         model = load_model(args)
+    extra: dict[str, Any] = {"weight_bytes": folded_weight_bytes(model)}
+    if args.int8:
+        from tvm_compress.runtime.deploy import quantize_default
+
+        model, extra = quantize_default(model, con, target)
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=target)
     out = Path(args.output)
     with con.step(f"writing {out}"):
         compiled.export(out)  # cross-compiled for aarch64 targets
     meta = {"model": model.name, "target": args.target, "library": str(out), **model_io(model),
-            "weight_bytes": folded_weight_bytes(model), "library_bytes": out.stat().st_size}
+            **extra, "library_bytes": out.stat().st_size}
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2))
     meta.update(kernel_report(args, con, compiled))
@@ -233,19 +239,39 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     if args.limit:
         images, labels = take(images, 0, args.limit), None if labels is None else \
             labels[: args.limit]
-    with con.step(f"quantizing ({config.short()})"):
-        qmodel = quantize(model, config, calib, progress=not args.json)
-    with con.step(f"compiling fp32 and int8 for {args.target}"):
+    with con.step(f"compiling fp32 for {args.target}"):
         fp32 = build(model, target=args.target)
-        int8 = build(qmodel.model, target=args.target)
-    with con.step(f"evaluating on {num_samples(images)} samples"):
+    with con.step(f"evaluating fp32 on {num_samples(images)} samples"):
         ref = evaluate(fp32, images, labels=labels, latency_repeat=args.repeat)
-        got = evaluate(int8, images, labels=labels, reference=ref["logits"],
-                       latency_repeat=args.repeat)
+
+    def attempt(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
+        with con.step(f"quantizing ({cfg.short()})"):
+            q = quantize(model, cfg, calib, progress=not args.json)
+        with con.step(f"compiling int8 for {args.target}"):
+            lib = build(q.model, target=args.target)
+        with con.step(f"evaluating int8 on {num_samples(images)} samples"):
+            rep = evaluate(lib, images, labels=labels, reference=ref["logits"],
+                           latency_repeat=args.repeat)
+        return q, lib, rep
+
+    qmodel, int8, got = attempt(config)
+    choice = None
+    if auto_weight_bits(args) == 7:  # AVX2 without VNNI: 7 bits unless they cost accuracy
+        choice = {"auto": True, "tried": {7: _accuracy_key(got)}}
+        if not _seven_bits_keep_accuracy(ref, got):
+            con.err.print("[yellow]note:[/yellow] 7-bit weights lost accuracy; trying 8 bits")
+            config8 = quant_config(args, weight_bits=8)
+            q8, lib8, got8 = attempt(config8)
+            choice["tried"][8] = _accuracy_key(got8)
+            if _key_value(got8) > _key_value(got) + _BITS_TOLERANCE:
+                qmodel, int8, got, config = q8, lib8, got8, config8
+        choice["chosen"] = config.weight.bits
     result = {"model": model.name, "config": config.to_dict(), "fp32_layers": qmodel.fp32_layers,
               "fp32": {k: v for k, v in ref.items() if k != "logits"},
               "quantized": {k: v for k, v in got.items() if k != "logits"},
               "weight_bytes": {"fp32": qmodel.fp32_weight_bytes, "quantized": qmodel.weight_bytes}}
+    if choice:
+        result["weight_bits_choice"] = choice
     if holdout:
         result["evaluation"] = holdout
     if args.output:
@@ -257,6 +283,27 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
         result["output"] = str(out)
     _print_quant(con, result)
     return result
+
+
+# --wbits auto on AVX2 without VNNI: the 7-bit build stays when its labelled accuracy is within
+# this of fp32's (or, without labels, its top-1 agreement with fp32 is at least 1 - this); else
+# the 8-bit build is made too and wins when it is more accurate by more than this.
+_BITS_TOLERANCE = 0.01
+
+
+def _key_value(report: dict[str, Any]) -> float:
+    return float(report["accuracy"] if "accuracy" in report else report["agreement"])
+
+
+def _accuracy_key(report: dict[str, Any]) -> dict[str, float]:
+    key = "accuracy" if "accuracy" in report else "agreement"
+    return {key: _key_value(report), "sqnr_db": float(report["sqnr_db"])}
+
+
+def _seven_bits_keep_accuracy(ref: dict[str, Any], got: dict[str, Any]) -> bool:
+    if "accuracy" in got:
+        return got["accuracy"] >= ref["accuracy"] - _BITS_TOLERANCE
+    return got["agreement"] >= 1.0 - _BITS_TOLERANCE
 
 
 def _print_quant(con: Console, r: dict[str, Any]) -> None:
@@ -274,6 +321,12 @@ def _print_quant(con: Console, r: dict[str, Any]) -> None:
         con.err.print(f"[yellow]note:[/yellow] {r['evaluation']}")
     if r["fp32_layers"]:
         con.err.print(f"[yellow]kept in fp32:[/yellow] {', '.join(r['fp32_layers'])}")
+    choice = r.get("weight_bits_choice")
+    if choice:
+        tried = ", ".join(f"{bits} bits: {', '.join(f'{k} {v:.3g}' for k, v in m.items())}"
+                          for bits, m in choice["tried"].items())
+        con.err.print(f"weight bits: {choice['chosen']} (--wbits auto on a target with AVX2 "
+                      f"and no VNNI; {tried})")
 
 
 def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:

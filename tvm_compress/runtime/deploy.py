@@ -444,7 +444,7 @@ def compile_command(args: Any, con: Any, target: Any,
                         "feeds one; compile it with -o FILE.so (the library takes every input)")
     extra: dict[str, Any] = {"weight_bytes": folded_weight_bytes(model)}
     if getattr(args, "int8", False):
-        model, extra = _quantize_default(model, con)
+        model, extra = quantize_default(model, con, target)
     with con.step(f"compiling for {args.target}"):
         compiled = build(model, target=target)
     with con.step(f"writing {args.output} ({arch})"):
@@ -457,12 +457,20 @@ def compile_command(args: Any, con: Any, target: Any,
     return meta
 
 
-def _quantize_default(model: Any, con: Any) -> tuple[Any, dict[str, Any]]:
-    from tvm_compress.quant.config import QuantConfig
+def quantize_default(model: Any, con: Any, target: Any) -> tuple[Any, dict[str, Any]]:
+    """``compile --int8``: the default QuantConfig at the target's preferred weight bits (7 on
+    AVX2 without VNNI; unlike ``quantize --wbits auto`` there is no accuracy check here)."""
+    from tvm_compress.backend.schedules.hardware import preferred_weight_bits
+    from tvm_compress.quant.config import QuantConfig, QuantSpec
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.runtime.evaluation import task_data
 
-    config = QuantConfig()
+    bits = 8 if target_arch(target) == "cuda" else preferred_weight_bits(target)
+    config = QuantConfig(weight=QuantSpec(bits, "symmetric", "per_channel"))
+    if model.task is None:
+        raise UserError(f"compile --int8 calibrates on a zoo model's own data and {model.name} "
+                        "has none: run `tvm-compress quantize MODEL --calib FILE.npz -o DIR`, "
+                        "then `tvm-compress compress MODEL --plan DIR/plan.json`")
     calib, _ = task_data(model.task, "calib")
     with con.step(f"quantizing ({config.short()})"):
         qmodel = quantize(model, config, calib, progress=False)

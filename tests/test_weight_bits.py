@@ -1,0 +1,82 @@
+"""``--wbits auto``: 7-bit weights on x86 targets with AVX2 and no VNNI (the exact fast u8 x s8
+path), 8 elsewhere, and 8 again when the 7-bit build loses accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tvm_compress.backend.schedules.hardware import preferred_weight_bits
+from tvm_compress.backend.targets import resolve_target
+from tvm_compress.cli import main as cli
+from tvm_compress.cli.main import main
+
+QUANTIZE = ["quantize", "zoo:fmnist_vgg", "--target", "x86-avx2", "--limit", "200",
+            "--repeat", "0", "--calib-samples", "32"]
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("preset", "bits"), [("x86-avx2", 7), ("x86-avx512", 8),
+                                               ("x86-vnni", 8), ("aarch64", 8),
+                                               ("aarch64-dotprod", 8)])
+def test_preferred_weight_bits_per_target(preset: str, bits: int) -> None:
+    assert preferred_weight_bits(resolve_target(preset)) == bits
+
+
+def test_auto_keeps_seven_bits_when_they_keep_the_accuracy(capsys) -> None:  # noqa: ANN001
+    r = _json(capsys, QUANTIZE)
+    assert r["config"]["weight"]["bits"] == 7
+    choice = r["weight_bits_choice"]
+    assert choice["chosen"] == 7 and list(choice["tried"]) == ["7"]
+    assert r["quantized"]["accuracy"] >= r["fp32"]["accuracy"] - 0.01
+    assert choice["tried"]["7"]["accuracy"] == r["quantized"]["accuracy"]
+    # 7-bit weights are counted at 7 bits: 7/8 of the 8-bit size plus the int32 biases
+    e = _json(capsys, [*QUANTIZE, "--wbits", "8"])
+    assert e["config"]["weight"]["bits"] == 8 and "weight_bits_choice" not in e
+    assert r["weight_bytes"]["quantized"] < e["weight_bytes"]["quantized"]
+
+
+def test_auto_falls_back_to_eight_bits_when_seven_lose_accuracy(
+        capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The fallback path: the 7-bit build is judged too inaccurate (forced here), the 8-bit build
+    is made, and it wins (tolerance forced below zero so that it must)."""
+    monkeypatch.setattr(cli, "_seven_bits_keep_accuracy", lambda ref, got: False)
+    monkeypatch.setattr(cli, "_BITS_TOLERANCE", -1.0)
+    r = _json(capsys, QUANTIZE)
+    assert r["config"]["weight"]["bits"] == 8
+    assert r["weight_bits_choice"]["chosen"] == 8
+    assert sorted(r["weight_bits_choice"]["tried"]) == ["7", "8"]
+    assert r["quantized"]["accuracy"] == r["weight_bits_choice"]["tried"]["8"]["accuracy"]
+
+
+def test_seven_bit_judgement() -> None:
+    assert cli._seven_bits_keep_accuracy({"accuracy": 0.90}, {"accuracy": 0.895})
+    assert not cli._seven_bits_keep_accuracy({"accuracy": 0.90}, {"accuracy": 0.88})
+    assert cli._seven_bits_keep_accuracy({}, {"agreement": 0.995})
+    assert not cli._seven_bits_keep_accuracy({}, {"agreement": 0.97})
+
+
+def test_compile_int8_library_is_quantized_at_the_targets_bits(capsys, tmp_path) -> None:  # noqa: ANN001
+    """``compile --int8 -o FILE.so`` quantizes (it used to build fp32 silently)."""
+    r = _json(capsys, ["compile", "zoo:fmnist_vgg", "--target", "x86-avx2", "--int8",
+                       "-o", str(tmp_path / "m.so")])
+    assert r["quantization"]["weight"]["bits"] == 7
+    assert r["weight_bytes"] < r["fp32_weight_bytes"] / 3
+    assert (tmp_path / "m.so").is_file()
+
+
+def test_compile_int8_of_a_model_without_data_names_the_fix(capsys, tiny_cnn, tiny_input,
+                                                             tmp_path) -> None:  # noqa: ANN001
+    from tvm_compress.frontend.importers import export_onnx
+
+    onnx_path = export_onnx(tiny_cnn, tiny_input, tmp_path / "tiny.onnx")
+    assert main(["compile", str(onnx_path), "--int8", "-o", str(tmp_path / "m.so")]) == 2
+    err = capsys.readouterr().err
+    assert "has none: run `tvm-compress quantize MODEL --calib FILE.npz" in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
