@@ -1,12 +1,19 @@
-"""int8 depthwise conv2d, computed exactly in fp32 on a converted copy of the input.
+"""int8 depthwise conv2d, computed exactly in fp32 arithmetic on the converted input.
 
 Integer SIMD on AVX2 has no depthwise-friendly multiply-add: widening each u8 tap to int32 and
 multiplying costs three instructions per 8 products where fp32 needs one FMA, which made int8
 depthwise layers 2-3x slower than fp32 ones. Every product and partial sum of a u8/s8
 depthwise convolution is an integer far below 2**24 (3x3: at most 9 * 255 * 128), so fp32
-arithmetic on them is exact. The kernel converts each input element to fp32 once, into a
-zero-padded plane per channel block (padding costs nothing in the inner loop), runs the fp32
-depthwise loop nest with FMAs, and converts the sums back to int32 for the requantization.
+arithmetic on them is exact. The kernel converts each input tap to fp32 as it loads it (the
+padding is a bounds check, as in the fp32 kernel), runs the fp32 depthwise loop nest with FMAs,
+and converts the sums back to int32 for the requantization.
+
+Staging a converted, padded fp32 plane per channel block first (``stage="plane"``, the default
+until session 11) writes and reads four bytes per input element where the conversion in the loop
+reads one: on MobileNetV2's layers (AVX2 host, kernels alone) the in-loop conversion is 5-30%
+faster on the strided and 7x7 layers and equal on the others. What is left between these kernels
+and fp32's is the 32-bit fixed-point requantization epilogue: without it the int8 kernels run at
+1.04-1.24x the fp32 ones, with it 1.5-1.8x (``docs/status.md``).
 """
 
 from __future__ import annotations
@@ -81,8 +88,9 @@ def legalize_depthwise_int8(bb: relax.BlockBuilder, call: relax.Call, weight: np
 
 def schedule_depthwise_nchwc_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
                                   lanes: int, registers: int, cores: int,
-                                  stage: str = "plane") -> None:
-    """The fp32 depthwise tiling; the converted plane is computed per channel block."""
+                                  stage: str = "inline") -> None:
+    """The fp32 depthwise tiling; the conversion is inlined into the taps (``inline``), or
+    staged per channel block (``plane``) or per output row (``rows``)."""
     producers, _ = producers_and_consumers(sch, block)
     n, c, y, x, ci, ry, rx = sch.get_loops(block)
     y_o, y_i = sch.split(y, [None, 1])
@@ -90,6 +98,9 @@ def schedule_depthwise_nchwc_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBl
     sch.reorder(n, c, y_o, x_o, ry, rx, y_i, x_i, ci)
     tail = fuse_epilogue(sch, block, x_o)
     for producer in producers:
+        if stage == "inline":
+            sch.compute_inline(producer)
+            continue
         sch.compute_at(producer, c if stage == "plane" else y_o, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(producer)[-1])
     parallelize(sch, [n, c] if stage == "plane" else [n, c, y_o], cores)
