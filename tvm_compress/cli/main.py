@@ -211,7 +211,8 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.runtime.evaluation import evaluate, task_data
 
-    config = quant_config(args)
+    auto_bits = auto_weight_bits(args)  # None unless --wbits auto
+    config = quant_config(args, weight_bits=auto_bits)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
     if args.calib == "auto":
@@ -256,14 +257,14 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 
     qmodel, int8, got = attempt(config)
     choice = None
-    if auto_weight_bits(args) == 7:  # AVX2 without VNNI: 7 bits unless they cost accuracy
+    if auto_bits == 7:  # AVX2 without VNNI: 7 bits unless they cost accuracy
         choice = {"auto": True, "tried": {7: _accuracy_key(got)}}
         if not _seven_bits_keep_accuracy(ref, got):
             con.err.print("[yellow]note:[/yellow] 7-bit weights lost accuracy; trying 8 bits")
             config8 = quant_config(args, weight_bits=8)
             q8, lib8, got8 = attempt(config8)
             choice["tried"][8] = _accuracy_key(got8)
-            if _key_value(got8) > _key_value(got) + _BITS_TOLERANCE:
+            if _metric(got8)[1] > _metric(got)[1] + _BITS_TOLERANCE:
                 qmodel, int8, got, config = q8, lib8, got8, config8
         choice["chosen"] = config.weight.bits
     result = {"model": model.name, "config": config.to_dict(), "fp32_layers": qmodel.fp32_layers,
@@ -291,13 +292,15 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
 _BITS_TOLERANCE = 0.01
 
 
-def _key_value(report: dict[str, Any]) -> float:
-    return float(report["accuracy"] if "accuracy" in report else report["agreement"])
+def _metric(report: dict[str, Any]) -> tuple[str, float]:
+    """The accuracy measure the bits are judged by: labelled accuracy, else agreement."""
+    key = "accuracy" if "accuracy" in report else "agreement"
+    return key, float(report[key])
 
 
 def _accuracy_key(report: dict[str, Any]) -> dict[str, float]:
-    key = "accuracy" if "accuracy" in report else "agreement"
-    return {key: _key_value(report), "sqnr_db": float(report["sqnr_db"])}
+    key, value = _metric(report)
+    return {key: value, "sqnr_db": float(report["sqnr_db"])}
 
 
 def _seven_bits_keep_accuracy(ref: dict[str, Any], got: dict[str, Any]) -> bool:

@@ -15,7 +15,9 @@ from tvm_compress.backend.schedules.blocks import (
     fuse_epilogue,
     parallelize,
     producers_and_consumers,
+    vectorize_pixels,
 )
+from tvm_compress.backend.schedules.requantize_intrin import tensorize_high_mul
 
 
 def row_tile(width: int, registers: int) -> int:
@@ -31,8 +33,12 @@ def row_tile(width: int, registers: int) -> int:
 
 
 def schedule_depthwise_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
-                             lanes: int, registers: int, cores: int) -> None:
-    """Tile, vectorize and parallelize one ``depthwise_nchwc`` block with its epilogue."""
+                             lanes: int, registers: int, cores: int,
+                             requantize: bool = False) -> None:
+    """Tile, vectorize and parallelize one ``depthwise_nchwc`` block with its epilogue; its
+    producers (padding, and for ``depthwise_int8`` the u8 -> fp32 conversion) are inlined into
+    the taps. ``requantize``: the epilogue is an integer requantization, whose 64-bit high
+    multiplies are tensorized (``requantize_intrin``) before its pixels are vectorized."""
     producers, _ = producers_and_consumers(sch, block)
     n, c, y, x, ci, ry, rx = sch.get_loops(block)
     width = extent(sch, x)
@@ -47,7 +53,11 @@ def schedule_depthwise_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
         sch.unroll(loop)
     sch.vectorize(ci)
     init = sch.decompose_reduction(block, ry)
-    for stage in (init, tail):
+    if requantize:
+        tensorize_high_mul(sch)
+    for stage in (init,) if requantize else (init, tail):
         inner = sch.get_loops(stage)[-1]
         if extent(sch, inner) <= 4 * lanes:
             sch.vectorize(inner)
+    if requantize:
+        vectorize_pixels(sch, tail)

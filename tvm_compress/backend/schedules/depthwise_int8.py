@@ -8,12 +8,12 @@ arithmetic on them is exact. The kernel converts each input tap to fp32 as it lo
 padding is a bounds check, as in the fp32 kernel), runs the fp32 depthwise loop nest with FMAs,
 and converts the sums back to int32 for the requantization.
 
-Staging a converted, padded fp32 plane per channel block first (``stage="plane"``, the default
-until session 11) writes and reads four bytes per input element where the conversion in the loop
-reads one: on MobileNetV2's layers (AVX2 host, kernels alone) the in-loop conversion is 5-30%
-faster on the strided and 7x7 layers and equal on the others. What is left between these kernels
-and fp32's is the 32-bit fixed-point requantization epilogue: without it the int8 kernels run at
-1.04-1.24x the fp32 ones, with it 1.5-1.8x (``docs/status.md``).
+Staging a converted, padded fp32 plane per channel block first (until session 11) writes and
+reads four bytes per input element where the conversion in the loop reads one: on MobileNetV2's
+layers (AVX2 host, kernels alone) the in-loop conversion is 5-30% faster on the strided and 7x7
+layers and equal on the others. What is left between these kernels and fp32's is the 32-bit
+fixed-point requantization epilogue: without it the int8 kernels run at 1.04-1.24x the fp32
+ones, with it 1.5-1.8x (``docs/status.md``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, s_tir, te, tirx
 
-from tvm_compress.backend.schedules.blocks import (
-    extent,
-    fuse_epilogue,
-    parallelize,
-    producers_and_consumers,
-    vectorize_pixels,
-)
 from tvm_compress.backend.schedules.compute import KERNEL_ATTR, out_size
-from tvm_compress.backend.schedules.depthwise import row_tile
-from tvm_compress.backend.schedules.requantize_intrin import tensorize_high_mul
+from tvm_compress.backend.schedules.depthwise import schedule_depthwise_nchwc
 
 DEPTHWISE_NCHWC_INT8 = "depthwise_nchwc_int8"
 _EXACT_LIMIT = 2**24  # integers up to here are exact in fp32
@@ -87,29 +79,8 @@ def legalize_depthwise_int8(bb: relax.BlockBuilder, call: relax.Call, weight: np
 
 
 def schedule_depthwise_nchwc_int8(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, *,
-                                  lanes: int, registers: int, cores: int,
-                                  stage: str = "inline") -> None:
-    """The fp32 depthwise tiling; the conversion is inlined into the taps (``inline``), or
-    staged per channel block (``plane``) or per output row (``rows``)."""
-    producers, _ = producers_and_consumers(sch, block)
-    n, c, y, x, ci, ry, rx = sch.get_loops(block)
-    y_o, y_i = sch.split(y, [None, 1])
-    x_o, x_i = sch.split(x, [None, row_tile(extent(sch, x), registers)])
-    sch.reorder(n, c, y_o, x_o, ry, rx, y_i, x_i, ci)
-    tail = fuse_epilogue(sch, block, x_o)
-    for producer in producers:
-        if stage == "inline":
-            sch.compute_inline(producer)
-            continue
-        sch.compute_at(producer, c if stage == "plane" else y_o, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(producer)[-1])
-    parallelize(sch, [n, c] if stage == "plane" else [n, c, y_o], cores)
-    for loop in (y_i, x_i):
-        sch.unroll(loop)
-    sch.vectorize(ci)
-    init = sch.decompose_reduction(block, ry)
-    tensorize_high_mul(sch)
-    inner = sch.get_loops(init)[-1]
-    if extent(sch, inner) <= 4 * lanes:
-        sch.vectorize(inner)
-    vectorize_pixels(sch, tail)
+                                  lanes: int, registers: int, cores: int) -> None:
+    """The fp32 depthwise schedule, the conversion inlined into the taps, with the integer
+    requantization epilogue."""
+    schedule_depthwise_nchwc(sch, block, lanes=lanes, registers=registers, cores=cores,
+                             requantize=True)

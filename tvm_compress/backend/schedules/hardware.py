@@ -133,12 +133,12 @@ def preferred_weight_bits(target: tvm.target.Target) -> int:
     """Weight bits the CLI quantizes to by default on ``target``: 7 on x86 with AVX2 and no
     VNNI, 8 elsewhere.
 
-    Without VNNI the fast AVX2 step (``vpmaddubsw``, u8 x s8 pairs summed into int16) is exact
-    only when no pair sum can saturate, which 7-bit weights guarantee; 8-bit weights take the
-    exact int16 path (``vpmaddwd`` on a widened copy of the input), about 1.4x slower over the
-    corpus (``benchmarks/results/corpus_avx2.md``: int8 at <= 0.8x fp32 on 17 of 27 models at
-    8 bits, 23 of 27 at 7). VNNI (``vpdpbusd``) and NEON ``sdot`` are exact at 8 bits, and
-    targets without an int8 kernel gain nothing from 7 bits.
+    Without VNNI the fast AVX2 step (``vpmaddubsw``, u8 x s8 pairs summed into int16) is exact only
+    when no pair sum can saturate, which 7-bit weights guarantee; 8-bit weights take the exact
+    int16 path (``vpmaddwd`` on a widened copy of the input), about 1.3x slower over the corpus
+    (``benchmarks/results/corpus_avx2.md``: int8 / fp32 geomean 0.78x at 8 bits, 0.60x at 7; at
+    or below 0.8x on 16 of 27 models at 8 bits, 24 of 27 at 7). VNNI (``vpdpbusd``) and NEON
+    ``sdot`` are exact at 8 bits, and targets without an int8 kernel gain nothing from 7 bits.
     """
     return 7 if has_avx2_int8(target) and vnni_lanes(target) == 0 else 8
 
