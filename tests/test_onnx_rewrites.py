@@ -260,3 +260,63 @@ def test_rewritten_ops_import_into_tvm() -> None:
     want = _run_ort(conv, feed)[0]
     np.testing.assert_allclose(_tvm_run(rewritten, feed["x"]), want,
                                atol=1e-5 * float(np.abs(want).max()))
+
+
+def _pad_conv_model(pads: list[int], *, value: float | None = None, consumers: int = 1,
+                    conv_pads: list[int] | None = None, opset: int = 14
+                    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x -> Pad -> Conv 3x3 (stride 2, ``conv_pads``) [-> also Relu when ``consumers`` == 2]."""
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype("float32"),
+             "b": rng.standard_normal(4).astype("float32"),
+             "pads": np.array(pads, np.int64)}
+    pad_inputs = ["x", "pads"]
+    if value is not None:
+        inits["value"] = np.array(value, np.float32)
+        pad_inputs.append("value")
+    conv_attrs = {"strides": [2, 2]} | ({"pads": conv_pads} if conv_pads else {})
+    nodes = [helper.make_node("Pad", pad_inputs, ["padded"], name="same_pad", mode="constant"),
+             helper.make_node("Conv", ["padded", "w", "b"], ["y"], name="conv", **conv_attrs)]
+    outputs = ["y"]
+    if consumers == 2:
+        nodes.append(helper.make_node("Relu", ["padded"], ["r"], name="relu"))
+        outputs.append("r")
+    model = _model(nodes, [("x", TensorProto.FLOAT, [1, 3, 9, 10])], outputs, inits)
+    model.opset_import[0].version = opset
+    return model, {"x": rng.standard_normal((1, 3, 9, 10)).astype("float32")}
+
+
+@pytest.mark.parametrize(("pads", "conv_pads"), [
+    ([0, 0, 0, 0, 0, 0, 1, 1], None),            # TensorFlow "same", stride 2: bottom / right
+    ([0, 0, 1, 2, 0, 0, 1, 0], [1, 0, 0, 1]),    # added to the Conv's own pads
+])
+def test_zero_pad_folds_into_conv(pads: list[int], conv_pads: list[int] | None) -> None:
+    """Structural: the Pad is gone and the Conv pads by the sum; numeric: ORT gives the same."""
+    from tvm_compress.frontend.onnx_rewrites import fold_pads_into_convs
+
+    model, feed = _pad_conv_model(pads, conv_pads=conv_pads)
+    folded, notes = fold_pads_into_convs(model)
+    assert _op_types(folded) == {"Conv"} and notes == [
+        "1 zero Pad node(s) folded into the padding of the Conv each feeds"]
+    conv = folded.graph.node[0]
+    assert conv.input[0] == "x"
+    old = conv_pads or [0, 0, 0, 0]
+    want = [old[0] + pads[2], old[1] + pads[3], old[2] + pads[6], old[3] + pads[7]]
+    assert list(helper.get_attribute_value(conv.attribute[-1])) == want
+    assert "pads" not in {i.name for i in folded.graph.initializer}
+    np.testing.assert_allclose(_run_ort(folded, feed)[0], _run_ort(model, feed)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("pads", "kwargs"), [
+    ([0, 0, 1, 1, 0, 0, 1, 1], {"value": 1.0}),         # pads with a non-zero value
+    ([0, 1, 0, 0, 0, 0, 0, 0], {}),                     # pads the channel axis
+    ([0, 0, -1, 0, 0, 0, 0, 0], {}),                    # a negative pad crops
+    ([0, 0, 1, 1, 0, 0, 1, 1], {"consumers": 2}),       # the padded tensor is read elsewhere
+])
+def test_pad_that_cannot_fold_is_kept(pads: list[int], kwargs: dict) -> None:
+    from tvm_compress.frontend.onnx_rewrites import fold_pads_into_convs
+
+    model, _ = _pad_conv_model(pads, **kwargs)
+    folded, notes = fold_pads_into_convs(model)
+    assert folded is model and notes == []

@@ -375,3 +375,95 @@ def _names_used(graph: onnx.GraphProto) -> set[str]:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                 used |= _names_used(sub)
     return used
+
+
+def _pad_amounts(node: onnx.NodeProto, consts: dict[str, np.ndarray], rank: int
+                 ) -> list[int] | None:
+    """The ``[begin..., end...]`` pads over all ``rank`` axes of a constant-zero Pad, or None."""
+    attrs = _attrs(node)
+    if attrs.get("mode", b"constant") not in (b"constant", "constant"):
+        return None
+    if len(node.input) > 1:  # opset >= 11: pads, constant_value, axes are inputs
+        if node.input[1] not in consts:
+            return None
+        pads = [int(p) for p in consts[node.input[1]].reshape(-1)]
+        value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else 0
+        if value is None:
+            return None
+        axes = consts.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if len(node.input) > 3 and node.input[3] and axes is None:
+            return None
+    else:
+        pads, value, axes = [int(p) for p in attrs.get("pads", [])], attrs.get("value", 0.0), None
+    if np.any(np.asarray(value) != 0):
+        return None
+    if axes is not None:
+        axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+        full = [0] * (2 * rank)
+        for i, a in enumerate(axes):
+            full[a], full[rank + a] = pads[i], pads[len(axes) + i]
+        pads = full
+    return pads if len(pads) == 2 * rank else None
+
+
+def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Fold each zero-constant Pad of the spatial axes that feeds only a Conv into that Conv's
+    ``pads`` (exact: both pad with zeros).
+
+    Exporters write "same" padding (TensorFlow-style, or PyTorch's ``Conv2dSame``) as a Pad node
+    before the Conv. Kept, it is an op of its own between two layers: in the blocked layout the
+    Conv kernels use it costs two layout transforms, and after quantization the padding is done
+    in float before the quantize instead of with the zero point inside the integer kernel.
+
+    Returns ``(model, notes)``: a copy with the Pads folded (or ``model`` when none is) and one
+    note.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    consts = _constants(model)
+    folds: dict[str, list[int]] = {}  # Pad output -> pads over all axes
+    for node in model.graph.node:
+        if node.op_type != "Pad" or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != node.output[0] \
+                or list(users[0].input).count(node.output[0]) != 1 \
+                or _attrs(users[0]).get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        weight = consts.get(users[0].input[1]) if len(users[0].input) > 1 else None
+        if weight is None:  # the Conv's weight gives the rank (a Pad's axes may be partial)
+            continue
+        rank = weight.ndim
+        pads = _pad_amounts(node, consts, rank)
+        if pads is None or min(pads) < 0 or any(pads[a] or pads[rank + a] for a in (0, 1)):
+            continue
+        folds[node.output[0]] = pads
+    if not folds:
+        return model, []
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    source = {n.output[0]: n.input[0] for n in model.graph.node if n.output[0] in folds}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Pad" and node.output and node.output[0] in folds:
+            continue
+        if node.op_type == "Conv" and node.input[0] in folds:
+            pads = folds[node.input[0]]
+            rank = len(pads) // 2
+            spatial = rank - 2
+            attr = next((a for a in node.attribute if a.name == "pads"), None)
+            old = list(attr.ints) if attr is not None else [0] * (2 * spatial)
+            new = [old[i] + pads[2 + i] for i in range(spatial)] + \
+                [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+            if attr is not None:
+                node.attribute.remove(attr)
+            node.attribute.append(helper.make_attribute("pads", new))
+            node.input[0] = source[node.input[0]]
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _drop_unused(model)
+    return model, [f"{len(folds)} zero Pad node(s) folded into the padding of the Conv each "
+                   "feeds"]

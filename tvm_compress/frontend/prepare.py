@@ -11,7 +11,8 @@ Steps, in order; each change is described in ``PreparedOnnx.notes``:
 4. infer shapes and fold constant subgraphs (Shape -> Gather -> Concat chains feeding Reshape,
    Pad, Resize, Slice, Expand) with onnxslim, whose fusions are left off so that BatchNorms and
    layer weights stay as the exporter wrote them;
-5. rewrite operators TVM lacks (``frontend.onnx_rewrites``);
+5. rewrite operators TVM lacks and fold zero Pads into the Conv they feed
+   (``frontend.onnx_rewrites``);
 6. check that the prepared model's outputs equal the original's under ONNX Runtime.
 """
 
@@ -375,7 +376,7 @@ def prepare_onnx(source: str | Path | onnx.ModelProto, *, batch: int = 1,
     """
     import onnx
 
-    from tvm_compress.frontend.onnx_rewrites import rewrite_unsupported_ops
+    from tvm_compress.frontend.onnx_rewrites import fold_pads_into_convs, rewrite_unsupported_ops
 
     where = where or (str(source) if isinstance(source, (str, Path)) else "ONNX model")
     original, external = _read(source)
@@ -396,6 +397,8 @@ def prepare_onnx(source: str | Path | onnx.ModelProto, *, batch: int = 1,
     notes += more
     if more:  # shape chains behind a rewritten op (a com.microsoft LSTM's outputs) fold only now
         model, _ = fold_constants(model)
+    model, more = fold_pads_into_convs(model)
+    notes += more
     check_tvm_ops(model, where)
     changed = nodes_before != [(n.op_type, tuple(n.input), tuple(n.output))
                                for n in model.graph.node]
