@@ -1,7 +1,8 @@
 """The real-model corpus end to end (benchmarks/corpus.py): every model through inspect ->
 compile (x86) -> compare with ONNX Runtime -> W8A8 quantize -> compile for aarch64 and
 cuda-sm80 (codegen only), with TVM fp32 / int8 and ONNX Runtime fp32 / int8 latency (and TVM int8
-with 7-bit weights on AVX2 hosts without VNNI, where they take the faster u8 x s8 kernel).
+with 7-bit weights on AVX2 hosts without VNNI, where they take the faster u8 x s8 kernel; the
+depthwise layers keep 8 bits there, as ``quantize --wbits auto`` does).
 
 Timing: all four engines of a model live in this process and are timed in interleaved rounds
 (``--rounds`` x ``--per-round`` calls each, engines in turn), so load from other processes hits
@@ -182,7 +183,8 @@ def _cross_builds(entry: corpus.CorpusEntry, model: Any, qmodel: Any) -> dict[st
 def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, Any]:
     import tvm_compress as tc
     from tvm_compress.backend.build import build
-    from tvm_compress.quant.config import QuantConfig, QuantSpec
+    from tvm_compress.backend.targets import resolve_target
+    from tvm_compress.quant.config import QuantConfig, QuantSpec, at_target_bits
     from tvm_compress.quant.quantize import quantize
 
     shapes = entry.small_shapes if args.quick else entry.input_shapes
@@ -217,8 +219,10 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
         w7compiled = None
         if args.w7 and qcompiled is not None:
             try:
-                w7 = QuantConfig(weight=QuantSpec(7, "symmetric", "per_channel"),
-                                 calib_samples=args.calib)
+                # what --wbits auto gives on this host: 7 bits, the depthwise layers 8
+                w7 = at_target_bits(QuantConfig(weight=QuantSpec(7, "symmetric", "per_channel"),
+                                                calib_samples=args.calib),
+                                    resolve_target("x86"), model.layers, bits=7)
                 w7res = _stage("quantize_w7", entry, quantize, model, w7, calib_arg,
                                progress=False)
                 w7compiled = _stage("build_x86_int8_w7", entry, build, w7res.model,

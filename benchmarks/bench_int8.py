@@ -68,7 +68,7 @@ def prepare(tmp: Path, calib_n: int) -> dict:
 
     import tvm_compress as tc
     from tvm_compress.data import real_photos
-    from tvm_compress.quant.config import QuantConfig, QuantSpec
+    from tvm_compress.quant.config import QuantConfig, QuantSpec, at_target_bits
     from tvm_compress.quant.ort_quant import ort_quantize_static
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.runtime.bench import onnx_of
@@ -79,7 +79,9 @@ def prepare(tmp: Path, calib_n: int) -> dict:
     qmodel = quantize(model, QuantConfig(), calib, progress=False)
     seconds = time.perf_counter() - start
     (tmp / "int8.json").write_text(tvm.ir.save_json(qmodel.model.mod))
-    w7 = quantize(model, QuantConfig(weight=QuantSpec(*W7_WEIGHTS)), calib, progress=False)
+    w7_config = at_target_bits(QuantConfig(weight=QuantSpec(*W7_WEIGHTS)), _target(),
+                               model.layers, bits=7)  # as --wbits auto: depthwise layers at 8
+    w7 = quantize(model, w7_config, calib, progress=False)
     (tmp / "int8_w7.json").write_text(tvm.ir.save_json(w7.model.mod))
     (tmp / "fp32.json").write_text(tvm.ir.save_json(model.mod))
     fp32_onnx = onnx_of(model, calib[:1])
@@ -305,7 +307,8 @@ def markdown(result: dict) -> str:
              f"integer kernels, {quant['calibration_images']} calibration crops, weights "
              f"{quant['weight_bytes']:,} B (fp32 {quant['fp32_weight_bytes']:,} B); ONNX Runtime "
              "int8: its `quantize_static` QDQ model on the same crops. `tvm_int8_w7`: the same "
-             "with 7-bit weights (`QuantSpec(7, 'symmetric', 'per_channel')`). Integer kernels "
+             "with 7-bit weights (`QuantSpec(7, 'symmetric', 'per_channel')`; the depthwise layers "
+             "at 8 bits on AVX2 without VNNI, as `--wbits auto` does). Integer kernels "
              f"on this target: {result.get('int8_kernels', '-')}.", "",
              "Typical = median over rounds of each round's fastest call (drops calls other "
              "processes preempted); ratios are typical / typical, with median / median and "

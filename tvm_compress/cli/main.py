@@ -207,7 +207,9 @@ def _write_plan(out: Path, config: Any, method: str, args: argparse.Namespace,
 
 def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     from tvm_compress.backend.build import build
+    from tvm_compress.backend.targets import resolve_target
     from tvm_compress.frontend.inputs import num_samples, take
+    from tvm_compress.quant.config import at_target_bits
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.runtime.evaluation import evaluate, task_data
 
@@ -215,6 +217,8 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     config = quant_config(args, weight_bits=auto_bits)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
+    if auto_bits == 7:  # the layers whose kernel gains nothing from 7 bits keep 8
+        config = at_target_bits(config, resolve_target(args.target), model.layers)
     if args.calib == "auto":
         if model.task is None:
             raise UserError(f"{args.model} has no built-in calibration data; pass --calib "

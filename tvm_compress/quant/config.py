@@ -180,6 +180,30 @@ class QuantConfig:
         s = {"symmetric": "sym", "asymmetric": "asym", "symmetric_uint8": "symu8",
              "power_of_two": "pow2"}
         fp32 = sum(o.fp32 for _, o in self.overrides)
+        wbits = sorted({o.weight_bits for _, o in self.overrides if o.weight_bits})
+        wcount = {b: sum(o.weight_bits == b for _, o in self.overrides) for b in wbits}
         return (f"w{self.weight.bits} {s[self.weight.scheme]}/{g[self.weight.granularity]} "
                 f"a{self.activation.bits} {s[self.activation.scheme]} {self.calibration} "
-                f"n={self.calib_samples}" + (f" fp32x{fp32}" if fp32 else ""))
+                f"n={self.calib_samples}" + (f" fp32x{fp32}" if fp32 else "")
+                + "".join(f" w{b}x{n}" for b, n in wcount.items()))
+
+
+def at_target_bits(config: QuantConfig, target: Any, layers: Iterable[Any],
+                   bits: int | None = None) -> QuantConfig:
+    """``config`` with the weight bits ``target``'s int8 kernels prefer and their per-layer
+    exceptions (``hardware.preferred_weight_bits`` / ``preferred_weight_overrides``: on AVX2
+    without VNNI 7 bits, the depthwise layers 8). ``bits`` replaces the preferred bits (8 gives
+    8 everywhere, no exceptions)."""
+    from tvm_compress.backend.schedules.hardware import (
+        preferred_weight_bits,
+        preferred_weight_overrides,
+    )
+
+    chosen = preferred_weight_bits(target) if bits is None else bits
+    config = replace(config, weight=replace(config.weight, bits=chosen))
+    if chosen != preferred_weight_bits(target):
+        return config
+    extra = {name: LayerOverride(weight_bits=b)
+             for name, b in preferred_weight_overrides(target, layers).items()
+             if config.override(name) is None}
+    return config.with_overrides(extra) if extra else config

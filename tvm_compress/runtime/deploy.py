@@ -459,11 +459,9 @@ def compile_command(args: Any, con: Any, target: Any,
 
 def quantize_default(model: Any, con: Any, target: Any) -> tuple[Any, dict[str, Any]]:
     """``compile --int8``: the default QuantConfig at the target's preferred weight bits (7 on
-    AVX2 without VNNI; unlike ``quantize --wbits auto`` there is no accuracy check here)."""
-    from dataclasses import replace
-
-    from tvm_compress.backend.schedules.hardware import preferred_weight_bits
-    from tvm_compress.quant.config import QuantConfig
+    AVX2 without VNNI, the depthwise layers 8; unlike ``quantize --wbits auto`` there is no
+    accuracy check here)."""
+    from tvm_compress.quant.config import QuantConfig, at_target_bits
     from tvm_compress.quant.quantize import quantize
     from tvm_compress.runtime.evaluation import task_data
 
@@ -471,8 +469,7 @@ def quantize_default(model: Any, con: Any, target: Any) -> tuple[Any, dict[str, 
         raise UserError(f"compile --int8 calibrates on a zoo model's own data and {model.name} "
                         "has none: run `tvm-compress quantize MODEL --calib FILE.npz -o DIR`, "
                         "then `tvm-compress compress MODEL --plan DIR/plan.json`")
-    default = QuantConfig()
-    config = replace(default, weight=replace(default.weight, bits=preferred_weight_bits(target)))
+    config = at_target_bits(QuantConfig(), target, model.layers)
     calib, _ = task_data(model.task, "calib")
     with con.step(f"quantizing ({config.short()})"):
         qmodel = quantize(model, config, calib, progress=False)
