@@ -7,8 +7,9 @@ and the achieved GFLOP/s of each hot convolution of the tuned builds (roofline p
 All engines of a model run in this process with 2 threads each, timed in interleaved rounds
 (``--rounds`` x ``--per-round`` calls, a short pause between engines), so load from the other
 processes on the shared machine hits every engine alike. ``typical`` is the median over rounds
-of each round's fastest call. Kernel times are per-call minima inside the running tuned model
-(VM instrumentation). Writes benchmarks/results/kernels.{json,md} and kernels_roofline.png.
+of each round's fastest call. Kernel times are per-call minima over 30 runs inside the running
+tuned model (VM instrumentation), taken once the other engines' processes have exited. Writes
+benchmarks/results/kernels.{json,md} and kernels_roofline.png.
 
     python benchmarks/bench_kernels.py [--rounds 8] [--per-round 5] [--models ...]
 """
@@ -236,6 +237,12 @@ def interleaved(name: str, batch: int, tmp: Path, *, rounds: int, per_round: int
             measured = conn.recv()
             if round_index:
                 times[kind].append(measured)
+    # the kernel profile last, with every other engine's process gone: their thread pools
+    # (ONNX Runtime's spin after each call) would otherwise share the cores with it
+    for kind, (proc, conn) in workers.items():
+        if kind != "tvm_tuned" and proc.is_alive():
+            conn.send(None)
+            proc.join(timeout=60)
     kernels: list = []
     if "tvm_tuned" in live:
         live["tvm_tuned"][1].send("kernels")
@@ -255,7 +262,7 @@ def interleaved(name: str, batch: int, tmp: Path, *, rounds: int, per_round: int
 # -------------------------------------------------------------------------------- kernels
 
 
-def kernel_table(model: Any, compiled: Any, x: np.ndarray, runs: int = 5) -> list[dict]:
+def kernel_table(model: Any, compiled: Any, x: np.ndarray, runs: int = 30) -> list[dict]:
     """Per-call minimum time and GFLOP/s of each float32 conv/matmul kernel of ``compiled``."""
     import tvm
     from tvm import s_tir, tirx
