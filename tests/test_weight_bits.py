@@ -35,6 +35,7 @@ def test_auto_keeps_seven_bits_when_they_keep_the_accuracy(capsys) -> None:  # n
     assert choice["chosen"] == 7 and list(choice["tried"]) == ["7"]
     assert r["quantized"]["accuracy"] >= r["fp32"]["accuracy"] - 0.01
     assert choice["tried"]["7"]["accuracy"] == r["quantized"]["accuracy"]
+    assert choice["eight_bit_layers"] == []  # VGG has no depthwise layer
     # 7-bit weights are counted at 7 bits: 7/8 of the 8-bit size plus the int32 biases
     e = _json(capsys, [*QUANTIZE, "--wbits", "8"])
     assert e["config"]["weight"]["bits"] == 8 and "weight_bits_choice" not in e
@@ -134,3 +135,19 @@ def test_eight_bit_depthwise_is_more_accurate_at_the_same_kernels(
         rules[name] = sorted(k.rule for k in compiled.kernels if "depthwise" in k.name)
     assert rules["auto"] == rules["all7"] and len(rules["auto"]) >= 10
     assert sqnr["auto"] > sqnr["all7"] + 0.5, sqnr
+
+
+def test_auto_quantize_keeps_the_depthwise_layers_at_eight_bits(
+        capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The CLI path: the config written and reported has the depthwise layers at 8 bits (the
+    7-bit build is kept here whatever its accuracy, so that the check is deterministic)."""
+    import tvm_compress as tc
+
+    monkeypatch.setattr(cli, "_seven_bits_keep_accuracy", lambda ref, got: True)
+    r = _json(capsys, ["quantize", "zoo:fmnist_mobilenet_v2", "--target", "x86-avx2",
+                       "--limit", "100", "--repeat", "0", "--calib-samples", "32"])
+    depthwise = sorted(layer.name for layer in tc.load("zoo:fmnist_mobilenet_v2").layers
+                       if layer.kind == "depthwise")
+    assert r["config"]["weight"]["bits"] == 7
+    assert r["config"]["overrides"] == {name: {"weight_bits": 8} for name in depthwise}
+    assert r["weight_bits_choice"]["eight_bit_layers"] == depthwise

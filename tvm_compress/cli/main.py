@@ -271,6 +271,7 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
             if _metric(got8)[1] > _metric(got)[1] + _BITS_TOLERANCE:
                 qmodel, int8, got, config = q8, lib8, got8, config8
         choice["chosen"] = config.weight.bits
+        choice["eight_bit_layers"] = sorted(n for n, o in config.overrides if o.weight_bits == 8)
     result = {"model": model.name, "config": config.to_dict(), "fp32_layers": qmodel.fp32_layers,
               "fp32": {k: v for k, v in ref.items() if k != "logits"},
               "quantized": {k: v for k, v in got.items() if k != "logits"},
@@ -332,8 +333,11 @@ def _print_quant(con: Console, r: dict[str, Any]) -> None:
     if choice:
         tried = ", ".join(f"{bits} bits: {', '.join(f'{k} {v:.3g}' for k, v in m.items())}"
                           for bits, m in choice["tried"].items())
-        con.err.print(f"weight bits: {choice['chosen']} (--wbits auto on a target with AVX2 "
-                      f"and no VNNI; {tried})")
+        kept = choice.get("eight_bit_layers", [])
+        extra = (f", {len(kept)} depthwise layer(s) at 8 (as fast, more accurate)"
+                 if choice["chosen"] == 7 and kept else "")
+        con.err.print(f"weight bits: {choice['chosen']}{extra} (--wbits auto on a target with "
+                      f"AVX2 and no VNNI; {tried})")
 
 
 def cmd_demo(args: argparse.Namespace, con: Console) -> dict[str, Any]:
