@@ -104,9 +104,8 @@ def main() -> None:
             times[k].append(fn())
     rows = []
     for key in keys:
-        row = {"input": kernels["fp32"][key][1].params[0].shape, "kernels": {}}
-        row["input"] = [int(d) for d in row["input"]]
-        row["output_hw"] = list(key[1])
+        row = {"input": [int(d) for d in kernels["fp32"][key][1].params[0].shape],
+               "output_hw": list(key[1]), "kernels": {}}
         for b in BUILDS:
             row["kernels"][b] = {"name": kernels[b][key][0], "us": min(times[(key, b)]),
                                  "vector_ops": steps[(key, b)]}

@@ -293,12 +293,17 @@ def _conv_integer(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> _Emitt
 # ------------------------------------------------------------------------------------- the driver
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+def _constant_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` node values by name, not yet converted to arrays."""
+    protos = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return consts
+            protos[node.output[0]] = node.attribute[0].t
+    return protos
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {k: numpy_helper.to_array(v) for k, v in _constant_protos(model).items()}
 
 
 def rewrite_unsupported_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -377,33 +382,29 @@ def _names_used(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
-def _pad_amounts(node: onnx.NodeProto, consts: dict[str, np.ndarray], rank: int
+def _pad_amounts(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], rank: int
                  ) -> list[int] | None:
     """The ``[begin..., end...]`` pads over all ``rank`` axes of a constant-zero Pad, or None."""
     attrs = _attrs(node)
-    if attrs.get("mode", b"constant") not in (b"constant", "constant"):
+    if attrs.get("mode", b"constant") != b"constant":
         return None
-    if len(node.input) > 1:  # opset >= 11: pads, constant_value, axes are inputs
-        if node.input[1] not in consts:
+    if len(node.input) == 1:  # before opset 11: attributes
+        pads, value, axes = list(attrs.get("pads", [])), attrs.get("value", 0.0), None
+    else:  # pads, constant_value, axes are inputs; each must be a constant
+        names = [*node.input[1:], "", ""][:3]
+        if any(name and name not in consts for name in names):
             return None
-        pads = [int(p) for p in consts[node.input[1]].reshape(-1)]
-        value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else 0
-        if value is None:
-            return None
-        axes = consts.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        if len(node.input) > 3 and node.input[3] and axes is None:
-            return None
-    else:
-        pads, value, axes = [int(p) for p in attrs.get("pads", [])], attrs.get("value", 0.0), None
-    if np.any(np.asarray(value) != 0):
+        pads, value, axes = (numpy_helper.to_array(consts[name]) if name else None
+                             for name in names)
+        pads = [int(p) for p in pads.reshape(-1)]
+    if value is not None and np.any(np.asarray(value) != 0):
         return None
     if axes is not None:
-        axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
         full = [0] * (2 * rank)
-        for i, a in enumerate(axes):
-            full[a], full[rank + a] = pads[i], pads[len(axes) + i]
+        for i, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
+            full[axis], full[rank + axis] = pads[i], pads[len(pads) // 2 + i]
         pads = full
-    return pads if len(pads) == 2 * rank else None
+    return [int(p) for p in pads] if len(pads) == 2 * rank else None
 
 
 def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -418,39 +419,37 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
     Returns ``(model, notes)``: a copy with the Pads folded (or ``model`` when none is) and one
     note.
     """
+    if not any(n.op_type == "Pad" for n in model.graph.node):
+        return model, []
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     outputs = {o.name for o in model.graph.output}
-    consts = _constants(model)
-    folds: dict[str, list[int]] = {}  # Pad output -> pads over all axes
+    consts = _constant_protos(model)
+    folds: dict[str, tuple[str, list[int]]] = {}  # Pad output -> (Pad input, pads of all axes)
     for node in model.graph.node:
         if node.op_type != "Pad" or node.output[0] in outputs:
             continue
-        users = consumers.get(node.output[0], [])
+        users = consumers.get(node.output[0], [])  # a Conv reading it twice is listed twice
         if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != node.output[0] \
-                or list(users[0].input).count(node.output[0]) != 1 \
-                or _attrs(users[0]).get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                or _attrs(users[0]).get("auto_pad", b"NOTSET") != b"NOTSET" \
+                or users[0].input[1] not in consts:
             continue
-        weight = consts.get(users[0].input[1]) if len(users[0].input) > 1 else None
-        if weight is None:  # the Conv's weight gives the rank (a Pad's axes may be partial)
-            continue
-        rank = weight.ndim
+        rank = len(consts[users[0].input[1]].dims)  # the weight's (a Pad's axes may be partial)
         pads = _pad_amounts(node, consts, rank)
         if pads is None or min(pads) < 0 or any(pads[a] or pads[rank + a] for a in (0, 1)):
             continue
-        folds[node.output[0]] = pads
+        folds[node.output[0]] = (node.input[0], pads)
     if not folds:
         return model, []
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    source = {n.output[0]: n.input[0] for n in model.graph.node if n.output[0] in folds}
     kept = []
     for node in model.graph.node:
-        if node.op_type == "Pad" and node.output and node.output[0] in folds:
+        if node.op_type == "Pad" and node.output[0] in folds:
             continue
         if node.op_type == "Conv" and node.input[0] in folds:
-            pads = folds[node.input[0]]
+            source, pads = folds[node.input[0]]
             rank = len(pads) // 2
             spatial = rank - 2
             attr = next((a for a in node.attribute if a.name == "pads"), None)
@@ -460,7 +459,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
             if attr is not None:
                 node.attribute.remove(attr)
             node.attribute.append(helper.make_attribute("pads", new))
-            node.input[0] = source[node.input[0]]
+            node.input[0] = source
         kept.append(node)
     del model.graph.node[:]
     model.graph.node.extend(kept)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -180,12 +181,11 @@ class QuantConfig:
         s = {"symmetric": "sym", "asymmetric": "asym", "symmetric_uint8": "symu8",
              "power_of_two": "pow2"}
         fp32 = sum(o.fp32 for _, o in self.overrides)
-        wbits = sorted({o.weight_bits for _, o in self.overrides if o.weight_bits})
-        wcount = {b: sum(o.weight_bits == b for _, o in self.overrides) for b in wbits}
+        wcount = Counter(o.weight_bits for _, o in self.overrides if o.weight_bits)
         return (f"w{self.weight.bits} {s[self.weight.scheme]}/{g[self.weight.granularity]} "
                 f"a{self.activation.bits} {s[self.activation.scheme]} {self.calibration} "
                 f"n={self.calib_samples}" + (f" fp32x{fp32}" if fp32 else "")
-                + "".join(f" w{b}x{n}" for b, n in wcount.items()))
+                + "".join(f" w{b}x{n}" for b, n in sorted(wcount.items())))
 
 
 def at_target_bits(config: QuantConfig, target: Any, layers: Iterable[Any],
