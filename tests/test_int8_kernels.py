@@ -151,6 +151,27 @@ def test_int8_depthwise_exact(stride: int, zero_point: int) -> None:
 
 
 @needs_avx2
+@pytest.mark.parametrize(("size", "stride", "zero_point", "staged"),
+                         [((20, 19), 1, 0, True), ((20, 19), 1, 77, True),
+                          ((16, 15), 2, 77, False)])
+def test_int8_depthwise_5x5_short_rows_exact(size: tuple[int, int], stride: int,
+                                             zero_point: int, staged: bool) -> None:
+    """5x5 taps on rows of 19 or 8 pixels (no divisor tile of 5-8): the tile spans several
+    rows; with 25 taps and 100+ output pixels per plane (20 x 19, not 8 x 8) the input is
+    converted once into an fp32 copy instead of at every tap."""
+    weight = _weights((16, 1, 5, 5))
+    x = _activations((1, 16, *size))
+    mod = _module(relax.TensorType(x.shape, "uint8"), lambda bb, v: _conv_block(
+        bb, v, weight, stride=stride, padding=2, groups=16, zero_point=zero_point,
+        requantize=True))
+    scheduled = _compare(mod, x)
+    kernels = [f for gv, f in scheduled.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "depthwise" in gv.name_hint]
+    assert kernels and all(f.attrs.get("tirx.is_scheduled", False) for f in kernels)
+    assert ["data_f32" in f.script() for f in kernels] == [staged] * len(kernels)
+
+
+@needs_avx2
 def test_int8_dense_exact() -> None:
     weight = _weights((64, 40))
     x = _activations((1, 64))

@@ -16,6 +16,7 @@ from tvm.target.codegen import target_has_features
 from tvm_compress.backend.schedules import default_schedule_pipeline
 from tvm_compress.backend.schedules.constants import fold_constants_numpy, layout_transform_array
 from tvm_compress.backend.schedules.conv2d import pick_tile
+from tvm_compress.backend.schedules.depthwise import pixel_tile
 from tvm_compress.backend.schedules.hardware import host_cpu, vector_lanes
 from tvm_compress.backend.schedules.layout import PackChannels
 
@@ -73,6 +74,9 @@ CONV_CASES = {
     "depthwise_s1": (_conv(16, 16, 3, groups=16), (1, 16, 10, 10), "depthwise"),
     "depthwise_s2": (_conv(24, 24, 3, stride=2, groups=24), (1, 24, 13, 13), "depthwise"),
     "depthwise_5x5": (_conv(8, 8, 5, groups=8), (1, 8, 9, 9), "depthwise"),
+    # rows of 19 and 38 pixels: tiles of several rows (pixel_tile)
+    "depthwise_rows_of_19": (_conv(16, 16, 3, groups=16), (1, 16, 10, 19), "depthwise"),
+    "depthwise_5x5_rows_of_38": (_conv(8, 8, 5, groups=8), (1, 8, 10, 38), "depthwise"),
     "grouped": (_conv(32, 16, 3, groups=2), (1, 32, 8, 8), "conv2d_nchwc"),
     "channels_not_multiple_of_8": (_conv(12, 20, 3), (1, 12, 9, 9), "conv2d"),
     "depthwise_12_channels": (_conv(12, 12, 3, groups=12), (1, 12, 8, 8), "conv2d"),
@@ -314,6 +318,23 @@ def test_conv_tile_fits_registers(registers: int) -> None:
         assert oc_chunks % tile.oc == 0 and width % tile.x == 0 and height % tile.y == 0
         # enough independent FMA chains to hide the FMA latency on MobileNetV2's shapes
         assert tile.accumulators >= 7 or (height, width) == (5, 3)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_depthwise_tile_spans_rows_when_a_row_allows_few_pixels(integer: bool) -> None:
+    # MobileNetV2's rows (112 ... 7) keep a one-row tile of 7 or 8 pixels
+    for height, width in [(112, 112), (56, 56), (28, 28), (14, 14), (7, 7)]:
+        assert pixel_tile(height, width, 16, integer=integer)[0] == 1
+    # rows of 38 = 2 x 19 and of 19 pixels: several rows, within the accumulator limit
+    for height, width in [(50, 38), (25, 19), (100, 76), (13, 10), (1, 19)]:
+        rows, columns = pixel_tile(height, width, 16, integer=integer)
+        assert height % rows == 0 and width % columns == 0
+        assert rows * columns <= (12 if integer else 10)
+        if columns <= (4 if integer else 3) and height % 2 == 0:
+            assert rows >= 2, (height, width, rows, columns)
+    assert pixel_tile(50, 38, 16, integer=integer) == (5, 2)
+    assert pixel_tile(100, 76, 16, integer=integer) == ((2, 4) if integer else (1, 4))
+    assert pixel_tile(1, 19, 16, integer=integer) == (1, 1)
 
 
 def test_stem_tile_counts_reused_window_broadcasts() -> None:
