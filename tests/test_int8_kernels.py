@@ -219,6 +219,33 @@ def test_requantize_lowering_is_exact_for_extreme_accumulators() -> None:
         _compare(module, acc)
 
 
+@needs_avx2
+@pytest.mark.parametrize("groups", [16, 1])
+def test_multipliers_of_a_half_and_more_and_zero_are_lowered_exactly(groups: int) -> None:
+    """Real multipliers >= 1/2 have shifts below 32: the accumulator, bounded by the conv's
+    weights, is shifted left first (``requantize._pre_shift``). Channels with all-zero weights
+    (multiplier 0) give their constant at any shift. Both in the 32-bit form, exactly."""
+    weight = _weights((16, 16 // groups, 3, 3), lo=-40, hi=40)
+    weight[5] = 0
+    multiplier = np.geomspace(2e-4, 0.1, 16)
+    multiplier[[0, 1, 2, 3]] = [0.5, 0.97, 1.5, 3.0]
+    multiplier[5] = 0.0
+    x = _activations((1, 16, 9, 9))
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(v, relax.const(weight), padding=1, groups=groups,
+                                         out_dtype="int32"))
+        return requantize_int32(bb, acc, multiplier, 9, 0, 255, "uint8", 4)
+
+    mod = _module(relax.TensorType(x.shape, "uint8"), body)
+    assert _int64_ops(mod) == 0
+    scheduled = _compare(mod, x)
+    kernels = {gv.name_hint: f for gv, f in scheduled.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint}
+    assert kernels and all(f.attrs.get("tirx.is_scheduled", False) for f in kernels.values())
+    assert all("int64" not in name and "right_shift" not in name for name in kernels)
+
+
 def test_integer_add_requantization_is_exact() -> None:
     # RealizeInteger's residual add: (a - za) * ma + (b - zb) * mb, rounded, shifted by 24
     shape = (1, 8, 5, 5)

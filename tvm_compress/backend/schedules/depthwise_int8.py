@@ -12,9 +12,9 @@ Staging a converted, padded fp32 plane per channel block first (until session 11
 reads four bytes per input element where the conversion in the loop reads one: on MobileNetV2's
 3x3 layers (AVX2 host, kernels alone) the in-loop conversion is 5-30% faster on the strided and
 7x7 layers and equal on the others. 5x5 layers convert each input up to 25 times in the loop;
-those with 100+ output pixels per plane stage the plane (``depthwise.STAGE_TAPS``). Built alone the int8 kernels still run at 1.3-1.6x the fp32
-ones: per tile they add the u8 -> fp32 conversions and the 32-bit fixed-point requantization
-epilogue (instruction counts: ``benchmarks/bench_depthwise_int8.py``, ``docs/status.md``).
+those with 100+ output pixels per plane stage the plane (``depthwise.STAGE_TAPS``). Built
+alone MobileNetV2's int8 kernels still run at 1.3-1.6x the fp32 ones: per tile they add the
+u8 -> fp32 conversions and the 32-bit fixed-point requantization epilogue (instruction counts: ``benchmarks/bench_depthwise_int8.py``, ``docs/status.md``).
 """
 
 from __future__ import annotations

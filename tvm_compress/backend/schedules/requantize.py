@@ -27,7 +27,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tvm_compress.backend.schedules.blocks import STAGE_ATTR
-from tvm_compress.backend.schedules.requantize_intrin import HIGH_MUL, LANES
+from tvm_compress.backend.schedules.requantize_intrin import HIGH_MUL, LANES, PRE_SHIFT_ATTR
 from tvm_compress.backend.schedules.rewrite import rewrite_functions
 
 _INT32 = 2**31
@@ -52,6 +52,7 @@ class _Chain:
     lo: int
     hi: int
     out_dtype: str
+    acc_bound: int | None = None  # largest |accumulator| of a single int32 term, when known
 
 
 def _name(expr: relax.Expr) -> str | None:
@@ -137,8 +138,23 @@ class _Lowerer(PyExprMutator):
         if not terms or any([int(d) for d in t.source.ty.shape] != shape for t in terms):
             return None
         zero_point, shift, round_add = consts
+        bound = self._conv_bound(terms[0].source) if len(terms) == 1 else None
         return _Chain(terms, round_add, shift, zero_point, int(clip.args[1].value),
-                      int(clip.args[2].value), _dtype(call))
+                      int(clip.args[2].value), _dtype(call), bound)
+
+    def _conv_bound(self, source: relax.Expr) -> int | None:
+        """Largest |output| of an 8-bit conv2d with constant weights: the largest sum of
+        |weights| of an output channel times the largest |activation|."""
+        conv = self._call(source, "relax.nn.conv2d")
+        if conv is None or _dtype(conv.args[0]) not in ("uint8", "int8"):
+            return None
+        weight = self._const(conv.args[1])
+        # OIHW, or the packed OIHW[ib]i[ob]o: the output channel is axis 0 (and 5)
+        if weight is None or weight.ndim not in (4, 6):
+            return None
+        sums = np.abs(weight).sum(axis=(1, 2, 3) if weight.ndim == 4 else (1, 2, 3, 4))
+        lo, hi = _range(_dtype(conv.args[0]))
+        return int(sums.max()) * max(abs(lo), abs(hi))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
@@ -153,25 +169,62 @@ def _multipliers_fit(chain: _Chain) -> bool:
     return all(t.multiplier.min() >= 0 and t.multiplier.max() < _INT32 for t in chain.terms)
 
 
-def _high_offset(chain: _Chain) -> np.ndarray:
-    """What the high-multiply form adds to ``acc * m``: the bias times m, and the rounding."""
+def _high_offset(chain: _Chain, pre_shift: int = 0) -> np.ndarray:
+    """What the high-multiply form adds to ``(acc << pre_shift) * m``: the bias times m, and
+    the rounding, shifted alike."""
     term = chain.terms[0]
-    return term.bias * term.multiplier + chain.round_add
+    return (term.bias * term.multiplier + chain.round_add) << pre_shift
 
 
-def _high_mul_form(chain: _Chain) -> bool:
-    """One int32 accumulator, shift >= 32, and every intermediate within int64 / int32."""
+def _normalized(chain: _Chain) -> _Chain:
+    """``chain`` with the channels whose multiplier is 0 (all-zero weights) at shift 32: their
+    output is the constant ``round >> shift``, which any shift can carry."""
+    term = chain.terms[0]
+    zero = term.multiplier == 0
+    if len(chain.terms) != 1 or not zero.any():
+        return chain
+    shape = np.broadcast_shapes(term.multiplier.shape, chain.shift.shape,
+                                chain.round_add.shape)
+    zero = np.broadcast_to(zero, shape)
+    shift = np.broadcast_to(chain.shift, shape)
+    round_add = np.broadcast_to(chain.round_add, shape)
+    new_round = np.where(zero, (round_add >> shift) << 32, round_add)
+    return _Chain(chain.terms, new_round, np.where(zero, 32, shift), chain.zero_point,
+                  chain.lo, chain.hi, chain.out_dtype, chain.acc_bound)
+
+
+def _pre_shift(chain: _Chain) -> int | None:
+    """Left shift of the accumulator that brings every shift to 32 or more, or None.
+
+    ``((acc + b) * m + r) >> s == (((acc << k) * m + ((b * m + r) << k)) >> 32) >> (s + k - 32)``
+    for any ``k >= 0``; ``acc << k`` stays exact in int32 when the accumulator's bound (an 8-bit
+    conv's, from its weights) allows. Layers whose real multiplier is 1/2 or more (``s < 32``)
+    take the high-multiply form this way instead of int64 arithmetic.
+    """
+    k = max(0, 32 - int(chain.shift.min()))
+    if k == 0:
+        return 0
+    if chain.acc_bound is None or k > 16 or (chain.acc_bound << k) >= _INT32:
+        return None
+    return k
+
+
+def _high_mul_form(chain: _Chain, pre_shift: int = 0) -> bool:
+    """One int32 accumulator, shift (after ``pre_shift``) >= 32, and every intermediate within
+    int64 / int32."""
     if len(chain.terms) != 1 or _dtype(chain.terms[0].source) != "int32":
         return False
     term = chain.terms[0]
-    if np.any(term.zero != 0) or chain.shift.min() < 32 or chain.shift.max() > 62:
+    if np.any(term.zero != 0) or chain.shift.min() + pre_shift < 32 \
+            or chain.shift.max() + pre_shift > 62:
         return False
-    if np.abs(term.bias).max() >= _INT32:
+    if np.abs(term.bias).max() >= _INT32 or \
+            np.abs(term.bias * term.multiplier + chain.round_add).max() >= 2**63 >> pre_shift:
         return False
-    offset, m_max = _high_offset(chain), int(term.multiplier.max())
+    offset, m_max = _high_offset(chain, pre_shift), int(term.multiplier.max())
     wide = (-_INT32 * m_max + int(offset.min()), (_INT32 - 1) * m_max + int(offset.max()))
     zp = int(np.abs(chain.zero_point).max())
-    shift = int(chain.shift.min())
+    shift = int(chain.shift.min()) + pre_shift
     return -(2**63) <= wide[0] and wide[1] < 2**63 and \
         max(abs(wide[0] >> shift), abs(wide[1] >> shift)) + zp < _INT32
 
@@ -212,10 +265,14 @@ def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:
     """The form of ``chain``'s 32-bit lowering and its constants, or None."""
     if not _multipliers_fit(chain):
         return None
-    if _high_mul_form(chain):
+    normalized = _normalized(chain)
+    pre_shift = _pre_shift(normalized)
+    if pre_shift is not None and _high_mul_form(normalized, pre_shift):
+        chain = normalized
         term = chain.terms[0]
-        consts = {"multiplier": term.multiplier, "offset": _high_offset(chain),
-                  "shift": chain.shift - 32, "zero_point": chain.zero_point}
+        consts = {"multiplier": term.multiplier, "offset": _high_offset(chain, pre_shift),
+                  "shift": chain.shift + pre_shift - 32, "zero_point": chain.zero_point,
+                  "pre_shift": np.array(pre_shift)}
         lanes = _lanes_shape(chain)
         if lanes is None:
             return "high", consts
@@ -267,8 +324,13 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
         return tensor[tuple(0 if int(d) == 1 else index[offset + i]
                             for i, d in enumerate(tensor.shape))].astype(dtype)
 
+    pre_shift = scalars.get("pre_shift", 0)
+
     def high(*index):
-        wide = inputs[0][index].astype("int64") * at("multiplier", index, "int64") \
+        acc = inputs[0][index]
+        if pre_shift:
+            acc = acc << tirx.const(pre_shift, "int32")
+        wide = acc.astype("int64") * at("multiplier", index, "int64") \
             + at("offset", index, "int64")
         return (wide >> tirx.const(32, "int64")).astype("int32") >> at("shift", index, "int32")
 
@@ -284,7 +346,8 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
         shifted = narrow
     else:
         stage = te.compute(shape, high, name="requantize_high",
-                           attrs={STAGE_ATTR: HIGH_MUL} if form == "high_lanes" else None)
+                           attrs={STAGE_ATTR: HIGH_MUL, PRE_SHIFT_ATTR: pre_shift}
+                           if form == "high_lanes" else None)
         shifted = lambda *i: stage[i]  # noqa: E731
 
     def body(*index):

@@ -20,16 +20,20 @@ from tvm.script import tirx as T
 from tvm_compress.backend.schedules.blocks import STAGE_ATTR, child_blocks
 
 HIGH_MUL = "high_mul"  # the STAGE_ATTR value of the blocks this intrinsic computes
+PRE_SHIFT_ATTR = "tvm_compress.pre_shift"  # their left shift of the accumulator (requantize.py)
 
 
 LANES = (8, 16)
 
 
-def intrin_name(source_dtype: str, lanes: int = 8) -> str:
-    return f"tvm_compress.high_mul_{lanes}_{source_dtype}"
+def intrin_name(source_dtype: str, lanes: int = 8, pre_shift: int = 0) -> str:
+    return f"tvm_compress.high_mul_{lanes}_{source_dtype}" + (f"_shl{pre_shift}"
+                                                             if pre_shift else "")
 
 
-def _desc(source_dtype: str, lanes: int):
+def _desc(source_dtype: str, lanes: int, pre_shift: int = 0):
+    if pre_shift:
+        return _desc_shifted(source_dtype, lanes, pre_shift)
     if source_dtype == "int32":
         @T.prim_func(s_tir=True)
         def from_int32(A: T.Buffer((lanes,), "int32", offset_factor=1),
@@ -67,7 +71,47 @@ def _desc(source_dtype: str, lanes: int):
     return from_float
 
 
-def _impl(source_dtype: str, lanes: int):
+def _desc_shifted(source_dtype: str, lanes: int, k: int):
+    """``_desc`` with the accumulator shifted left by ``k`` first."""
+    if source_dtype == "int32":
+        @T.prim_func(s_tir=True)
+        def shifted_int32(A: T.Buffer((lanes,), "int32", offset_factor=1),
+                          M: T.Buffer((lanes,), "int32", offset_factor=1),
+                          D: T.Buffer((lanes,), "int64", offset_factor=1),
+                          S: T.Buffer((lanes,), "int32", offset_factor=1),
+                          C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
+                    with T.sblock("high"):
+                        vi = T.axis.remap("S", [i])
+                        C[vi] = T.cast((T.cast(A[vi] << T.int32(k), "int64")
+                                        * T.cast(M[vi], "int64") + D[vi])
+                                       >> T.int64(32), "int32") >> S[vi]
+
+        return shifted_int32
+
+    @T.prim_func(s_tir=True)
+    def shifted(A: T.Buffer((lanes,), source_dtype, offset_factor=1),
+                M: T.Buffer((lanes,), "int32", offset_factor=1),
+                D: T.Buffer((lanes,), "int64", offset_factor=1),
+                S: T.Buffer((lanes,), "int32", offset_factor=1),
+                C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                with T.sblock("high"):
+                    vi = T.axis.remap("S", [i])
+                    C[vi] = T.cast((T.cast(T.cast(A[vi], "int32") << T.int32(k), "int64")
+                                    * T.cast(M[vi], "int64") + D[vi])
+                                   >> T.int64(32), "int32") >> S[vi]
+
+    return shifted
+
+
+def _impl(source_dtype: str, lanes: int, pre_shift: int = 0):
     half = lanes // 2
     src_type, i32, i64 = f"{source_dtype}x{lanes}", f"int32x{lanes}", f"int64x{lanes}"
     i32h, i64h, u64h = f"int32x{half}", f"int64x{half}", f"uint64x{half}"
@@ -85,7 +129,9 @@ def _impl(source_dtype: str, lanes: int):
             T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
             T.writes(C[0:lanes])
             # T.bind: SSA values (plain assignments would become memory buffers)
-            acc = T.bind(T.cast(A.vload([0], src_type), i32))
+            # shifted by 0 (no pre-shift): LLVM drops the shift
+            acc = T.bind(T.cast(A.vload([0], src_type), i32)
+                         << T.broadcast(T.int32(pre_shift), lanes))
             mul = T.bind(M.vload([0], i32))
             offsets = T.bind(D.vload([0], i64))  # per channel: hoisted by LLVM
             # sign-extended low words of 64-bit lanes: what vpmuldq multiplies; the odd lanes
@@ -110,22 +156,25 @@ def _impl(source_dtype: str, lanes: int):
     return impl
 
 
-def register_intrinsics() -> None:
+def register_intrinsics(pre_shift: int = 0) -> None:
     """Register the int32- and float32-source variants of every width (idempotent)."""
     for lanes in LANES:
         for dtype in ("int32", "float32"):
-            if TensorIntrin.get(intrin_name(dtype, lanes), allow_missing=True) is None:
-                TensorIntrin.register(intrin_name(dtype, lanes), _desc(dtype, lanes),
-                                      _impl(dtype, lanes))
+            name = intrin_name(dtype, lanes, pre_shift)
+            if TensorIntrin.get(name, allow_missing=True) is None:
+                TensorIntrin.register(name, _desc(dtype, lanes, pre_shift),
+                                      _impl(dtype, lanes, pre_shift))
 
 
 def tensorize_high_mul(sch: s_tir.Schedule) -> None:
     """Tensorize the innermost (8- or 16-lane) loop of every block marked by ``requantize.py``."""
-    register_intrinsics()
     for block in child_blocks(sch):
-        if str(sch.get(block).annotations.get(STAGE_ATTR, "")) != HIGH_MUL:
+        annotations = sch.get(block).annotations
+        if str(annotations.get(STAGE_ATTR, "")) != HIGH_MUL:
             continue
+        pre_shift = int(annotations.get(PRE_SHIFT_ATTR, 0))
+        register_intrinsics(pre_shift)
         dtypes = {str(r.source.dtype) for r in sch.get(block).reads}
         source = "float32" if "float32" in dtypes else "int32"
         inner = sch.get_loops(block)[-1]
-        sch.tensorize(inner, intrin_name(source, int(sch.get(inner).extent)))
+        sch.tensorize(inner, intrin_name(source, int(sch.get(inner).extent), pre_shift))
