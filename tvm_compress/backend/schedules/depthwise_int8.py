@@ -14,7 +14,8 @@ reads four bytes per input element where the conversion in the loop reads one: o
 7x7 layers and equal on the others. 5x5 layers convert each input up to 25 times in the loop;
 those with 100+ output pixels per plane stage the plane (``depthwise.STAGE_TAPS``). Built
 alone MobileNetV2's int8 kernels still run at 1.3-1.6x the fp32 ones: per tile they add the
-u8 -> fp32 conversions and the 32-bit fixed-point requantization epilogue (instruction counts: ``benchmarks/bench_depthwise_int8.py``, ``docs/status.md``).
+u8 -> fp32 conversions and the 32-bit fixed-point requantization epilogue (instruction counts:
+``benchmarks/bench_depthwise_int8.py``, ``docs/status.md``).
 """
 
 from __future__ import annotations
