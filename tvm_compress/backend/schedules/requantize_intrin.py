@@ -32,83 +32,27 @@ def intrin_name(source_dtype: str, lanes: int = 8, pre_shift: int = 0) -> str:
 
 
 def _desc(source_dtype: str, lanes: int, pre_shift: int = 0):
-    if pre_shift:
-        return _desc_shifted(source_dtype, lanes, pre_shift)
-    if source_dtype == "int32":
-        @T.prim_func(s_tir=True)
-        def from_int32(A: T.Buffer((lanes,), "int32", offset_factor=1),
-                       M: T.Buffer((lanes,), "int32", offset_factor=1),
-                       D: T.Buffer((lanes,), "int64", offset_factor=1),
-                       S: T.Buffer((lanes,), "int32", offset_factor=1),
-                       C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
-                T.writes(C[0:lanes])
-                for i in T.serial(0, lanes):
-                    with T.sblock("high"):
-                        vi = T.axis.remap("S", [i])
-                        C[vi] = T.cast((T.cast(A[vi], "int64") * T.cast(M[vi], "int64")
-                                        + D[vi]) >> T.int64(32), "int32") >> S[vi]
-
-        return from_int32
+    def accumulator(value):  # noqa: ANN001, ANN202 - as requantize.py's stage computes it
+        if source_dtype != "int32":
+            value = T.cast(value, "int32")
+        return value << T.int32(pre_shift) if pre_shift else value
 
     @T.prim_func(s_tir=True)
-    def from_float(A: T.Buffer((lanes,), "float32", offset_factor=1),
-                   M: T.Buffer((lanes,), "int32", offset_factor=1),
-                   D: T.Buffer((lanes,), "int64", offset_factor=1),
-                   S: T.Buffer((lanes,), "int32", offset_factor=1),
-                   C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+    def desc(A: T.Buffer((lanes,), source_dtype, offset_factor=1),
+             M: T.Buffer((lanes,), "int32", offset_factor=1),
+             D: T.Buffer((lanes,), "int64", offset_factor=1),
+             S: T.Buffer((lanes,), "int32", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
                 with T.sblock("high"):
                     vi = T.axis.remap("S", [i])
-                    C[vi] = T.cast((T.cast(T.cast(A[vi], "int32"), "int64")
-                                    * T.cast(M[vi], "int64") + D[vi])
-                                   >> T.int64(32), "int32") >> S[vi]
+                    C[vi] = T.cast((T.cast(accumulator(A[vi]), "int64") * T.cast(M[vi], "int64")
+                                    + D[vi]) >> T.int64(32), "int32") >> S[vi]
 
-    return from_float
-
-
-def _desc_shifted(source_dtype: str, lanes: int, k: int):
-    """``_desc`` with the accumulator shifted left by ``k`` first."""
-    if source_dtype == "int32":
-        @T.prim_func(s_tir=True)
-        def shifted_int32(A: T.Buffer((lanes,), "int32", offset_factor=1),
-                          M: T.Buffer((lanes,), "int32", offset_factor=1),
-                          D: T.Buffer((lanes,), "int64", offset_factor=1),
-                          S: T.Buffer((lanes,), "int32", offset_factor=1),
-                          C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
-                T.writes(C[0:lanes])
-                for i in T.serial(0, lanes):
-                    with T.sblock("high"):
-                        vi = T.axis.remap("S", [i])
-                        C[vi] = T.cast((T.cast(A[vi] << T.int32(k), "int64")
-                                        * T.cast(M[vi], "int64") + D[vi])
-                                       >> T.int64(32), "int32") >> S[vi]
-
-        return shifted_int32
-
-    @T.prim_func(s_tir=True)
-    def shifted(A: T.Buffer((lanes,), source_dtype, offset_factor=1),
-                M: T.Buffer((lanes,), "int32", offset_factor=1),
-                D: T.Buffer((lanes,), "int64", offset_factor=1),
-                S: T.Buffer((lanes,), "int32", offset_factor=1),
-                C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(A[0:lanes], M[0:lanes], D[0:lanes], S[0:lanes])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                with T.sblock("high"):
-                    vi = T.axis.remap("S", [i])
-                    C[vi] = T.cast((T.cast(T.cast(A[vi], "int32") << T.int32(k), "int64")
-                                    * T.cast(M[vi], "int64") + D[vi])
-                                   >> T.int64(32), "int32") >> S[vi]
-
-    return shifted
+    return desc
 
 
 def _impl(source_dtype: str, lanes: int, pre_shift: int = 0):
