@@ -134,18 +134,27 @@ def test_per_tensor_multiplier_with_per_channel_bias() -> None:
     assert _tensorized(_compare(mod, x))
 
 
-@needs_avx2
-@pytest.mark.parametrize(("stride", "zero_point"), [(1, 0), (2, 0), (1, 77)])
-def test_int8_depthwise_exact(stride: int, zero_point: int) -> None:
-    weight = _weights((16, 1, 3, 3))
-    x = _activations((1, 16, 10, 10))
+def _depthwise_kernels(size: tuple[int, int], taps: int, stride: int,
+                       zero_point: int) -> list[tirx.PrimFunc]:
+    """The scheduled depthwise kernels of a 16-channel int8 depthwise layer, after checking the
+    build equals the unscheduled one; each must come from the int8 depthwise rule."""
+    weight = _weights((16, 1, taps, taps))
+    x = _activations((1, 16, *size))
     mod = _module(relax.TensorType(x.shape, "uint8"), lambda bb, v: _conv_block(
-        bb, v, weight, stride=stride, padding=1, groups=16, zero_point=zero_point,
+        bb, v, weight, stride=stride, padding=taps // 2, groups=16, zero_point=zero_point,
         requantize=True))
     scheduled = _compare(mod, x)
     kernels = [f for gv, f in scheduled.functions_items()
                if isinstance(f, tirx.PrimFunc) and "depthwise" in gv.name_hint]
-    assert kernels and all(f.attrs.get("tirx.is_scheduled", False) for f in kernels)
+    assert kernels and all(str(f.attrs.get("tvm_compress.rule")) == "depthwise_nchwc_int8"
+                           for f in kernels)
+    return kernels
+
+
+@needs_avx2
+@pytest.mark.parametrize(("stride", "zero_point"), [(1, 0), (2, 0), (1, 77)])
+def test_int8_depthwise_exact(stride: int, zero_point: int) -> None:
+    kernels = _depthwise_kernels((10, 10), 3, stride, zero_point)
     # the u8 -> fp32 conversion is inlined into the taps: no staged fp32 copy of the input
     assert all("data_f32" not in f.script() for f in kernels)
 
@@ -159,15 +168,7 @@ def test_int8_depthwise_5x5_short_rows_exact(size: tuple[int, int], stride: int,
     """5x5 taps on rows of 19 or 8 pixels (no divisor tile of 5-8): the tile spans several
     rows; with 25 taps and 100+ output pixels per plane (20 x 19, not 8 x 8) the input is
     converted once into an fp32 copy instead of at every tap."""
-    weight = _weights((16, 1, 5, 5))
-    x = _activations((1, 16, *size))
-    mod = _module(relax.TensorType(x.shape, "uint8"), lambda bb, v: _conv_block(
-        bb, v, weight, stride=stride, padding=2, groups=16, zero_point=zero_point,
-        requantize=True))
-    scheduled = _compare(mod, x)
-    kernels = [f for gv, f in scheduled.functions_items()
-               if isinstance(f, tirx.PrimFunc) and "depthwise" in gv.name_hint]
-    assert kernels and all(f.attrs.get("tirx.is_scheduled", False) for f in kernels)
+    kernels = _depthwise_kernels(size, 5, stride, zero_point)
     assert ["data_f32" in f.script() for f in kernels] == [staged] * len(kernels)
 
 
