@@ -138,7 +138,9 @@ class _Lowerer(PyExprMutator):
         if not terms or any([int(d) for d in t.source.ty.shape] != shape for t in terms):
             return None
         zero_point, shift, round_add = consts
-        bound = self._conv_bound(terms[0].source) if len(terms) == 1 else None
+        # the bound (every weight read as int64) is only needed to pre-shift shifts below 32
+        needed = len(terms) == 1 and int(np.min(shift)) < 32
+        bound = self._conv_bound(terms[0].source) if needed else None
         return _Chain(terms, round_add, shift, zero_point, int(clip.args[1].value),
                       int(clip.args[2].value), _dtype(call), bound)
 
@@ -218,10 +220,10 @@ def _high_mul_form(chain: _Chain, pre_shift: int = 0) -> bool:
     if np.any(term.zero != 0) or chain.shift.min() + pre_shift < 32 \
             or chain.shift.max() + pre_shift > 62:
         return False
-    if np.abs(term.bias).max() >= _INT32 or \
-            np.abs(term.bias * term.multiplier + chain.round_add).max() >= 2**63 >> pre_shift:
+    unshifted = _high_offset(chain)
+    if np.abs(term.bias).max() >= _INT32 or np.abs(unshifted).max() >= 2**63 >> pre_shift:
         return False
-    offset, m_max = _high_offset(chain, pre_shift), int(term.multiplier.max())
+    offset, m_max = unshifted << pre_shift, int(term.multiplier.max())
     wide = (-_INT32 * m_max + int(offset.min()), (_INT32 - 1) * m_max + int(offset.max()))
     zp = int(np.abs(chain.zero_point).max())
     shift = int(chain.shift.min()) + pre_shift
