@@ -66,7 +66,8 @@ def schedule_depthwise_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     multiplies are tensorized (``requantize_intrin``) before its pixels are vectorized."""
     producers, _ = producers_and_consumers(sch, block)
     n, c, y, x, ci, ry, rx = sch.get_loops(block)
-    rows, columns = pixel_tile(extent(sch, y), extent(sch, x), registers, integer=requantize)
+    height, width = extent(sch, y), extent(sch, x)
+    rows, columns = pixel_tile(height, width, registers, integer=requantize)
     y_o, y_i = sch.split(y, [None, rows])
     x_o, x_i = sch.split(x, [None, columns])
     sch.reorder(n, c, y_o, x_o, ry, rx, y_i, x_i, ci)
@@ -78,7 +79,7 @@ def schedule_depthwise_nchwc(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV
     stage = requantize and bool(producers) \
         and sch.get(producers[-1]).name_hint == "data_f32" \
         and extent(sch, ry) * extent(sch, rx) >= STAGE_TAPS \
-        and rows * columns * extent(sch, y_o) * extent(sch, x_o) >= STAGE_PIXELS
+        and height * width >= STAGE_PIXELS
     for producer in producers[:-1] if stage else producers:
         sch.compute_inline(producer)
     fused = parallelize(sch, [n, c, y_o], cores)
