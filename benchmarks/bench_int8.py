@@ -180,8 +180,9 @@ def machine_load() -> dict:
             "top_processes": [line.strip() for line in top]}
 
 
-def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
-    """Per-call minimum time (ms) of each kernel inside the running model, and its shapes."""
+def kernel_timer(path: Path):  # noqa: ANN201
+    """Build the model saved at ``path`` once; return ``measure(runs)``: the per-call minimum
+    time (ms) of each kernel inside the running model over ``runs`` runs, and its shapes."""
     import tvm
     from tvm import relax
 
@@ -192,18 +193,26 @@ def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
     scheduled = default_schedule_pipeline(target)(tvm.ir.load_json(path.read_text()))
     vm = relax.VirtualMachine(tvm.compile(scheduled, target), tvm.cpu())
     x = tvm.runtime.tensor(np.random.default_rng(0).random((1, 3, 224, 224), "float32"))
-    calls = kernel_call_times(vm, x, runs=runs, warmup=3)
-    out = {}
     kernels = {gv.name_hint for gv in scheduled.get_global_vars()}
-    for name, seconds in calls.items():
-        if name not in kernels:  # VM builtins (allocation)
-            continue
-        func = scheduled[name]
-        per_call = seconds * 1e3
-        out[name] = {"calls": len(per_call), "ms": float(per_call.sum()),
-                     "input": [int(d) for d in func.params[0].shape],
-                     "output": [int(d) for d in func.params[-1].shape]}
-    return out
+
+    def measure(runs: int) -> dict[str, dict]:
+        out = {}
+        for name, seconds in kernel_call_times(vm, x, runs=runs, warmup=3).items():
+            if name not in kernels:  # VM builtins (allocation)
+                continue
+            func = scheduled[name]
+            per_call = seconds * 1e3
+            out[name] = {"calls": len(per_call), "ms": float(per_call.sum()),
+                         "input": [int(d) for d in func.params[0].shape],
+                         "output": [int(d) for d in func.params[-1].shape]}
+        return out
+
+    return measure
+
+
+def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
+    """Per-call minimum time (ms) of each kernel inside the running model, and its shapes."""
+    return kernel_timer(path)(runs)
 
 
 def _kind(name: str) -> str:
