@@ -105,13 +105,13 @@ def _quality(entry: corpus.CorpusEntry, fp32: Any, int8: Any, shapes: corpus.Sha
 def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dict[str, Any]:
     """Each engine ``per_round`` timed calls per round, engines in turn, ``rounds`` rounds
     after one warm-up round."""
-    from tvm_compress.runtime.bench import time_callable
+    from tvm_compress.runtime.bench import settle, time_callable
 
     per: dict[str, list[float]] = {k: [] for k in engines}
     medians: dict[str, list[float]] = {k: [] for k in engines}
     for round_index in range(rounds + 1):
         for name, fn in engines.items():
-            time.sleep(0.02)
+            settle()
             stats = time_callable(fn, repeat=per_round, warmup=1 if round_index == 0 else 0)
             if round_index:
                 per[name].append(stats.p10_ms if per_round > 1 else stats.median_ms)

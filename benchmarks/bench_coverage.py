@@ -65,11 +65,14 @@ def load(name: str, size: int | None) -> tuple[Any, np.ndarray]:
 def interleaved(fns: dict[str, Any], rounds: int, per_round: int) -> dict[str, float]:
     """Typical ms of each engine: median over rounds of each round's fastest call, engines
     alternating round by round so that load from other processes hits them alike."""
+    from tvm_compress.runtime.bench import settle
+
     for fn in fns.values():
         fn()
     best: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            settle()
             times = []
             for _ in range(per_round):
                 start = time.perf_counter()

@@ -118,6 +118,8 @@ def _worker(kind: str, workload: str, conn) -> None:
 def interleaved(kinds: list[str], workload: str, *, rounds: int, per_round: int,
                 slow: frozenset[str] = frozenset()) -> tuple[dict, dict]:
     """Timings (ms) and outputs of each engine, one worker process each, interleaved rounds."""
+    from tvm_compress.runtime.bench import settle
+
     ctx = mp.get_context("spawn")
     workers = {}
     for kind in kinds:
@@ -131,7 +133,7 @@ def interleaved(kinds: list[str], workload: str, *, rounds: int, per_round: int,
         for kind, (_, conn) in workers.items():
             if kind in slow and round_index > 3:
                 continue
-            time.sleep(0.05)  # let the previous engine's spinning threads go idle
+            settle()
             conn.send(1 if kind in slow else per_round)
             measured = conn.recv()
             if round_index:

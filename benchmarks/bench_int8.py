@@ -143,6 +143,8 @@ def _worker(kind: str, tmp: str, images: np.ndarray, conn) -> None:
 def interleaved(tmp: Path, images: np.ndarray, *, rounds: int, per_round: int
                 ) -> tuple[dict, dict]:
     """Timings (ms) and logits on ``images`` of every engine, one process each, interleaved."""
+    from tvm_compress.runtime.bench import settle
+
     ctx = mp.get_context("spawn")
     workers = {}
     for kind in ENGINES:
@@ -154,7 +156,7 @@ def interleaved(tmp: Path, images: np.ndarray, *, rounds: int, per_round: int
     times: dict[str, list[list[float]]] = {kind: [] for kind in ENGINES}
     for round_index in range(rounds + 1):  # round 0 is warm-up
         for kind, (_, conn) in workers.items():
-            time.sleep(0.05)  # let the previous engine's spinning threads go idle
+            settle()
             conn.send(per_round)
             measured = conn.recv()
             if round_index:

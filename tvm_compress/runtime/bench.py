@@ -16,6 +16,17 @@ from tvm_compress.frontend.importers import Model, export_onnx
 from tvm_compress.frontend.inputs import random_feed
 from tvm_compress.runtime.threads import set_threads
 
+# Thread pools (ONNX Runtime's above all) keep spinning for tens of milliseconds after a call and
+# take the cores from whatever runs next. Measured on rapidocr_cls (0.4 ms a call, 2 cores, 2
+# threads each engine): TVM called 10-20 ms after ONNX Runtime ran 2x slower (0.83-0.94 ms),
+# at full speed (0.41-0.43 ms) from 50 ms on. Interleaved timings wait this long between engines.
+SETTLE_S = 0.1
+
+
+def settle() -> None:
+    """Wait until the previous engine's threads have gone idle (``SETTLE_S``)."""
+    time.sleep(SETTLE_S)
+
 
 def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
     """Median wall time of ``fn()`` after ``warmup`` calls."""
@@ -35,8 +46,8 @@ def interleaved(engines: dict[str, Callable[[], Any]], *, rounds: int = 5, per_r
 
     Each engine gets ``warmup`` untimed calls, then every round times ``per_round`` calls of each
     engine before moving to the next one, so a shared machine's slow spells hit all engines alike
-    (a sequential A-then-B timing has been off by 2x here). Returns each engine's statistics
-    over all its ``rounds * per_round`` calls.
+    (a sequential A-then-B timing has been off by 2x here); each engine's turn starts after
+    :func:`settle`. Returns each engine's statistics over all its ``rounds * per_round`` calls.
     """
     if rounds < 1 or per_round < 1:
         raise ValueError(f"interleaved timing needs rounds >= 1 and per_round >= 1, got "
@@ -47,6 +58,7 @@ def interleaved(engines: dict[str, Callable[[], Any]], *, rounds: int = 5, per_r
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(rounds):
         for name, fn in engines.items():
+            settle()
             for _ in range(per_round):
                 start = time.perf_counter()
                 fn()
