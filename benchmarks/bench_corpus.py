@@ -219,10 +219,12 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
         w7compiled = None
         if args.w7 and qcompiled is not None:
             try:
-                # what --wbits auto gives on this host: 7 bits, the depthwise layers 8
+                # what --wbits auto gives on this host: 7 bits, the depthwise layers 8 (fp32 where
+                # small and followed by a float island)
                 w7 = at_target_bits(QuantConfig(weight=QuantSpec(7, "symmetric", "per_channel"),
                                                 calib_samples=args.calib),
-                                    resolve_target("x86"), model.layers, bits=7)
+                                    resolve_target("x86"), model.layers, bits=7,
+                                    mod=model.mod)
                 w7res = _stage("quantize_w7", entry, quantize, model, w7, calib_arg,
                                progress=False)
                 w7compiled = _stage("build_x86_int8_w7", entry, build, w7res.model,

@@ -80,7 +80,7 @@ def prepare(tmp: Path, calib_n: int) -> dict:
     seconds = time.perf_counter() - start
     (tmp / "int8.json").write_text(tvm.ir.save_json(qmodel.model.mod))
     w7_config = at_target_bits(QuantConfig(weight=QuantSpec(*W7_WEIGHTS)), _target(),
-                               model.layers, bits=7)  # as --wbits auto: depthwise layers at 8
+                               model.layers, bits=7, mod=model.mod)  # as --wbits auto
     w7 = quantize(model, w7_config, calib, progress=False)
     (tmp / "int8_w7.json").write_text(tvm.ir.save_json(w7.model.mod))
     (tmp / "fp32.json").write_text(tvm.ir.save_json(model.mod))

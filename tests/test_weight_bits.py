@@ -151,3 +151,102 @@ def test_auto_quantize_keeps_the_depthwise_layers_at_eight_bits(
     assert r["config"]["weight"]["bits"] == 7
     assert r["config"]["overrides"] == {name: {"weight_bits": 8} for name in depthwise}
     assert r["weight_bits_choice"]["eight_bit_layers"] == depthwise
+
+
+class _IslandBlocks:
+    """Five depthwise layers, each followed by something else: ReLU6 then a 1x1 conv (integer
+    end to end), hardswish, SiLU, a squeeze-and-excitation gate, and a residual add."""
+
+    @staticmethod
+    def module():  # noqa: ANN205
+        import torch
+        from torch import nn
+        from torch.nn import functional as F  # noqa: N812
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                c = 16
+                self.stem = nn.Conv2d(3, c, 3, padding=1)
+                for name in ("dw_relu6", "dw_hswish", "dw_silu", "dw_se", "dw_res"):
+                    setattr(self, name, nn.Conv2d(c, c, 3, padding=1, groups=c))
+                    setattr(self, "bn_" + name, nn.BatchNorm2d(c))
+                    setattr(self, "pw_" + name, nn.Conv2d(c, c, 1))
+                self.se_down, self.se_up = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x = self.stem(x)
+                x = self.pw_dw_relu6(F.relu6(self.bn_dw_relu6(self.dw_relu6(x))))
+                x = self.pw_dw_hswish(F.hardswish(self.bn_dw_hswish(self.dw_hswish(x))))
+                x = self.pw_dw_silu(F.silu(self.bn_dw_silu(self.dw_silu(x))))
+                y = self.bn_dw_se(self.dw_se(x))
+                gate = torch.sigmoid(self.se_up(F.relu(self.se_down(y.mean((2, 3), True)))))
+                x = self.pw_dw_se(y * gate)
+                return self.pw_dw_res(self.bn_dw_res(self.dw_res(x)) + x)
+
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def island_model():  # noqa: ANN201
+    import torch
+
+    from tvm_compress.frontend.importers import from_torch
+
+    return from_torch(_IslandBlocks.module(), torch.randn(1, 3, 24, 24), name="islands")
+
+
+def test_small_depthwise_layers_feeding_a_float_island_stay_fp32_on_avx2(island_model,
+                                                                         monkeypatch) -> None:  # noqa: ANN001
+    """Structural: with the module, the auto config keeps fp32 exactly the depthwise layers
+    whose output goes through hardswish, SiLU or a gate; ReLU6 and residual ones stay int8 at 8
+    bits; large activations, other targets and no module leave the old rule."""
+    from tvm_compress.backend.schedules import hardware
+    from tvm_compress.quant.config import LayerOverride, QuantConfig, at_target_bits
+
+    avx2 = resolve_target("x86-avx2")
+    layers = island_model.layers
+    depthwise = sorted(layer.name for layer in layers if layer.kind == "depthwise")
+    assert depthwise == ["dw_hswish", "dw_relu6", "dw_res", "dw_se", "dw_silu"]
+    expected = {"dw_relu6": 8, "dw_res": 8, "dw_hswish": hardware.FP32,
+                "dw_silu": hardware.FP32, "dw_se": hardware.FP32}
+    assert hardware.preferred_weight_overrides(avx2, layers, island_model.mod) == expected
+    assert hardware.preferred_weight_overrides(avx2, layers) == dict.fromkeys(depthwise, 8)
+    assert hardware.preferred_weight_overrides(resolve_target("x86-vnni"), layers,
+                                               island_model.mod) == {}
+    config = at_target_bits(QuantConfig(), avx2, layers, mod=island_model.mod)
+    assert config.override("dw_silu") == LayerOverride(fp32=True)
+    assert config.override("dw_relu6") == LayerOverride(weight_bits=8)
+    monkeypatch.setattr(hardware, "FLOAT_DEPTHWISE_BYTES", 4 * 16 * 24 * 24 - 1)
+    assert hardware.preferred_weight_overrides(avx2, layers, island_model.mod) == \
+        dict.fromkeys(depthwise, 8)
+
+
+def test_float_depthwise_layers_build_fp32_kernels_and_keep_the_accuracy(island_model) -> None:
+    """Numeric: the auto build runs fp32 depthwise kernels for the island layers and int8 ones
+    for the others, and its outputs are as close to fp32 as the build with every depthwise
+    layer int8 (within 1 dB of output SQNR)."""
+    import numpy as np
+
+    from tvm_compress.backend.build import build
+    from tvm_compress.quant.config import QuantConfig, at_target_bits
+    from tvm_compress.quant.quantize import quantize
+
+    avx2 = resolve_target("x86-avx2")
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((16, 3, 24, 24)).astype("float32")
+    xs = rng.standard_normal((8, 3, 24, 24)).astype("float32")
+    reference = build(island_model, target="x86-avx2").predict(xs)
+    sqnr, rules = {}, {}
+    for name, mod in (("auto", island_model.mod), ("int8", None)):
+        config = at_target_bits(QuantConfig(calib_samples=16), avx2, island_model.layers,
+                                mod=mod)
+        compiled = build(quantize(island_model, config, calib, progress=False).model,
+                         target="x86-avx2")
+        noise = compiled.predict(xs) - reference
+        sqnr[name] = 10 * np.log10((reference ** 2).sum() / (noise ** 2).sum())
+        rules[name] = sorted(k.rule for k in compiled.kernels if "depthwise" in k.name)
+    assert rules["int8"] == ["depthwise_nchwc_int8"] * 5, rules
+    assert sorted(rules["auto"]) == ["depthwise_nchwc"] * 3 + ["depthwise_nchwc_int8"] * 2, rules
+    assert sqnr["auto"] > sqnr["int8"] - 1.0 and sqnr["auto"] > 20, sqnr

@@ -217,8 +217,9 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
     config = quant_config(args, weight_bits=auto_bits)
     with con.step(f"importing {args.model}"):
         model = load_model(args)
-    if auto_bits == 7:  # the layers whose kernel gains nothing from 7 bits keep 8
-        config = at_target_bits(config, resolve_target(args.target), model.layers)
+    if auto_bits == 7:  # the layers whose kernel gains nothing from 7 bits keep 8 (or fp32)
+        config = at_target_bits(config, resolve_target(args.target), model.layers,
+                                mod=model.mod)
     if args.calib == "auto":
         if model.task is None:
             raise UserError(f"{args.model} has no built-in calibration data; pass --calib "
@@ -272,6 +273,9 @@ def cmd_quantize(args: argparse.Namespace, con: Console) -> dict[str, Any]:
                 qmodel, int8, got, config = q8, lib8, got8, config8
         choice["chosen"] = config.weight.bits
         choice["eight_bit_layers"] = sorted(n for n, o in config.overrides if o.weight_bits == 8)
+        depthwise = {layer.name for layer in model.layers if layer.kind == "depthwise"}
+        choice["float_depthwise_layers"] = sorted(n for n, o in config.overrides
+                                                  if o.fp32 and n in depthwise)
     result = {"model": model.name, "config": config.to_dict(), "fp32_layers": qmodel.fp32_layers,
               "fp32": {k: v for k, v in ref.items() if k != "logits"},
               "quantized": {k: v for k, v in got.items() if k != "logits"},
@@ -336,6 +340,10 @@ def _print_quant(con: Console, r: dict[str, Any]) -> None:
         kept = choice.get("eight_bit_layers", [])
         extra = (f", {len(kept)} depthwise layer(s) at 8 (as fast, more accurate)"
                  if choice["chosen"] == 7 and kept else "")
+        floats = choice.get("float_depthwise_layers", [])
+        if choice["chosen"] == 7 and floats:
+            extra += (f", {len(floats)} depthwise layer(s) fp32 (they feed a float activation; "
+                      "faster than int8 without VNNI)")
         con.err.print(f"weight bits: {choice['chosen']}{extra} (--wbits auto on a target with "
                       f"AVX2 and no VNNI; {tried})")
 

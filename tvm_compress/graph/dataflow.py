@@ -101,3 +101,42 @@ def emit_named(bb: relax.BlockBuilder, value: relax.Expr, name: str, *,
     var = (relax.DataflowVar if dataflow else relax.Var)(name, value.ty)
     bb.emit_normalized(relax.VarBinding(var, value))
     return var
+
+
+# Ops an integer graph computes exactly on the quantized values (a quantized tensor passes
+# through them and stays integer): batch norm folds into the conv, bias adds and scales fold
+# into the requantization, ReLU / clip are integer clamps.
+_FOLDED = {"relax.nn.batch_norm", "relax.nn.relu", "relax.clip", "relax.maximum",
+           "relax.minimum", "relax.add", "relax.subtract", "relax.multiply", "relax.divide"}
+_NONLINEAR = {"relax.sigmoid", "relax.nn.silu", "relax.tanh", "relax.exp", "relax.nn.gelu",
+              "relax.nn.gelu_tanh", "relax.erf", "relax.nn.softmax", "relax.mean", "relax.sum",
+              "relax.nn.adaptive_avg_pool2d", "relax.power", "relax.sqrt", "relax.rsqrt"}
+
+
+def feeds_float_island(view: DataflowView, var: relax.Var, *, limit: int = 16) -> bool:
+    """Whether ``var``'s value, before it reaches another layer, goes through a float island:
+    a product of two activations (hardswish ``x * clip(x + 3, 0, 6) / 6``, SiLU, a
+    squeeze-and-excitation gate) or a non-linear / reducing op (sigmoid, mean, softmax, ...).
+    Batch norm, bias adds and scales by constants, ReLU and clips pass through; a residual add
+    of two activations, a conv, a matmul or anything else ends the search."""
+    items: dict[relax.Var, list[relax.Var]] = {}  # batch norm's tuple -> its TupleGetItems
+    for b in view.bindings:
+        if isinstance(b.value, relax.TupleGetItem) and isinstance(b.value.tuple_value, relax.Var):
+            items.setdefault(b.value.tuple_value, []).append(b.var)
+    frontier, seen = [var], {var}
+    while frontier and len(seen) <= limit:
+        current = frontier.pop()
+        for user in view.users.get(current, []) + items.get(current, []):
+            value = view.values[user]
+            op = op_name(value)
+            if op in _NONLINEAR:
+                return True
+            constants = [is_const(a) for a in call_args(value)]
+            if op in ("relax.multiply", "relax.divide") and not any(constants):
+                return True
+            passes = isinstance(value, relax.TupleGetItem) or (
+                op in _FOLDED and (op not in ("relax.add", "relax.subtract") or any(constants)))
+            if passes and user not in seen:
+                seen.add(user)
+                frontier.append(user)
+    return False

@@ -189,12 +189,14 @@ class QuantConfig:
 
 
 def at_target_bits(config: QuantConfig, target: Any, layers: Iterable[Any],
-                   bits: int | None = None) -> QuantConfig:
+                   bits: int | None = None, *, mod: Any = None) -> QuantConfig:
     """``config`` with the weight bits ``target``'s int8 kernels prefer and their per-layer
     exceptions (``hardware.preferred_weight_bits`` / ``preferred_weight_overrides``: on AVX2
-    without VNNI 7 bits, the depthwise layers 8). ``bits`` replaces the preferred bits (8 gives
-    8 everywhere, no exceptions)."""
+    without VNNI 7 bits, the depthwise layers 8, and with the model's module ``mod`` the small
+    depthwise layers that feed a float island fp32). ``bits`` replaces the preferred bits (8
+    gives 8 everywhere, no exceptions)."""
     from tvm_compress.backend.schedules.hardware import (
+        FP32,
         preferred_weight_bits,
         preferred_weight_overrides,
     )
@@ -203,7 +205,7 @@ def at_target_bits(config: QuantConfig, target: Any, layers: Iterable[Any],
     config = replace(config, weight=replace(config.weight, bits=chosen))
     if chosen != preferred_weight_bits(target):
         return config
-    extra = {name: LayerOverride(weight_bits=b)
-             for name, b in preferred_weight_overrides(target, layers).items()
+    extra = {name: LayerOverride(fp32=True) if b == FP32 else LayerOverride(weight_bits=b)
+             for name, b in preferred_weight_overrides(target, layers, mod).items()
              if config.override(name) is None}
     return config.with_overrides(extra) if extra else config

@@ -469,7 +469,7 @@ def quantize_default(model: Any, con: Any, target: Any) -> tuple[Any, dict[str, 
         raise UserError(f"compile --int8 calibrates on a zoo model's own data and {model.name} "
                         "has none: run `tvm-compress quantize MODEL --calib FILE.npz -o DIR`, "
                         "then `tvm-compress compress MODEL --plan DIR/plan.json`")
-    config = at_target_bits(QuantConfig(), target, model.layers)
+    config = at_target_bits(QuantConfig(), target, model.layers, mod=model.mod)
     calib, _ = task_data(model.task, "calib")
     with con.step(f"quantizing ({config.short()})"):
         qmodel = quantize(model, config, calib, progress=False)
