@@ -165,12 +165,12 @@ def preferred_weight_overrides(target: tvm.target.Target, layers: Iterable[Any],
     With the model's module ``mod``, a depthwise layer whose output goes through a float island
     (hardswish, SiLU, a squeeze-and-excitation gate: ``dataflow.feeds_float_island``) and whose
     fp32 input fits ``FLOAT_DEPTHWISE_BYTES`` stays fp32: its int8 kernel would add the u8 ->
-    fp32 conversion and the requantization to the same FMAs and still end in float arithmetic,
-    while the fp32 kernel computes the island in registers. Measured (AVX2 host, int8 / fp32 of
-    the whole model with every depthwise layer int8 -> fp32): EfficientNet-B0 0.83 -> 0.71,
-    MobileNetV3 0.70 -> 0.61, the PaddleOCR classifiers 1.05 -> 0.91 and 1.02 -> 0.76; where
-    activations are large (PP-PicoDet at 800 x 608: 0.77 -> 0.83) or no island follows
-    (ShuffleNetV2: 0.55 -> 0.64) the int8 kernel stays faster.
+    fp32 conversions, the requantization and the island's table or float epilogue to the same
+    FMAs, while the fp32 kernel computes the island in registers. Measured (AVX2 host, whole models,
+    int8 / fp32 with every depthwise layer int8, then with this rule): EfficientNet-B0 0.83 ->
+    0.77, MobileNetV3-Large 0.67 -> 0.61, the PaddleOCR classifiers 0.94 -> 0.82 and 1.07 ->
+    0.94, PP-PicoDet at 800 x 608 0.78 either way. Every depthwise layer fp32 (no rule) made
+    ShuffleNetV2 (no island) 0.55 -> 0.64 and PP-PicoDet (large activations) 0.77 -> 0.83.
     """
     if preferred_weight_bits(target) == 8:
         return {}
