@@ -118,7 +118,7 @@ def _worker(kind: str, workload: str, conn) -> None:
 def interleaved(kinds: list[str], workload: str, *, rounds: int, per_round: int,
                 slow: frozenset[str] = frozenset()) -> tuple[dict, dict]:
     """Timings (ms) and outputs of each engine, one worker process each, interleaved rounds."""
-    from tvm_compress.runtime.bench import settle
+    from tvm_compress.runtime.bench import SETTLE_PROCESSES_S, settle
 
     ctx = mp.get_context("spawn")
     workers = {}
@@ -133,7 +133,7 @@ def interleaved(kinds: list[str], workload: str, *, rounds: int, per_round: int,
         for kind, (_, conn) in workers.items():
             if kind in slow and round_index > 3:
                 continue
-            settle()
+            settle(SETTLE_PROCESSES_S)
             conn.send(1 if kind in slow else per_round)
             measured = conn.recv()
             if round_index:

@@ -143,7 +143,7 @@ def _worker(kind: str, tmp: str, images: np.ndarray, conn) -> None:
 def interleaved(tmp: Path, images: np.ndarray, *, rounds: int, per_round: int
                 ) -> tuple[dict, dict]:
     """Timings (ms) and logits on ``images`` of every engine, one process each, interleaved."""
-    from tvm_compress.runtime.bench import settle
+    from tvm_compress.runtime.bench import SETTLE_PROCESSES_S, settle
 
     ctx = mp.get_context("spawn")
     workers = {}
@@ -156,7 +156,7 @@ def interleaved(tmp: Path, images: np.ndarray, *, rounds: int, per_round: int
     times: dict[str, list[list[float]]] = {kind: [] for kind in ENGINES}
     for round_index in range(rounds + 1):  # round 0 is warm-up
         for kind, (_, conn) in workers.items():
-            settle()
+            settle(SETTLE_PROCESSES_S)
             conn.send(per_round)
             measured = conn.recv()
             if round_index:

@@ -219,7 +219,7 @@ def interleaved(name: str, batch: int, tmp: Path, *, rounds: int, per_round: int
     in interleaved rounds; returns timings, per-engine build info, and the tuned kernels."""
     import multiprocessing as mp
 
-    from tvm_compress.runtime.bench import settle
+    from tvm_compress.runtime.bench import SETTLE_PROCESSES_S, settle
 
     ctx = mp.get_context("spawn")
     workers = {}
@@ -234,7 +234,7 @@ def interleaved(name: str, batch: int, tmp: Path, *, rounds: int, per_round: int
     times: dict[str, list[list[float]]] = {k: [] for k in live}
     for round_index in range(rounds + 1):  # round 0 warms up
         for kind, (_, conn) in live.items():
-            settle()
+            settle(SETTLE_PROCESSES_S)
             conn.send(per_round)
             measured = conn.recv()
             if round_index:

@@ -52,3 +52,16 @@ def test_interleaved_timing_lets_each_engines_threads_settle_before_its_turn(mon
     assert events == ["a", "b"] + ["settle", "a", "a", "settle", "b", "b"] * 2
     assert set(stats) == {"a", "b"} and all(s.median_ms >= 0 for s in stats.values())
     assert bench.SETTLE_S >= 0.05  # measured: 10-20 ms after ONNX Runtime still ran TVM 2x slow
+
+
+def test_settle_waits_longer_between_engine_processes(monkeypatch) -> None:  # noqa: ANN001
+    """Process-per-engine benchmarks wait SETTLE_PROCESSES_S (TVM's pool in the previous
+    process yields for longer than ONNX Runtime's spins), in-process ones SETTLE_S."""
+    from tvm_compress.runtime import bench
+
+    slept: list[float] = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    bench.settle()
+    bench.settle(bench.SETTLE_PROCESSES_S)
+    assert slept == [bench.SETTLE_S, bench.SETTLE_PROCESSES_S]
+    assert bench.SETTLE_PROCESSES_S > bench.SETTLE_S

@@ -21,11 +21,16 @@ from tvm_compress.runtime.threads import set_threads
 # threads each engine): TVM called 10-20 ms after ONNX Runtime ran 2x slower (0.83-0.94 ms),
 # at full speed (0.41-0.43 ms) from 50 ms on. Interleaved timings wait this long between engines.
 SETTLE_S = 0.1
+# Engines in separate processes (one per engine) wait longer: TVM's pool threads in the previous
+# process keep yielding for longer than 0.1 s (TVM_THREAD_POOL_SPIN_COUNT) and slow the next TVM
+# process on the same cores. MobileNetV2 in bench_int8: with 0.1 s the 7-bit build's typical time
+# was 1.9x its minimum (5.33 vs 2.83 ms); with 0.5 s every engine's typical is within 2% of it.
+SETTLE_PROCESSES_S = 0.5
 
 
-def settle() -> None:
-    """Wait until the previous engine's threads have gone idle (``SETTLE_S``)."""
-    time.sleep(SETTLE_S)
+def settle(seconds: float | None = None) -> None:
+    """Wait until the previous engine's threads have gone idle (``SETTLE_S`` by default)."""
+    time.sleep(SETTLE_S if seconds is None else seconds)
 
 
 def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
