@@ -52,25 +52,30 @@ class DataflowView:
     values: dict[relax.Var, relax.Expr]
     users: dict[relax.Var, list[relax.Var]]
     outputs: set[relax.Var]
+    items: dict[relax.Var, list[relax.Var]]  # tuple var -> its TupleGetItem vars (not in users)
 
     @classmethod
     def of(cls, func: relax.Function) -> DataflowView:
         bs = bindings(func)
         values = {b.var: b.value for b in bs}
         users: dict[relax.Var, list[relax.Var]] = {}
+        items: dict[relax.Var, list[relax.Var]] = {}
         for b in bs:
             for arg in call_args(b.value):
                 if isinstance(arg, relax.Var):
                     users.setdefault(arg, []).append(b.var)
             if isinstance(b.value, relax.Var):
                 users.setdefault(b.value, []).append(b.var)
+            if isinstance(b.value, relax.TupleGetItem) and isinstance(b.value.tuple_value,
+                                                                      relax.Var):
+                items.setdefault(b.value.tuple_value, []).append(b.var)
         result = func.body.body if isinstance(func.body, relax.SeqExpr) else None
         outputs = set()
         if isinstance(result, relax.Var):
             outputs.add(result)
         elif isinstance(result, relax.Tuple):
             outputs.update(f for f in result.fields if isinstance(f, relax.Var))
-        return cls(func, bs, values, users, outputs)
+        return cls(func, bs, values, users, outputs, items)
 
     def resolve(self, expr: relax.Expr) -> relax.Expr:
         """Follow a value through bound views (transposes, reshapes) to its origin."""
@@ -119,14 +124,10 @@ def feeds_float_island(view: DataflowView, var: relax.Var, *, limit: int = 16) -
     squeeze-and-excitation gate) or a non-linear / reducing op (sigmoid, mean, softmax, ...).
     Batch norm, bias adds and scales by constants, ReLU and clips pass through; a residual add
     of two activations, a conv, a matmul or anything else ends the search."""
-    items: dict[relax.Var, list[relax.Var]] = {}  # batch norm's tuple -> its TupleGetItems
-    for b in view.bindings:
-        if isinstance(b.value, relax.TupleGetItem) and isinstance(b.value.tuple_value, relax.Var):
-            items.setdefault(b.value.tuple_value, []).append(b.var)
     frontier, seen = [var], {var}
     while frontier and len(seen) <= limit:
         current = frontier.pop()
-        for user in view.users.get(current, []) + items.get(current, []):
+        for user in view.users.get(current, []) + view.items.get(current, []):
             value = view.values[user]
             op = op_name(value)
             if op in _NONLINEAR:

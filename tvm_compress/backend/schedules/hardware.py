@@ -181,8 +181,9 @@ def preferred_weight_overrides(target: tvm.target.Target, layers: Iterable[Any],
 
         view = DataflowView.of(mod["main"])
         islands = {layer.name for var, layer in scan_layers(mod["main"])
-                   if layer.kind == "depthwise" and feeds_float_island(view, var)
-                   and 4 * math.prod(layer.input_shape) <= FLOAT_DEPTHWISE_BYTES}
+                   if layer.kind == "depthwise"
+                   and 4 * math.prod(layer.input_shape) <= FLOAT_DEPTHWISE_BYTES
+                   and feeds_float_island(view, var)}
     return {layer.name: FP32 if layer.name in islands else 8
             for layer in layers if layer.kind == "depthwise"}
 
