@@ -72,10 +72,14 @@ class Model:
 
 
 def finalize(mod: tvm.IRModule, layer_names: dict[str, str]) -> tvm.IRModule:
-    """Name layers after their weights and bind the weights as constants."""
+    """Name layers after their weights, bind the weights as constants and simplify the
+    importer's float -> integer casts (``casts``)."""
     from tvm.relax.frontend import detach_params
 
+    from tvm_compress.frontend.casts import simplify_integer_casts
+
     mod, params = detach_params(mod)
+    mod = simplify_integer_casts(mod)
     mod = name_layers(mod, layer_names)
     weights = params.get("main", []) if params else []
     if weights:
