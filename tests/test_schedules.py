@@ -477,3 +477,40 @@ def test_kernel_call_times_sees_every_kernel_call(tiny_cnn: nn.Module,
     # instrumentation is removed afterwards: plain calls still work and give the same output
     out = compiled.vm["main"](tvm.runtime.tensor(tiny_input))
     np.testing.assert_allclose(out.numpy(), compiled.run(tiny_input), rtol=1e-6)
+
+
+def _elementwise_kernel(shape: tuple[int, ...]) -> tuple[tirx.PrimFunc, np.ndarray, np.ndarray]:
+    from conftest import relax_main
+
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    mod = relax_main(relax.TensorType(shape, "float32"),
+                     lambda bb, v: relax.op.sigmoid(relax.op.add(v, relax.const(np.float32(1)))))
+    scheduled = default_schedule_pipeline(HOST)(mod)
+    kernel = next(f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc))
+    expected = 1 / (1 + np.exp(-(x + 1)))
+    return kernel, _run(scheduled, x), expected
+
+
+@pytest.mark.parametrize(("shape", "parallel"), [((1, 512), False), ((1, 2048), False),
+                                                 ((1, 64, 32, 32), True)])
+def test_small_kernels_run_on_one_core(shape: tuple[int, ...], parallel: bool) -> None:
+    # An LSTM step's gates (512-2048 elements): waking the second core costs more than the
+    # work (rules.SERIAL_ITERATIONS); a 64-channel feature map is still split across cores.
+    kernel, out, expected = _elementwise_kernel(shape)
+    text = kernel.script()
+    assert ("T.parallel" in text) == parallel, text[:800]
+    assert "T.vectorized(T.int64(8))" in text, text[:800]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_iterations_counts_every_block_with_its_reduction() -> None:
+    from tvm import te
+
+    from tvm_compress.backend.schedules.rules import iterations
+
+    a = te.placeholder((4, 8), "float32", name="a")
+    b = te.placeholder((8, 16), "float32", name="b")
+    k = te.reduce_axis((0, 8), "k")
+    mm = te.compute((4, 16), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="mm")
+    out = te.compute((4, 16), lambda i, j: mm[i, j] + 1, name="out")
+    assert iterations(te.create_prim_func([a, b, out])) == 4 * 16 * 8 + 4 * 16

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from tvm_compress.backend.schedules.blocks import find_kernel, inline_side_inputs
+from tvm_compress.backend.schedules.blocks import (
+    child_blocks,
+    extent,
+    find_kernel,
+    inline_side_inputs,
+)
 from tvm_compress.backend.schedules.compute import CONV_NCHWC, DEPTHWISE_NCHWC
 from tvm_compress.backend.schedules.conv2d import schedule_conv2d_nchwc
 from tvm_compress.backend.schedules.dense import find_matmul, schedule_matmul
@@ -118,8 +124,40 @@ RULES: list[tuple[str, Rule]] = [
 ]
 
 
+# Functions with at most this many loop iterations (summed over their blocks, reductions
+# included) are scheduled for one core: waking the second core of the pool and waiting for it
+# costs about 1 us per call (2-core AVX2 host, workers spinning), more than such a function
+# takes alone. Measured there: a 4096-element add takes 0.2 us alone, 1.5 us in parallel;
+# a 65536-element one 6.3 us alone, 4.2 us in parallel. The unrolled LSTM of an OCR model
+# runs hundreds of such 512- to 2048-element functions per call (``docs/status.md``).
+SERIAL_ITERATIONS = 4096
+
+
+def iterations(func: tirx.PrimFunc) -> int:
+    """Loop iterations of ``func``'s blocks (product of each block's loop extents), summed;
+    a dynamic extent counts as unbounded."""
+    sch = s_tir.Schedule(func)
+    total = 0
+    for block in child_blocks(sch):
+        count = 1
+        for loop in sch.get_loops(block):
+            try:
+                count *= extent(sch, loop)
+            except ValueError:
+                return sys.maxsize
+        total += count
+    return total
+
+
+def _one_core(target: tvm.target.Target) -> tvm.target.Target:
+    return tvm.target.Target({**target.export(), "num-cores": 1})
+
+
 def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc | None:
-    """The first rule's schedule of ``func``, or None when no rule applies cleanly."""
+    """The first rule's schedule of ``func``, or None when no rule applies cleanly; small
+    functions (``SERIAL_ITERATIONS``) get a one-core schedule."""
+    if num_cores(target) > 1 and iterations(func) <= SERIAL_ITERATIONS:
+        target = _one_core(target)
     for name, rule in RULES:
         sch = s_tir.Schedule(func)
         try:
