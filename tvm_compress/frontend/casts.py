@@ -9,7 +9,7 @@ undefined: non-finite values become 0 and out-of-range ones wrap modulo 2**bits:
 
 On the int64 remainder LLVM has no vector instruction, so every element goes through scalar
 64-bit divisions: in ``ddddocr_common_old`` (ONNX Runtime's dynamic quantization: each
-ConvInteger's output and bias cast to int32) these kernels took 4 of its 18 ms.
+ConvInteger's output and bias cast to int32) these kernels took about 4 of its 16 ms.
 
 The chain is replaced by ``astype(x, int32)`` (then ``astype(.., type)`` for narrower types,
 which wraps as the chain does). For every finite value in int32's range the result is the same;
@@ -25,10 +25,10 @@ from tvm import relax
 from tvm_compress.backend.schedules.rewrite import bound_call, rewrite_functions
 
 
-def _const(expr: relax.Expr, mutator: relax.PyExprMutator | None = None) -> int | None:
-    """The value of a one-element integer constant or (``mutator`` given) of a sum of two."""
+def _const(expr: relax.Expr, mutator: relax.PyExprMutator | None = None) -> int | float | None:
+    """The value of a one-element constant or (``mutator`` given) of a sum of two."""
     if isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1:
-        return int(expr.value.numpy().reshape(()))
+        return expr.value.numpy().reshape(()).item()
     total = None if mutator is None else bound_call(mutator, expr, "relax.add")
     if total is not None:
         parts = [_const(arg) for arg in total.args]
