@@ -36,6 +36,21 @@ def relax_main(x_type: object, body) -> object:  # noqa: ANN001
     return bb.get()
 
 
+def relax_op_names(mod: object) -> set[str]:
+    """Names of the Relax operators ``mod``'s ``main`` calls."""
+    import tvm
+    from tvm import relax
+
+    names: set[str] = set()
+
+    def visit(expr) -> None:  # noqa: ANN001
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.add(str(expr.op.name))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names
+
+
 class TinyCNN(nn.Module):
     """conv-bn-relu, depthwise, a residual add, global pool, linear: every layer kind we name."""
 

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import tvm
+from conftest import relax_op_names
 from tvm import relax
 
 from tvm_compress.backend.schedules import lookup
@@ -58,17 +59,6 @@ def _tables(mod: tvm.IRModule) -> tvm.IRModule:
         return lookup.lookup_tables(mod)
 
 
-def _ops(mod: tvm.IRModule) -> set[str]:
-    names: set[str] = set()
-
-    def visit(expr) -> None:  # noqa: ANN001
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-            names.add(str(expr.op.name))
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return names
-
-
 def _run(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
     vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
     return vm["main"](*(tvm.runtime.tensor(x) for x in inputs)).numpy()
@@ -83,7 +73,7 @@ def _every_value(dtype: str) -> np.ndarray:
 def test_island_becomes_table_with_the_same_values(q_dtype: str, end: str) -> None:
     mod = _island(q_dtype, end=end)
     rewritten = _tables(mod)
-    ops = _ops(rewritten)
+    ops = relax_op_names(rewritten)
     assert not ops & {"relax.dequantize", "relax.divide", "relax.quantize"}, ops
     tables = [f for _, f in rewritten.functions_items()
               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get(lookup.LOOKUP_ATTR)]

@@ -24,6 +24,8 @@ from tvm import relax
 
 from tvm_compress.backend.schedules.rewrite import bound_call, rewrite_functions
 
+_INT, _UINT = 0, 1  # tvm.DataType type codes
+
 
 def _const(expr: relax.Expr, mutator: relax.PyExprMutator | None = None) -> int | float | None:
     """The value of a one-element constant or (``mutator`` given) of a sum of two."""
@@ -46,10 +48,9 @@ class _Casts(relax.expr_functor.PyExprMutator):
 
     def _source(self, cast: relax.Call) -> relax.Expr | None:
         """The float ``x`` that ``cast`` converts through the importer's chain, or None."""
-        dtype = str(cast.attrs.dtype)
-        signed = dtype.startswith("int")
-        bits = int(dtype[3:] if signed else dtype[4:]) if dtype[:3] in ("int", "uin") else 0
-        if bits not in (8, 16, 32):
+        dtype = tvm.DataType(str(cast.attrs.dtype))
+        signed, bits = dtype.type_code == _INT, dtype.bits
+        if dtype.type_code not in (_INT, _UINT) or bits not in (8, 16, 32):
             return None
         wrapped = cast.args[0]
         if signed:
