@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -27,6 +28,16 @@ def op_name(expr: relax.Expr) -> str | None:
 
 def is_const(expr: relax.Expr) -> bool:
     return isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, tvm.runtime.Tensor)
+
+
+def uniform_value(expr: relax.Expr) -> np.ndarray | None:
+    """The single value of a constant whose elements are all equal, as a 0-d array."""
+    if not isinstance(expr, tvm.ir.expr.Constant) or not hasattr(expr.value, "numpy"):
+        return None
+    value = expr.value.numpy()
+    if value.size == 0 or not np.all(value == value.flat[0]):
+        return None
+    return np.array(value.flat[0], value.dtype)
 
 
 def shape_of(expr: relax.Expr) -> tuple[int, ...]:
@@ -141,3 +152,43 @@ def feeds_float_island(view: DataflowView, var: relax.Var, *, limit: int = 16) -
                 seen.add(user)
                 frontier.append(user)
     return False
+
+
+# Element-wise float ops a function of one 8-bit tensor can be tabulated through
+# (``backend.schedules.lookup``): unary ones, and binary ones whose other operand is the same
+# tensor or a constant with all elements equal.
+TABLE_UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
+               "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.exp",
+               "relax.negative", "relax.abs", "relax.sqrt", "relax.rsqrt", "relax.square",
+               "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus", "relax.erf"}
+TABLE_BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+                "relax.minimum", "relax.power"}
+TABLE_MIN_OPS = 2  # smaller islands (a lone ReLU, already an integer clip) stay as they are
+
+
+def feeds_table(view: DataflowView, var: relax.Var) -> bool:
+    """Whether every user of ``var`` belongs to a float island of ``var`` alone: element-wise
+    ops (``TABLE_UNARY`` / ``TABLE_BINARY``) whose operands are ``var``, other island ops or
+    uniform constants, at least ``TABLE_MIN_OPS`` of them (SiLU ``x * sigmoid(x)``, hardswish,
+    GELU). Quantized to 8 bits, ``var`` then has 256 values and the island becomes a table."""
+    shape, dtype = var.ty.shape, str(var.ty.dtype)
+    island: set[relax.Var] = set()
+    frontier = [var]
+    while frontier:  # every element-wise op reachable from var through element-wise ops
+        for user in view.users.get(frontier.pop(), []):
+            value = view.values[user]
+            if user not in island and op_name(value) in TABLE_UNARY | TABLE_BINARY \
+                    and str(value.ty.dtype) == dtype \
+                    and list(value.ty.shape) == list(shape):
+                island.add(user)
+                frontier.append(user)
+    changed = True
+    while changed:  # drop ops with an operand from outside, and what depends on them
+        changed = False
+        for user in list(island):
+            if not all(a.same_as(var) or a in island or uniform_value(a) is not None
+                       for a in call_args(view.values[user])):
+                island.discard(user)
+                changed = True
+    return var not in view.outputs and len(island) >= TABLE_MIN_OPS \
+        and all(u in island for u in view.users.get(var, []))

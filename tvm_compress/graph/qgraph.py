@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 
 from tvm_compress.frontend.layers import Layer, scan_layers
-from tvm_compress.graph.dataflow import DataflowView, is_const, op_name, shape_of
+from tvm_compress.graph.dataflow import DataflowView, feeds_table, is_const, op_name, shape_of
 from tvm_compress.quant.config import QuantConfig
 
 CONV, MATMUL, ADD = "relax.nn.conv2d", "relax.matmul", "relax.add"
@@ -148,7 +148,7 @@ def _points(view: DataflowView, sites: list[LayerSite], config: QuantConfig) -> 
             if (site is not None and site.data.same_as(var)) or \
                     view.op(u) in (ADD, CONCAT, *SCALE_PRESERVING):
                 return True
-        return False
+        return feeds_table(view, var)
 
     def add(var: relax.Var, name: str, bits: int, shares: str | None = None) -> None:
         if name in points:  # two slices of one tensor (a channel split): "p>strided_slice#1"

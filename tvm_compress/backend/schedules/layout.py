@@ -24,7 +24,8 @@ from tvm_compress.backend.schedules.rewrite import rewrite_functions
 _UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
           "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.exp",
           "relax.negative", "relax.abs", "relax.sqrt", "relax.rsqrt", "relax.square",
-          "relax.astype", "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus"}
+          "relax.astype", "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus",
+          "relax.erf"}
 _BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
            "relax.minimum", "relax.power", "relax.right_shift", "relax.left_shift",
            "relax.bitwise_and", "relax.bitwise_or", "relax.bitwise_xor"}

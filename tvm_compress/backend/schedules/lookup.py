@@ -29,14 +29,9 @@ from tvm import relax, te
 from tvm_compress.backend.schedules import fast_math
 from tvm_compress.backend.schedules.hardware import host_cpu
 from tvm_compress.backend.schedules.rewrite import rewrite_functions
+from tvm_compress.graph.dataflow import TABLE_BINARY, TABLE_UNARY, uniform_value
+from tvm_compress.graph.dataflow import TABLE_MIN_OPS as MIN_OPS
 
-_UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.gelu",
-          "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.exp",
-          "relax.negative", "relax.abs", "relax.sqrt", "relax.rsqrt", "relax.square",
-          "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus", "relax.erf"}
-_BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
-           "relax.minimum", "relax.power"}
-MIN_OPS = 2  # islands smaller than this are left to the float epilogue
 LOOKUP_ATTR = "tvm_compress.lookup"
 
 
@@ -44,16 +39,6 @@ def _op(value: relax.Expr) -> str | None:
     if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
         return str(value.op.name)
     return None
-
-
-def _uniform(expr: relax.Expr) -> np.ndarray | None:
-    """The single value of a constant whose elements are all equal, as a 0-d array."""
-    if not isinstance(expr, tvm.ir.expr.Constant) or not hasattr(expr.value, "numpy"):
-        return None
-    value = expr.value.numpy()
-    if value.size == 0 or not np.all(value == value.flat[0]):
-        return None
-    return np.array(value.flat[0], value.dtype)
 
 
 @dataclass(frozen=True)
@@ -97,16 +82,16 @@ class _Islands:
         name = _op(value)
         if name == "relax.dequantize":
             q, scale, zp = value.args
-            scale, zp = _uniform(scale), _uniform(zp)
+            scale, zp = uniform_value(scale), uniform_value(zp)
             if scale is None or zp is None or str(q.ty.dtype) not in ("uint8", "int8") \
                     or str(value.ty.dtype) != "float32":
                 return None, frozenset()
             return _Leaf(var, q, scale, zp), frozenset()
-        if name not in _UNARY and name not in _BINARY or str(value.ty.dtype) != "float32":
+        if name not in TABLE_UNARY and name not in TABLE_BINARY or str(value.ty.dtype) != "float32":
             return None, frozenset()
         leaf, ops = None, {var}
         for arg in value.args:
-            if _uniform(arg) is not None:
+            if uniform_value(arg) is not None:
                 continue
             found = self.leaf(arg)
             if found is None or (leaf is not None and not found.var.same_as(leaf.var)):
@@ -142,8 +127,8 @@ def _var_args(value: relax.Expr) -> list[relax.Var]:
 
 def _quantized(value: relax.Expr) -> bool:
     """A per-tensor quantize to 8 bits (what an integer table can end with)."""
-    return _op(value) == "relax.quantize" and _uniform(value.args[1]) is not None \
-        and _uniform(value.args[2]) is not None \
+    return _op(value) == "relax.quantize" and uniform_value(value.args[1]) is not None \
+        and uniform_value(value.args[2]) is not None \
         and str(value.ty.dtype) in ("uint8", "int8")
 
 
@@ -161,7 +146,7 @@ def _rebuild(islands: _Islands, var: relax.Var, x: relax.Expr, leaf: _Leaf,
         value = islands.values[var]
         args = []
         for arg in value.args:
-            scalar = _uniform(arg)
+            scalar = uniform_value(arg)
             args.append(relax.const(scalar, str(scalar.dtype)) if scalar is not None
                         else _rebuild(islands, arg, x, leaf, bb, memo))
         out = bb.emit(relax.Call(value.op, args, value.attrs))
@@ -193,7 +178,7 @@ def compute_tables(islands: _Islands,
             for (top, leaf, quantize), x in zip(requests, params, strict=True):
                 y = _rebuild(islands, top, x, leaf, bb, {})
                 if quantize is not None:
-                    scale, zp = _uniform(quantize.args[1]), _uniform(quantize.args[2])
+                    scale, zp = uniform_value(quantize.args[1]), uniform_value(quantize.args[2])
                     y = bb.emit(relax.op.quantize(
                         y, relax.const(scale, str(scale.dtype)),
                         relax.const(zp, str(zp.dtype)), axis=0,
