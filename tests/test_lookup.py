@@ -219,10 +219,14 @@ def _x(bb, x):  # noqa: ANN001, ANN202  (the tensor the islands start from)
 
 @pytest.mark.parametrize(("case", "expected"), [
     ("silu", True), ("gelu", True), ("lone sigmoid", False), ("gate from a mean", False),
-    ("per-channel scale", False), ("also read by a conv", False)])
+    ("per-channel scale", False), ("also read by a conv", False), ("a tuple", False)])
 def test_feeds_table_only_where_the_island_is_a_function_of_one_tensor(case: str,
                                                                        expected: bool) -> None:
     def body(bb, x):  # noqa: ANN001, ANN202
+        if case == "a tuple":  # a split's outputs: no tensor to quantize
+            halves = bb.emit(relax.op.split(x, 2, axis=1))
+            y = bb.emit(relax.TupleGetItem(halves, 0))
+            return relax.op.multiply(y, bb.emit(relax.op.sigmoid(y)))
         y = _x(bb, x)
         if case == "silu":
             return relax.op.multiply(y, bb.emit(relax.op.sigmoid(y)))

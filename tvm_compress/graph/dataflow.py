@@ -171,6 +171,8 @@ def feeds_table(view: DataflowView, var: relax.Var) -> bool:
     ops (``TABLE_UNARY`` / ``TABLE_BINARY``) whose operands are ``var``, other island ops or
     uniform constants, at least ``TABLE_MIN_OPS`` of them (SiLU ``x * sigmoid(x)``, hardswish,
     GELU). Quantized to 8 bits, ``var`` then has 256 values and the island becomes a table."""
+    if not isinstance(var.ty, relax.TensorType):
+        return False
     shape, dtype = var.ty.shape, str(var.ty.dtype)
     island: set[relax.Var] = set()
     frontier = [var]
@@ -178,7 +180,7 @@ def feeds_table(view: DataflowView, var: relax.Var) -> bool:
         for user in view.users.get(frontier.pop(), []):
             value = view.values[user]
             if user not in island and op_name(value) in TABLE_UNARY | TABLE_BINARY \
-                    and str(value.ty.dtype) == dtype \
+                    and isinstance(value.ty, relax.TensorType) and str(value.ty.dtype) == dtype \
                     and list(value.ty.shape) == list(shape):
                 island.add(user)
                 frontier.append(user)
