@@ -39,6 +39,10 @@ def _island(q_dtype: str = "uint8", *, end: str = "quantize", scale=0.05,  # noq
                 clipped = bb.emit(relax.op.minimum(
                     bb.emit(relax.op.maximum(bb.emit(relax.op.add(x, _const(3.0, "float32"))),
                                              _const(0.0, "float32"))), _const(6.0, "float32")))
+            if ops == "hardswish_clip":  # ONNX HardSwish: clip with scalar (IntImm) bounds
+                clipped = bb.emit(relax.op.clip(bb.emit(relax.op.add(x, _const(3.0, "float32"))),
+                                                0, 6))
+            if ops.startswith("hardswish"):
                 y = bb.emit(relax.op.divide(bb.emit(relax.op.multiply(x, clipped)),
                                             _const(np.full(SHAPE[1:], 6.0), "float32")))
             else:
@@ -70,8 +74,9 @@ def _every_value(dtype: str) -> np.ndarray:
 
 @pytest.mark.parametrize("q_dtype", ["uint8", "int8"])
 @pytest.mark.parametrize("end", ["quantize", "mean"])
-def test_island_becomes_table_with_the_same_values(q_dtype: str, end: str) -> None:
-    mod = _island(q_dtype, end=end)
+@pytest.mark.parametrize("ops", ["hardswish", "hardswish_clip"])
+def test_island_becomes_table_with_the_same_values(q_dtype: str, end: str, ops: str) -> None:
+    mod = _island(q_dtype, end=end, ops=ops)
     rewritten = _tables(mod)
     ops = relax_op_names(rewritten)
     assert not ops & {"relax.dequantize", "relax.divide", "relax.quantize"}, ops

@@ -40,6 +40,13 @@ def uniform_value(expr: relax.Expr) -> np.ndarray | None:
     return np.array(value.flat[0], value.dtype)
 
 
+def same_for_every_element(expr: relax.Expr) -> bool:
+    """A uniform constant, or a scalar operand such as ``clip``'s bounds (``IntImm`` /
+    ``FloatImm``)."""
+    return isinstance(expr, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) \
+        or uniform_value(expr) is not None
+
+
 def shape_of(expr: relax.Expr) -> tuple[int, ...]:
     return tuple(int(d) for d in expr.ty.shape)
 
@@ -188,7 +195,7 @@ def feeds_table(view: DataflowView, var: relax.Var) -> bool:
     while changed:  # drop ops with an operand from outside, and what depends on them
         changed = False
         for user in list(island):
-            if not all(a.same_as(var) or a in island or uniform_value(a) is not None
+            if not all(a.same_as(var) or a in island or same_for_every_element(a)
                        for a in call_args(view.values[user])):
                 island.discard(user)
                 changed = True

@@ -29,7 +29,12 @@ from tvm import relax, te
 from tvm_compress.backend.schedules import fast_math
 from tvm_compress.backend.schedules.hardware import host_cpu
 from tvm_compress.backend.schedules.rewrite import rewrite_functions
-from tvm_compress.graph.dataflow import TABLE_BINARY, TABLE_UNARY, uniform_value
+from tvm_compress.graph.dataflow import (
+    TABLE_BINARY,
+    TABLE_UNARY,
+    same_for_every_element,
+    uniform_value,
+)
 from tvm_compress.graph.dataflow import TABLE_MIN_OPS as MIN_OPS
 
 LOOKUP_ATTR = "tvm_compress.lookup"
@@ -91,7 +96,7 @@ class _Islands:
             return None, frozenset()
         leaf, ops = None, {var}
         for arg in value.args:
-            if uniform_value(arg) is not None:
+            if same_for_every_element(arg):
                 continue
             found = self.leaf(arg)
             if found is None or (leaf is not None and not found.var.same_as(leaf.var)):
@@ -146,6 +151,9 @@ def _rebuild(islands: _Islands, var: relax.Var, x: relax.Expr, leaf: _Leaf,
         value = islands.values[var]
         args = []
         for arg in value.args:
+            if isinstance(arg, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):  # clip's bounds
+                args.append(arg)
+                continue
             scalar = uniform_value(arg)
             args.append(relax.const(scalar, str(scalar.dtype)) if scalar is not None
                         else _rebuild(islands, arg, x, leaf, bb, memo))
