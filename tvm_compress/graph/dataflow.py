@@ -176,8 +176,9 @@ TABLE_MIN_OPS = 2  # smaller islands (a lone ReLU, already an integer clip) stay
 def feeds_table(view: DataflowView, var: relax.Var) -> bool:
     """Whether every user of ``var`` belongs to a float island of ``var`` alone: element-wise
     ops (``TABLE_UNARY`` / ``TABLE_BINARY``) whose operands are ``var``, other island ops or
-    uniform constants, at least ``TABLE_MIN_OPS`` of them (SiLU ``x * sigmoid(x)``, hardswish,
-    GELU). Quantized to 8 bits, ``var`` then has 256 values and the island becomes a table."""
+    operands the same for every element (``same_for_every_element``), at least
+    ``TABLE_MIN_OPS`` of them (SiLU ``x * sigmoid(x)``, hardswish, GELU). Quantized to 8 bits,
+    ``var`` then has 256 values and the island becomes a table."""
     if not isinstance(var.ty, relax.TensorType):
         return False
     shape, dtype = var.ty.shape, str(var.ty.dtype)

@@ -7,7 +7,9 @@ graph, so it is calibrated and gets a quantize/dequantize pair in the simulated 
 
 - the data input of every quantized layer;
 - the output of a quantized block, a residual add or a concat whose inputs are all points, when a
-  user can take int8 (a quantized layer, add, concat, or a scale-preserving op);
+  user can take int8 (a quantized layer, add, concat, or a scale-preserving op), or when all its
+  users form a float island of that tensor alone (SiLU, GELU, hardswish: ``feeds_table``), which
+  the integer build then evaluates as a 256-entry table;
 - the output of a scale-preserving op (max-pool, reshape, ...) of a point: it shares the
   point's parameters, so it needs no calibration.
 
