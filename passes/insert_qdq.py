@@ -98,7 +98,10 @@ class _Inserter(relax.PyExprMutator):
             else bias.ndim - 1
         shape = [1] * bias.ndim
         shape[channel_axis] = -1
-        q = np.round(bias / scale.reshape(shape) if scale.ndim else bias / scale)
+        # in float64: float32 rounds the clip bound 2^31 - 1 up to 2^31, which the cast turns
+        # into -2^31 (a saturated bias of a near-dead channel, weights ~1e-20, changed sign)
+        wide = bias.astype(np.float64)
+        q = np.round(wide / scale.reshape(shape) if scale.ndim else wide / scale)
         q = np.clip(q, -(2**31 - 1), 2**31 - 1).astype(np.int32)
         dq = relax.op.dequantize(relax.const(q, "int32"), relax.const(scale),
                                  relax.const(np.zeros_like(scale, dtype=np.int32), "int32"),

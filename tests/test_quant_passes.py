@@ -94,6 +94,29 @@ def test_insert_qdq_structure():
     tvm.ir.assert_structural_equal(after, _module(expected), map_free_vars=True)
 
 
+def test_insert_qdq_saturates_a_huge_int32_bias_with_its_sign() -> None:
+    """A channel with weights ~1e-20 (BN-folded dead channels in PicoDet) and a bias of 1e-3:
+    the bias in accumulator units is far beyond int32 and saturates, positive stays positive."""
+    weight = W.copy()
+    weight[0] = 1e-20
+    per_channel = QuantConfig(weight=QuantSpec(8, "symmetric", "per_channel"),
+                              activation=QuantSpec(8, "asymmetric"))
+
+    def body(bb, x):  # noqa: ANN001, ANN202
+        conv = bb.emit(relax.op.nn.conv2d(x, relax.const(weight)))
+        return relax.op.add(conv, _const(np.array([1e-3, -1e-3, 0.5]).reshape(1, 3, 1, 1),
+                                         "float32"))
+
+    after = InsertQDQ(per_channel, {"input": INPUT_QP})(_module(body))
+    biases = [b.value.args[0].value.numpy() for b in bindings(after["main"])
+              if op_name(b.value) == "relax.dequantize"
+              and str(b.value.args[0].ty.dtype) == "int32"]
+    assert len(biases) == 1
+    q = biases[0].ravel()
+    assert q[0] == 2**31 - 1, q
+    assert 0 > q[1] > -(2**31 - 1) and q[2] > 0, q
+
+
 def test_insert_qdq_requires_every_point():
     with pytest.raises(ValueError, match="no activation parameters for points"):
         InsertQDQ(CONFIG, {})(_module(_conv_relu))
