@@ -112,26 +112,11 @@ def test_mark_elementwise_sets_the_op_pattern() -> None:
     assert before != {0}  # what TVM's analysis says, and why the mark is needed
 
 
-_ACTIVATIONS = {
-    "hardswish": lambda y: y * torch_clamp(y + 3, 0, 6) / 6,  # as Paddle exports it
-    "silu": lambda y: y * torch_sigmoid(y),                    # EfficientNet's Mul(x, Sigmoid(x))
-    "gelu": lambda y: torch_gelu(y),                           # the erf chain at opset 13
+_ACTIVATIONS = {  # (torch, y) -> activation(y)
+    "hardswish": lambda t, y: y * t.clamp(y + 3, 0, 6) / 6,  # as Paddle exports it
+    "silu": lambda t, y: y * t.sigmoid(y),                    # EfficientNet's Mul(x, Sigmoid(x))
+    "gelu": lambda t, y: t.nn.functional.gelu(y),             # the erf chain at opset 13
 }
-
-
-def torch_clamp(y, lo, hi):  # noqa: ANN001, ANN201
-    import torch
-    return torch.clamp(y, lo, hi)
-
-
-def torch_sigmoid(y):  # noqa: ANN001, ANN201
-    import torch
-    return torch.sigmoid(y)
-
-
-def torch_gelu(y):  # noqa: ANN001, ANN201
-    import torch
-    return torch.nn.functional.gelu(y)
 
 
 def _act_net_onnx(activation: str) -> bytes:
@@ -145,7 +130,7 @@ def _act_net_onnx(activation: str) -> bytes:
             self.b = torch.nn.Conv2d(16, 16, 1)
 
         def forward(self, x):  # noqa: ANN001, ANN202
-            return self.b(_ACTIVATIONS[activation](self.a(x)))
+            return self.b(_ACTIVATIONS[activation](torch, self.a(x)))
 
     torch.manual_seed(0)
     buf = io.BytesIO()

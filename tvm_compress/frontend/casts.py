@@ -24,7 +24,7 @@ from tvm import relax
 
 from tvm_compress.backend.schedules.rewrite import bound_call, rewrite_functions
 
-_INT, _UINT = 0, 1  # tvm.DataType type codes
+_INT, _UINT = tvm.runtime.DataTypeCode.INT, tvm.runtime.DataTypeCode.UINT
 
 
 def _const(expr: relax.Expr, mutator: relax.PyExprMutator | None = None) -> int | float | None:

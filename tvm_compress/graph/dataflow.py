@@ -170,12 +170,13 @@ TABLE_UNARY = {"relax.clip", "relax.nn.relu", "relax.nn.leakyrelu", "relax.nn.ge
                "relax.round", "relax.floor", "relax.ceil", "relax.nn.softplus", "relax.erf"}
 TABLE_BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
                 "relax.minimum", "relax.power"}
+TABLE_OPS = TABLE_UNARY | TABLE_BINARY
 TABLE_MIN_OPS = 2  # smaller islands (a lone ReLU, already an integer clip) stay as they are
 
 
 def feeds_table(view: DataflowView, var: relax.Var) -> bool:
     """Whether every user of ``var`` belongs to a float island of ``var`` alone: element-wise
-    ops (``TABLE_UNARY`` / ``TABLE_BINARY``) whose operands are ``var``, other island ops or
+    ops (``TABLE_OPS``) whose operands are ``var``, other island ops or
     operands the same for every element (``same_for_every_element``), at least
     ``TABLE_MIN_OPS`` of them (SiLU ``x * sigmoid(x)``, hardswish, GELU). Quantized to 8 bits,
     ``var`` then has 256 values and the island becomes a table."""
@@ -187,7 +188,7 @@ def feeds_table(view: DataflowView, var: relax.Var) -> bool:
     while frontier:  # every element-wise op reachable from var through element-wise ops
         for user in view.users.get(frontier.pop(), []):
             value = view.values[user]
-            if user not in island and op_name(value) in TABLE_UNARY | TABLE_BINARY \
+            if user not in island and op_name(value) in TABLE_OPS \
                     and isinstance(value.ty, relax.TensorType) and str(value.ty.dtype) == dtype \
                     and list(value.ty.shape) == list(shape):
                 island.add(user)

@@ -29,21 +29,15 @@ from tvm import relax, te
 from tvm_compress.backend.schedules import fast_math
 from tvm_compress.backend.schedules.hardware import host_cpu
 from tvm_compress.backend.schedules.rewrite import rewrite_functions
+from tvm_compress.graph.dataflow import TABLE_MIN_OPS as MIN_OPS
 from tvm_compress.graph.dataflow import (
-    TABLE_BINARY,
-    TABLE_UNARY,
+    TABLE_OPS,
+    op_name,
     same_for_every_element,
     uniform_value,
 )
-from tvm_compress.graph.dataflow import TABLE_MIN_OPS as MIN_OPS
 
 LOOKUP_ATTR = "tvm_compress.lookup"
-
-
-def _op(value: relax.Expr) -> str | None:
-    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-        return str(value.op.name)
-    return None
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class _Islands:
         return self._found[var][1] if self.leaf(var) is not None else frozenset()
 
     def _analyse(self, var: relax.Var, value: relax.Expr) -> tuple[_Leaf | None, frozenset]:
-        name = _op(value)
+        name = op_name(value)
         if name == "relax.dequantize":
             q, scale, zp = value.args
             scale, zp = uniform_value(scale), uniform_value(zp)
@@ -92,7 +86,7 @@ class _Islands:
                     or str(value.ty.dtype) != "float32":
                 return None, frozenset()
             return _Leaf(var, q, scale, zp), frozenset()
-        if name not in TABLE_UNARY and name not in TABLE_BINARY or str(value.ty.dtype) != "float32":
+        if name not in TABLE_OPS or str(value.ty.dtype) != "float32":
             return None, frozenset()
         leaf, ops = None, {var}
         for arg in value.args:
@@ -115,7 +109,7 @@ class _Islands:
         if _quantized(value):
             return len(self.ops(value.args[0])) >= MIN_OPS
         found = self.leaf(user)
-        return found is not None and found.var.same_as(leaf.var) and _op(value) != \
+        return found is not None and found.var.same_as(leaf.var) and op_name(value) != \
             "relax.dequantize"
 
 
@@ -132,7 +126,7 @@ def _var_args(value: relax.Expr) -> list[relax.Var]:
 
 def _quantized(value: relax.Expr) -> bool:
     """A per-tensor quantize to 8 bits (what an integer table can end with)."""
-    return _op(value) == "relax.quantize" and uniform_value(value.args[1]) is not None \
+    return op_name(value) == "relax.quantize" and uniform_value(value.args[1]) is not None \
         and uniform_value(value.args[2]) is not None \
         and str(value.ty.dtype) in ("uint8", "int8")
 
