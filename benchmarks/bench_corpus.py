@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=8, help="images for int8-vs-fp32 quality")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=5)
-    parser.add_argument("--out", default="corpus", help="results file stem in benchmarks/results")
+    parser.add_argument("--out", default="corpus",
+                        help="results file stem in benchmarks/results, or a path prefix")
     parser.add_argument("--w7", choices=["auto", "on", "off"], default="auto",
                         help="also build and time int8 with 7-bit weights (auto: on AVX2 hosts "
                              "without VNNI, where they take a faster kernel)")
@@ -405,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds, "per_round": args.per_round,
             "load_before": round(os.getloadavg()[0], 2)}
     results = []
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) if os.sep in args.out else RESULTS / args.out
+    stem.parent.mkdir(parents=True, exist_ok=True)
     for entry in corpus.entries(args.models):
         start = time.perf_counter()
         print(f"== {entry.name}", flush=True)
@@ -416,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({result['seconds']} s)", flush=True)
         meta["load_after"] = round(os.getloadavg()[0], 2)
         out = {"meta": meta, "models": results}
-        (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1, default=str))
-        (RESULTS / f"{args.out}.md").write_text(markdown(results, meta))
+        Path(f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
+        Path(f"{stem}.md").write_text(markdown(results, meta))
     return 0
 
 

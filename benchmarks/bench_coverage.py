@@ -146,7 +146,8 @@ def main() -> None:
                         help="input height = width of the fully convolutional models")
     parser.add_argument("--runs", type=int, default=10, help="instrumented runs per kernel")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved TVM/ORT rounds")
-    parser.add_argument("--out", default="coverage")
+    parser.add_argument("--out", default="coverage",
+                        help="results file stem in benchmarks/results, or a path prefix")
     args = parser.parse_args()
     target = _target()
     peak = measure_peak()
@@ -158,9 +159,10 @@ def main() -> None:
         print(f"[{name}] TVM {row['typical_ms']['tvm']:.2f} ms = "
               f"{row['ratio_to_onnxruntime']:.2f}x ONNX Runtime, diff "
               f"{row['max_abs_diff_vs_onnxruntime']:.1e}, rules {row['rules']}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(markdown(result))
+    stem = Path(args.out) if os.sep in args.out else RESULTS / args.out
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
