@@ -102,12 +102,13 @@ def _engine(kind: str, tmp: Path):
         from tvm import relax
 
         from tvm_compress.backend.schedules import default_schedule_pipeline
+        from tvm_compress.runtime.bench import vm_runner
 
         mod = tvm.ir.load_json((tmp / f"{kind[4:]}.json").read_text())
         target = _target()
         vm = relax.VirtualMachine(tvm.compile(default_schedule_pipeline(target)(mod), target),
                                   tvm.cpu())
-        return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
+        return vm_runner(vm)
     if kind.startswith("onnxruntime"):
         import onnx
 
@@ -129,7 +130,8 @@ def _engine(kind: str, tmp: Path):
 
 def _worker(kind: str, tmp: str, images: np.ndarray, conn) -> None:
     run = _engine(kind, Path(tmp))
-    conn.send(np.concatenate([run(images[i:i + 1]) for i in range(len(images))]))
+    outputs = [run(images[i:i + 1]) for i in range(len(images))]
+    conn.send(np.concatenate([o.numpy() if hasattr(o, "numpy") else o for o in outputs]))
     x = images[:1].copy()
     while (count := conn.recv()) is not None:
         times = []

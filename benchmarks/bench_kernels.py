@@ -144,9 +144,8 @@ def _engine(kind: str, name: str, batch: int, tmp: Path) -> tuple[Any, dict]:
                 return module(torch.from_numpy(inp)).numpy()
 
         return run, {}
-    import tvm
-
     from tvm_compress.backend.build import build
+    from tvm_compress.runtime.bench import vm_runner
 
     target = _target()
     if kind == "tvm_cropped_int8":
@@ -163,8 +162,7 @@ def _engine(kind: str, name: str, batch: int, tmp: Path) -> tuple[Any, dict]:
         compiled = build(qmodel.model, target=target)
     else:
         compiled = build(model, target=target, database=None if kind == "tvm_tuned" else False)
-    vm = compiled.vm
-    run = lambda inp: vm["main"](tvm.runtime.tensor(inp)).numpy()  # noqa: E731
+    run = vm_runner(compiled.vm)
     info = {"tuned_functions": compiled.tuned_functions}
     if kind == "tvm_tuned" and batch == 1:
         info["kernels"] = lambda x: kernel_table(model, compiled, x)
