@@ -1,17 +1,21 @@
 """CPU kernels, one run: every zoo model at batch 1 (and MobileNetV2 at batch 16) through TVM
 untuned default schedules, TVM with the shipped tuning database, TVM int8 (realized integer
-kernels), ONNX Runtime fp32 and int8 (its quantize_static QDQ model) and PyTorch eager, as ratios
-to ONNX Runtime fp32; plus a measured machine fp32 peak (numpy/BLAS matmul) and memory bandwidth,
-and the achieved GFLOP/s of each hot convolution of the tuned builds (roofline plot).
+kernels: 8-bit weights everywhere, and the weight bits ``--wbits auto`` starts from), ONNX
+Runtime fp32 and int8 (its quantize_static QDQ model) and PyTorch eager, as ratios to ONNX
+Runtime fp32; plus a measured machine fp32 peak (numpy/BLAS matmul) and memory bandwidth, and
+the achieved GFLOP/s of each hot convolution of the tuned builds (roofline plot).
 
-All engines of a model run in this process with 2 threads each, timed in interleaved rounds
-(``--rounds`` x ``--per-round`` calls, a short pause between engines), so load from the other
-processes on the shared machine hits every engine alike. ``typical`` is the median over rounds
-of each round's fastest call. Kernel times are per-call minima over 30 runs inside the running
-tuned model (VM instrumentation), taken once the other engines' processes have exited. Writes
-benchmarks/results/kernels.{json,md} and kernels_roofline.png.
+Every engine runs in its own process with 2 threads, timed in interleaved rounds (``--rounds``
+x ``--per-round`` calls), so load from the other processes on the shared machine hits every
+engine alike. Each turn starts after a pause (the previous engine's threads go idle) and 5 ms of
+untimed calls; TVM's input is copied into a TVM tensor once, not in the timed call (ONNX Runtime
+and PyTorch take the numpy array as it is). ``typical`` is the median over rounds of each
+round's fastest call. Kernel times are per-call minima over 30 runs inside the running tuned
+model (VM instrumentation), taken once the other engines' processes have exited. Writes
+benchmarks/results/kernels.{json,md} and kernels_roofline.png (``--out``: another stem there,
+or a path prefix).
 
-    python benchmarks/bench_kernels.py [--rounds 8] [--per-round 5] [--models ...]
+    python benchmarks/bench_kernels.py [--rounds 8] [--per-round 5] [--models ...] [--out STEM]
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 set_threads(THREADS)  # TVM would start 1 worker on a 2-CPU x86 VM (runtime/threads.py)
 ENGINES = ["tvm_untuned", "tvm_tuned", "tvm_int8", "tvm_int8_auto", "tvm_cropped_int8",
-           "onnxruntime_fp32",
-           "onnxruntime_int8", "pytorch_eager"]
+           "onnxruntime_fp32", "onnxruntime_int8", "pytorch_eager"]
 # untimed calls at the start of every turn, after the settle: a 0.2 ms Fashion-MNIST model woken
 # from sleep takes several calls to reach its steady time (its caches and the thread pool are cold)
 TURN_WARMUP_S = 0.005
