@@ -413,6 +413,7 @@ def main() -> None:
     import platform
 
     out = Path(args.out) if os.sep in args.out else RESULTS / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     result: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, "
                                          f"{os.cpu_count()} CPUs",
@@ -438,7 +439,6 @@ def main() -> None:
         print(f"[{name} b{batch}] " + ", ".join(
             f"{k} {v['typical_ms']:.2f} ms" + (f" ({v['typical_ms'] / ort:.2f}x)" if ort else "")
             for k, v in timings.items()) + (f"; errors {errors}" if errors else ""), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     result["load_end"] = load_info()
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
