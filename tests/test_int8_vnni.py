@@ -138,10 +138,17 @@ def test_two_int8_layers_share_the_blocked_layout() -> None:
 
 
 @needs_vnni
+@pytest.mark.parametrize("tables", [True, False])
 @pytest.mark.parametrize("channels", [32, 24])  # 24: zero-padded to 32 between the layers
-def test_float_hardswish_island_between_int8_layers_stays_packed(channels: int) -> None:
+def test_float_hardswish_island_between_int8_layers_stays_packed(
+        channels: int, tables: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """dequantize -> hardswish -> quantize (MobileNetV3, PaddleOCR) between two int8 convs:
-    the island is computed on the packed tensor and fused into the first conv's epilogue."""
+    the island is computed on the packed tensor and fused into the first conv's epilogue, as a
+    256-entry table (``lookup.py``) or, with tables off, as float arithmetic."""
+    from tvm_compress.backend.schedules import lookup
+
+    if not tables:
+        monkeypatch.setattr(lookup, "MIN_OPS", 10**6)  # no island qualifies for a table
     w1, w2 = _weights((channels, 16, 1, 1)), _weights((32, channels, 3, 3), seed=1)
     x = _activations((1, 16, 8, 8))
 
@@ -161,8 +168,12 @@ def test_float_hardswish_island_between_int8_layers_stays_packed(channels: int) 
     _, scheduled = _check(relax_main(relax.TensorType(x.shape, "uint8"), body), x)
     names = list(_rules(scheduled))
     assert len([n for n in names if "layout_transform" in n]) == 2, names
-    assert any("conv2d" in n and "dequantize" in n and "quantize" in n.split("dequantize")[-1]
-               for n in names), names
+    if tables:
+        assert any("conv2d" in n and "lookup" in n for n in names), names
+        assert not any("dequantize" in n or "divide" in n for n in names), names
+    else:
+        assert any("conv2d" in n and "dequantize" in n
+                   and "quantize" in n.split("dequantize")[-1] for n in names), names
 
 
 @needs_vnni
