@@ -5,7 +5,8 @@ with 7-bit weights on AVX2 hosts without VNNI, where they take the faster u8 x s
 depthwise layers keep 8 bits there, as ``quantize --wbits auto`` does).
 
 Timing: all four engines of a model live in this process and are timed in interleaved rounds
-(``--rounds`` x ``--per-round`` calls each, engines in turn), so load from other processes hits
+(``--rounds`` x ``--per-round`` calls each, engines in turn, each turn after a pause and 5 ms
+of untimed calls: ``runtime.bench.settle`` / ``warm_turn``), so load from other processes hits
 them alike; ``typical`` is the median over rounds of each round's fastest call. ORT int8 is
 ONNX Runtime's own ``quantize_static`` (QDQ, u8/s8, per channel) on the same calibration data.
 Calibration: real photos (scikit-image) or text crops, seed 0; agreement and SQNR of int8
@@ -104,15 +105,16 @@ def _quality(entry: corpus.CorpusEntry, fp32: Any, int8: Any, shapes: corpus.Sha
 
 def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dict[str, Any]:
     """Each engine ``per_round`` timed calls per round, engines in turn, ``rounds`` rounds
-    after one warm-up round."""
-    from tvm_compress.runtime.bench import settle, time_callable
+    after one warm-up round; every turn starts with ``settle`` and ``warm_turn``."""
+    from tvm_compress.runtime.bench import settle, time_callable, warm_turn
 
     per: dict[str, list[float]] = {k: [] for k in engines}
     medians: dict[str, list[float]] = {k: [] for k in engines}
     for round_index in range(rounds + 1):
         for name, fn in engines.items():
             settle()
-            stats = time_callable(fn, repeat=per_round, warmup=1 if round_index == 0 else 0)
+            warm_turn(fn)
+            stats = time_callable(fn, repeat=per_round, warmup=0)
             if round_index:
                 per[name].append(stats.p10_ms if per_round > 1 else stats.median_ms)
                 medians[name].append(stats.median_ms)
@@ -317,7 +319,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         "# Real-model corpus", "",
         f"{meta['machine']}; {meta['threads']} threads per engine; {meta['mode']} shapes; engines "
         f"timed in one process in {meta['rounds']} interleaved rounds x {meta['per_round']} calls "
-        "(typical = median over rounds of the round's fastest call). Load average before "
+        "after 5 ms of untimed calls (typical = median over rounds of the round's fastest call). "
+        "Load average before "
         f"{meta['load_before']}, after {meta['load_after']}."
         + ("" if meta.get("cross_builds", True) else " Host only: no aarch64 / CUDA builds "
            "(`--host-only`)."), "",

@@ -37,9 +37,6 @@ THREADS = 2
 set_threads(THREADS)  # TVM would start 1 worker on a 2-CPU x86 VM (runtime/threads.py)
 ENGINES = ["tvm_untuned", "tvm_tuned", "tvm_int8", "tvm_int8_auto", "tvm_cropped_int8",
            "onnxruntime_fp32", "onnxruntime_int8", "pytorch_eager"]
-# untimed calls at the start of every turn, after the settle: a 0.2 ms Fashion-MNIST model woken
-# from sleep takes several calls to reach its steady time (its caches and the thread pool are cold)
-TURN_WARMUP_S = 0.005
 MODELS = ["mobilenet_v2", "fmnist_resnet", "fmnist_mobilenet_v2", "fmnist_shufflenet_v2",
           "fmnist_squeezenet", "fmnist_googlenet", "fmnist_vgg"]
 
@@ -194,6 +191,8 @@ class NotApplicable(RuntimeError):
 
 
 def _worker(kind: str, name: str, batch: int, tmp: str, conn) -> None:
+    from tvm_compress.runtime.bench import warm_turn
+
     if kind == "pytorch_eager":  # OpenMP threads block instead of spinning between calls
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
@@ -213,10 +212,7 @@ def _worker(kind: str, name: str, batch: int, tmp: str, conn) -> None:
         if count == "kernels":
             conn.send(kernels(x) if kernels else [])
             continue
-        warm_until = time.perf_counter() + TURN_WARMUP_S
-        run(x)
-        while time.perf_counter() < warm_until:
-            run(x)
+        warm_turn(lambda: run(x))
         times = []
         for _ in range(count):
             t0 = time.perf_counter()

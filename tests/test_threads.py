@@ -47,11 +47,29 @@ def test_interleaved_timing_lets_each_engines_threads_settle_before_its_turn(mon
 
     events: list[str] = []
     monkeypatch.setattr(bench, "settle", lambda: events.append("settle"))
+    monkeypatch.setattr(bench, "TURN_WARMUP_S", 0.0)  # one untimed call per turn
     engines = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
     stats = bench.interleaved(engines, rounds=2, per_round=2, warmup=1)
-    assert events == ["a", "b"] + ["settle", "a", "a", "settle", "b", "b"] * 2
+    assert events == ["a", "b"] + ["settle", "a", "a", "a", "settle", "b", "b", "b"] * 2
     assert set(stats) == {"a", "b"} and all(s.median_ms >= 0 for s in stats.values())
     assert bench.SETTLE_S >= 0.05  # measured: 10-20 ms after ONNX Runtime still ran TVM 2x slow
+
+
+def test_warm_turn_calls_until_its_time_is_up() -> None:
+    """Each turn starts with untimed calls for TURN_WARMUP_S (at least one): a sub-millisecond
+    model's first calls after the other engines ran are slow (cold caches, sleeping threads)."""
+    import time
+
+    from tvm_compress.runtime import bench
+
+    calls: list[float] = []
+    bench.warm_turn(lambda: calls.append(time.perf_counter()), seconds=0.0)
+    assert len(calls) == 1
+    calls.clear()
+    start = time.perf_counter()
+    bench.warm_turn(lambda: (calls.append(0.0), time.sleep(0.001)), seconds=0.02)
+    assert time.perf_counter() - start >= 0.02 and 5 <= len(calls) <= 21
+    assert bench.TURN_WARMUP_S > 0
 
 
 def test_settle_waits_longer_between_engine_processes(monkeypatch) -> None:  # noqa: ANN001
