@@ -246,10 +246,10 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
 
 
 def _run_isolated(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, Any]:
-    """``run_model`` in a fresh process, so no model is timed in a process that has built and run
-    the ones before it: in one long-lived process `rapidocr_cls`'s TVM fp32 read 0.63 ms in two
-    full runs (int8 0.44-0.46 ms), and 0.37 ms (int8 0.38) in a process of its own. A worker that
-    dies is recorded as the model's failure."""
+    """``run_model`` in a fresh process: no model is timed in a process that built and ran the
+    ones before it, and a worker that dies is recorded as that model's failure. (It does not
+    settle `rapidocr_cls`: its TVM fp32 reads 0.33-0.37 ms in some processes and 0.63 ms in
+    others, in a long-lived process or a fresh one alike; docs/status.md, session 18.)"""
     import concurrent.futures
     import multiprocessing
 
