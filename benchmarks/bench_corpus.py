@@ -106,15 +106,15 @@ def _quality(entry: corpus.CorpusEntry, fp32: Any, int8: Any, shapes: corpus.Sha
 def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dict[str, Any]:
     """Each engine ``per_round`` timed calls per round, engines in turn, ``rounds`` rounds
     after one warm-up round; every turn starts with ``settle`` and ``warm_turn``."""
-    from tvm_compress.runtime.bench import settle, time_callable, warm_turn
+    from tvm_compress.backend.build import latency_stats
+    from tvm_compress.runtime.bench import settle, timed_turn
 
     per: dict[str, list[float]] = {k: [] for k in engines}
     medians: dict[str, list[float]] = {k: [] for k in engines}
     for round_index in range(rounds + 1):
         for name, fn in engines.items():
             settle()
-            warm_turn(fn)
-            stats = time_callable(fn, repeat=per_round, warmup=0)
+            stats = latency_stats(timed_turn(fn, per_round))
             if round_index:
                 per[name].append(stats.p10_ms if per_round > 1 else stats.median_ms)
                 medians[name].append(stats.median_ms)
@@ -182,6 +182,12 @@ def _cross_builds(entry: corpus.CorpusEntry, model: Any, qmodel: Any) -> dict[st
     return status
 
 
+def _header(entry: corpus.CorpusEntry) -> dict[str, Any]:
+    """What every result record of ``entry`` starts with, failed or not."""
+    return {"name": entry.name, "description": entry.description, "source": entry.source,
+            "outputs": entry.outputs}
+
+
 def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, Any]:
     import tvm_compress as tc
     from tvm_compress.backend.build import build
@@ -190,9 +196,7 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
     from tvm_compress.quant.quantize import quantize
 
     shapes = entry.small_shapes if args.quick else entry.input_shapes
-    result: dict[str, Any] = {"name": entry.name, "description": entry.description,
-                              "source": entry.source, "outputs": entry.outputs,
-                              "shapes": {k: list(v) for k, v in shapes.items()}}
+    result = {**_header(entry), "shapes": {k: list(v) for k, v in shapes.items()}}
     try:
         path = _stage("fetch", entry, corpus.fetch, entry)
         model = _stage("import", entry, tc.load, str(path), input_shapes=shapes)
@@ -258,9 +262,7 @@ def _run_isolated(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[s
         try:
             return pool.submit(run_model, entry, args).result()
         except concurrent.futures.process.BrokenProcessPool as err:
-            return {"name": entry.name, "description": entry.description,
-                    "source": entry.source, "outputs": entry.outputs,
-                    "failed": f"worker process died: {err}"}
+            return {**_header(entry), "failed": f"worker process died: {err}"}
 
 
 def _cell(value: Any, fmt: str = "{:.2f}") -> str:
@@ -337,10 +339,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         "# Real-model corpus", "",
         f"{meta['machine']}; {meta['threads']} threads per engine; {meta['mode']} shapes; engines "
         f"timed in one process per model in {meta['rounds']} interleaved rounds x "
-        f"{meta['per_round']} calls "
-        "after 5 ms of untimed calls (typical = median over rounds of the round's fastest call). "
-        "Load average before "
-        f"{meta['load_before']}, after {meta['load_after']}."
+        f"{meta['per_round']} calls after 5 ms of untimed calls (typical = median over rounds of "
+        f"the round's fastest call). Load average before {meta['load_before']}, after "
+        f"{meta['load_after']}."
         + ("" if meta.get("cross_builds", True) else " Host only: no aarch64 / CUDA builds "
            "(`--host-only`)."), "",
         "| model | import | x86 | matches ORT (max rel diff) | W8A8 | int8 vs fp32 | fp32 layers "

@@ -191,7 +191,7 @@ class NotApplicable(RuntimeError):
 
 
 def _worker(kind: str, name: str, batch: int, tmp: str, conn) -> None:
-    from tvm_compress.runtime.bench import warm_turn
+    from tvm_compress.runtime.bench import timed_turn
 
     if kind == "pytorch_eager":  # OpenMP threads block instead of spinning between calls
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -212,13 +212,7 @@ def _worker(kind: str, name: str, batch: int, tmp: str, conn) -> None:
         if count == "kernels":
             conn.send(kernels(x) if kernels else [])
             continue
-        warm_turn(lambda: run(x))
-        times = []
-        for _ in range(count):
-            t0 = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - t0)
-        conn.send(times)
+        conn.send(timed_turn(lambda: run(x), count))
 
 
 def interleaved(name: str, batch: int, tmp: Path, *, rounds: int, per_round: int

@@ -49,6 +49,17 @@ def warm_turn(fn: Callable[[], Any], seconds: float | None = None) -> None:
         fn()
 
 
+def timed_turn(fn: Callable[[], Any], calls: int) -> list[float]:
+    """One engine's turn: :func:`warm_turn`, then the wall seconds of ``calls`` calls of ``fn``."""
+    warm_turn(fn)
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def time_callable(fn: Callable[[], Any], *, repeat: int, warmup: int) -> Latency:
     """Median wall time of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):
@@ -81,11 +92,7 @@ def interleaved(engines: dict[str, Callable[[], Any]], *, rounds: int = 5, per_r
     for _ in range(rounds):
         for name, fn in engines.items():
             settle()
-            warm_turn(fn)
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                seconds[name].append(time.perf_counter() - start)
+            seconds[name].extend(timed_turn(fn, per_round))
     return {name: latency_stats(s) for name, s in seconds.items()}
 
 
