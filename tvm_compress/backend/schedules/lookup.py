@@ -27,7 +27,13 @@ import tvm
 from tvm import relax, te
 
 from tvm_compress.backend.schedules import fast_math
-from tvm_compress.backend.schedules.hardware import host_cpu
+from tvm_compress.backend.schedules.blocks import STAGE_ATTR
+from tvm_compress.backend.schedules.hardware import has_vbmi, host_cpu
+from tvm_compress.backend.schedules.lookup_intrin import (
+    INDEX_STAGE,
+    LOOKUP_BLOCK_ATTR,
+    TABLE_DTYPES,
+)
 from tvm_compress.backend.schedules.rewrite import rewrite_functions
 from tvm_compress.graph.dataflow import TABLE_MIN_OPS as MIN_OPS
 from tvm_compress.graph.dataflow import (
@@ -201,14 +207,23 @@ def _domain(dtype: str) -> np.ndarray:
         else (np.arange(256) - 128).astype(np.int8)
 
 
-def _lookup_te(q: te.Tensor, table: te.Tensor) -> te.Tensor:
+def _lookup_te(q: te.Tensor, table: te.Tensor, staged: bool) -> te.Tensor:
     low = -128 if str(q.dtype) == "int8" else 0
-    return te.compute(q.shape, lambda *i: table[q(*i).astype("int32") - low], name="lookup")
+    if not staged:
+        return te.compute(q.shape, lambda *i: table[q(*i).astype("int32") - low], name="lookup")
+    # the u8 offsets as a stage of their own, for lookup_intrin's in-register lookups
+    index = te.compute(q.shape, lambda *i: (q(*i).astype("int32") - low).astype("uint8"),
+                       name=INDEX_STAGE, attrs={STAGE_ATTR: INDEX_STAGE})
+    return te.compute(q.shape, lambda *i: table[index(*i).astype("int32")], name="lookup",
+                      attrs={LOOKUP_BLOCK_ATTR: 1})
 
 
 def lookup(bb: relax.BlockBuilder, q: relax.Expr, table: np.ndarray) -> relax.Expr:
     """``table[q - min(dtype)]`` as a ``call_te`` marked for :func:`mark_elementwise`."""
-    call = bb.call_te(_lookup_te, q, relax.const(table, str(table.dtype)),
+    target = tvm.target.Target.current(allow_none=True)
+    staged = target is not None and target.kind.name == "llvm" and has_vbmi(target) \
+        and str(table.dtype) in TABLE_DTYPES
+    call = bb.call_te(_lookup_te, q, relax.const(table, str(table.dtype)), staged,
                       primfunc_name_hint="lookup")
     gv = call.args[0]
     bb.update_func(gv, bb.get()[gv].with_attr(LOOKUP_ATTR, True))

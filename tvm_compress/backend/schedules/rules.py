@@ -39,8 +39,14 @@ from tvm_compress.backend.schedules.generic import (
     schedule_injective_func,
     schedule_reduction_func,
 )
-from tvm_compress.backend.schedules.hardware import num_cores, vector_lanes, vector_registers
+from tvm_compress.backend.schedules.hardware import (
+    has_vbmi,
+    num_cores,
+    vector_lanes,
+    vector_registers,
+)
 from tvm_compress.backend.schedules.int8 import CONV_NCHWC_U8S8, schedule_conv2d_nchwc_u8s8
+from tvm_compress.backend.schedules.lookup_intrin import lookup_blocks, tensorize_lookups
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +172,24 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
             logger.debug("schedule rule %s failed: %s", name, err)
             continue
         if applied:
+            if has_vbmi(target):
+                sch = _with_lookups(sch)
             return (sch.mod["main"].with_attr("tirx.is_scheduled", True)
                     .with_attr(RULE_ATTR, name))
     return None
+
+
+def _with_lookups(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """``sch`` with its table lookups in registers (``lookup_intrin``), where they tensorize."""
+    trial = s_tir.Schedule(sch.mod["main"])  # a dlight rule replaces the function it held
+    if not lookup_blocks(trial):
+        return sch
+    try:
+        tensorize_lookups(trial)
+    except (RuntimeError, ValueError, s_tir.schedule.ScheduleError) as err:
+        logger.debug("lookup tensorization failed: %s", err)
+        return sch
+    return trial
 
 
 def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
