@@ -58,8 +58,12 @@ def _island(q_dtype: str = "uint8", *, end: str = "quantize", scale=0.05,  # noq
     return bb.get()
 
 
-def _tables(mod: tvm.IRModule) -> tvm.IRModule:
-    with HOST:
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+
+
+def _tables(mod: tvm.IRModule, target: tvm.target.Target = HOST) -> tvm.IRModule:
+    with target:
         return lookup.lookup_tables(mod)
 
 
@@ -77,7 +81,8 @@ def _every_value(dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("ops", ["hardswish", "hardswish_clip"])
 def test_island_becomes_table_with_the_same_values(q_dtype: str, end: str, ops: str) -> None:
     mod = _island(q_dtype, end=end, ops=ops)
-    rewritten = _tables(mod)
+    # float32 tables are made for targets narrower than AVX-512 (lookup.float_tables)
+    rewritten = _tables(mod, HOST if end == "quantize" else AVX2)
     ops = relax_op_names(rewritten)
     assert not ops & {"relax.dequantize", "relax.divide", "relax.quantize"}, ops
     tables = [f for _, f in rewritten.functions_items()
@@ -91,6 +96,15 @@ def test_island_becomes_table_with_the_same_values(q_dtype: str, end: str, ops: 
     np.testing.assert_array_equal(got, expected)
     if end == "quantize":  # hardswish is not the identity: the table does something
         assert len(np.unique(got)) > 20
+
+
+def test_float_islands_stay_float_on_avx512() -> None:
+    mod = _island("uint8", end="mean", ops="hardswish")
+    assert lookup.float_tables(AVX2) and not lookup.float_tables(AVX512)
+    assert "relax.dequantize" in relax_op_names(_tables(mod, AVX512))
+    assert "relax.dequantize" not in relax_op_names(_tables(mod, AVX2))
+    quantized = _tables(_island("uint8", end="quantize", ops="hardswish"), AVX512)
+    assert "relax.dequantize" not in relax_op_names(quantized)  # 8-bit tables everywhere
 
 
 @pytest.mark.parametrize("kind", ["per-channel scale", "two inputs", "one op"])
