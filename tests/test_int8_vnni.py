@@ -217,15 +217,24 @@ DEPTHWISE_CASES = {  # channels, size, kernel, stride, zero point of the padding
     "5x5_zero_point_pad": (32, 9, 5, 1, 77),
     "5x5_s2": (16, 12, 5, 2, 0),
     "24_channels_8_lane_blocks": (24, 8, 3, 1, 5),
+    # maps of fewer rows than the window: the sum runs over the map's rows (rows_weight)
+    "5x5_2_rows": (16, (2, 24), 5, 1, 0),
+    "5x5_3_rows_zero_point_pad": (24, (3, 20), 5, 1, 77),
+    "3x3_2_rows_s2": (16, (2, 12), 3, 2, 5),
+    "5x5_1_row": (32, (1, 16), 5, 1, 0),
 }
 
 
-def _depthwise_module(channels: int, size: int, k: int, stride: int, zp: int, dtype: str
-                      ) -> tvm.IRModule:
+def _depthwise_module(channels: int, size: int | tuple[int, int], k: int, stride: int, zp: int,
+                      dtype: str) -> tvm.IRModule:
     weight = _weights((channels, 1, k, k))
-    return relax_main(relax.TensorType((1, channels, size, size), dtype), lambda bb, x:
+    return relax_main(relax.TensorType((1, channels, *_hw(size)), dtype), lambda bb, x:
                       _conv_block(bb, x, weight, stride=stride, padding=k // 2, groups=channels,
                                   zero_point=zp, requantize=True))
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return size if isinstance(size, tuple) else (size, size)
 
 
 @needs_vnni
@@ -233,7 +242,7 @@ def _depthwise_module(channels: int, size: int, k: int, stride: int, zp: int, dt
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
 def test_vnni_depthwise_exact(case: str, dtype: str) -> None:
     channels, size, k, stride, zp = DEPTHWISE_CASES[case]
-    x = _activations((1, channels, size, size), dtype)
+    x = _activations((1, channels, *_hw(size)), dtype)
     asm, scheduled = _check(_depthwise_module(channels, size, k, stride, zp, dtype), x)
     assert "vpdpbusd" in asm
     rules = _rules(scheduled)
@@ -249,7 +258,7 @@ def test_vnni_depthwise_exact(case: str, dtype: str) -> None:
 @pytest.mark.parametrize("case", ["3x3", "5x5_s2", "24_channels_8_lane_blocks"])
 def test_vnni_depthwise_vbmi_exact(case: str) -> None:
     channels, size, k, stride, zp = DEPTHWISE_CASES[case]
-    x = _activations((1, channels, size, size), "int8")
+    x = _activations((1, channels, *_hw(size)), "int8")
     asm, _ = _check(_depthwise_module(channels, size, k, stride, zp, "int8"), x, VBMI)
     assert "vpdpbusd" in asm and "vpermb" in asm  # the quads: one byte permutation each
 
@@ -280,6 +289,31 @@ def test_avx_vnni_ymm_kernels(depthwise: bool) -> None:
     if "avx_vnni" in _host_flags():
         expected = build(mod, input_spec=spec, schedule="none").run(x)
         np.testing.assert_array_equal(compiled.run(x), expected)
+
+
+@pytest.mark.parametrize(("height", "stride"), [(2, 1), (3, 1), (2, 2), (5, 1)])
+def test_short_map_depthwise_sums_over_its_rows(height: int, stride: int) -> None:
+    from tvm_compress.backend.schedules.depthwise_vnni import rows_weight
+
+    mod = _depthwise_module(16, (height, 12), 5, stride, 9, "int8")
+    scheduled = default_schedule_pipeline(VNNI)(mod)
+    func = next(f for gv, f in scheduled.functions_items() if "depthwise" in gv.name_hint)
+    weight = func.params[1].ty.shape
+    if height >= 5:  # as many rows as the window: the window's rows, padding rows included
+        assert len(weight) == 5
+        return
+    oh = (height + 4 - 5) // stride + 1
+    assert [int(d) for d in weight[1:3]] == [oh, height]  # (O/b, OH, H, G, b, 4)
+    # the padding rows' share moves to the start: pad_u8 times their taps' sums
+    packed = np.arange(1, 1 + 5 * 2 * 16 * 4).reshape(1, 5, 2, 16, 4).astype(np.int8)
+    taps = np.arange(5 * 16).reshape(1, 5, 16)
+    rows, start = rows_weight(packed, np.full((1, 16), 7, np.int32), height=2, stride=1,
+                              top=2, bottom=2, pad_u8=10, taps=taps)
+    # output row 0 reads window rows 2, 3 (input rows 0, 1); rows 0, 1, 4 are padding
+    np.testing.assert_array_equal(rows[0, 0, 0], packed[0, 2])
+    np.testing.assert_array_equal(rows[0, 0, 1], packed[0, 3])
+    np.testing.assert_array_equal(start[0, 0], 7 + 10 * (taps[0, 0] + taps[0, 1] + taps[0, 4]))
+    np.testing.assert_array_equal(rows[0, 1, 0], packed[0, 1])  # row 1: window rows 1, 2
 
 
 def test_depthwise_band_rows() -> None:

@@ -43,6 +43,7 @@ from tvm_compress.backend.schedules.requantize_intrin import tensorize_high_mul
 
 DEPTHWISE_NCHWC_VNNI = "depthwise_nchwc_vnni"
 BAND_ATTR = "tvm_compress.band_rows"
+OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable (convolutions)
 _QUADS_BYTES = 24 * 1024  # the quads of a band of rows stay in L1 (32-48 KiB) while read
 
 
@@ -75,15 +76,23 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
                          pad_value: int = 0) -> te.Tensor:
     """Depthwise conv2d, data u8/s8 NCHW[b]c, weight (O/b, kh, G, b, 4) s8 -> int32 (without
     the ``-offset * sum(w)`` start, which :func:`depthwise_vnni_func` adds); ``perm``: the
-    byte order of a quad (``int8_vnni.quads_order``), which the staging only reads ``& 0``."""
+    byte order of a quad (``int8_vnni.quads_order``), which the staging only reads ``& 0``.
+
+    Weights (O/b, OH, H, G, b, 4), one row of taps per output row and input row
+    (:func:`rows_weight`), make it the short-map form: the sum runs over the input's rows
+    instead of the window's, and the plane has no padding rows."""
     n, chunks, height, width, block = (int(d) for d in data.shape)
-    kh, groups = int(weight.shape[1]), int(weight.shape[2])
+    short = len(weight.shape) == 6
     sh, sw = strides
     top, left, bottom, right = padding
-    oh = out_size(height, top + bottom, kh, sh, 1)
+    kh = None if short else int(weight.shape[1])
+    groups = int(weight.shape[-3])
+    oh = int(weight.shape[1]) if short else out_size(height, top + bottom, kh, sh, 1)
     ow = out_size(width, left + right, kw, sw, 1)
     add = offset(str(data.dtype))
     padded_w = max(width + left + right, (ow - 1) * sw + 4 * groups)
+    if short:
+        top = bottom = 0
 
     def pad(b, c, y, x, ci):
         inside = tirx.all(y >= top, y < top + height, x >= left, x < left + width)
@@ -93,38 +102,79 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
         return tirx.if_then_else(inside, value, tirx.const(pad_value + add, "uint8"))
 
     plane = te.compute((n, chunks, height + top + bottom, padded_w, block), pad, name="data_u8")
-    rows = band_rows(oh, ow, kh, sh, groups * block * 4)
-    span = (rows - 1) * sh + kh  # input rows of a band
+    if short:
+        rows, span, taps = oh, height, height
+    else:
+        rows = band_rows(oh, ow, kh, sh, groups * block * 4)
+        span, taps = (rows - 1) * sh + kh, kh  # input rows of a band; rows of the window
     quads = te.compute((n, chunks, oh // rows, span, ow, groups, block, 4),
                        lambda b, c, band, r, x, g, ci, k: tirx.bitwise_or(
                            plane[b, c, band * rows * sh + r, x * sw + 4 * g + k, ci],
                            tirx.bitwise_and(perm[ci * 4 + k], tirx.const(0, "uint8"))),
                        name="data_quads")
-    ry = te.reduce_axis((0, kh), name="ry")
+    ry = te.reduce_axis((0, taps), name="ry")
     rg = te.reduce_axis((0, groups), name="rg")
     rk = te.reduce_axis((0, 4), name="rk")
+
+    def tap(c, y, ci):  # noqa: ANN001, ANN202
+        if short:
+            return weight[c, y, ry, rg, ci, rk]
+        return weight[c, ry, rg, ci, rk]
+
+    def row(y):  # noqa: ANN001, ANN202
+        return ry if short else y % rows * sh + ry
+
     return te.compute(
         (n, chunks, oh, ow, block),
         lambda b, c, y, x, ci: te.sum(
-            quads[b, c, y // rows, y % rows * sh + ry, x, rg, ci, rk].astype("int32")
-            * weight[c, ry, rg, ci, rk].astype("int32"), axis=[ry, rg, rk]),
+            quads[b, c, y // rows, row(y), x, rg, ci, rk].astype("int32")
+            * tap(c, y, ci).astype("int32"), axis=[ry, rg, rk]),
         name="depthwise_conv2d_NCHWc_vnni",
         attrs={KERNEL_ATTR: DEPTHWISE_NCHWC_VNNI, BAND_ATTR: rows})
+
+
+def rows_weight(packed: np.ndarray, start: np.ndarray, *, height: int, stride: int, top: int,
+                bottom: int, pad_u8: int, taps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The short-map form of packed weights (O/b, kh, G, b, 4) and start (O/b, b): per output
+    row ``y`` and input row ``j`` the window row ``j + top - y * stride`` (zeros outside it),
+    and the start plus what the window's padding rows add (``pad_u8`` times their taps;
+    ``taps``: the per-row tap sums, (O/b, kh, b)). For maps of fewer rows than the window
+    (PP-LCNet's 5x5 layers on 2- and 3-row maps), where most window rows are padding."""
+    chunks, kh, groups, block, _ = packed.shape
+    oh = (height + top + bottom - kh) // stride + 1
+    weight = np.zeros((chunks, oh, height, groups, block, 4), packed.dtype)
+    rows_start = np.repeat(start[:, None, :], oh, axis=1).astype(np.int64)
+    for y in range(oh):
+        inside = set()
+        for j in range(height):
+            r = j + top - y * stride
+            if 0 <= r < kh:
+                weight[:, y, j] = packed[:, r]
+                inside.add(r)
+        for r in set(range(kh)) - inside:
+            rows_start[:, y, :] += pad_u8 * taps[:, r, :].astype(np.int64)
+    return weight, rows_start.astype(np.int32)
 
 
 def depthwise_vnni_func(data: relax.TensorType, weight: np.ndarray, *, kw: int,
                         strides: tuple[int, int], padding: tuple[int, int, int, int],
                         pad_value: int = 0) -> tirx.PrimFunc:
     """PrimFunc ``(data, packed weight, start, quad order) -> int32 depthwise conv``."""
+    short = weight.ndim == 6
+    block = weight.shape[-2]
     data_ph = te.placeholder([int(d) for d in data.shape], str(data.dtype), name="data")
     weight_ph = te.placeholder(weight.shape, "int8", name="weight")
-    start_ph = te.placeholder((weight.shape[0], weight.shape[3]), "int32", name="start")
-    perm_ph = te.placeholder((weight.shape[3] * 4,), "uint8", name="perm")
+    start_shape = (weight.shape[0], weight.shape[1], block) if short else (weight.shape[0], block)
+    start_ph = te.placeholder(start_shape, "int32", name="start")
+    perm_ph = te.placeholder((block * 4,), "uint8", name="perm")
     conv = depthwise_nchwc_vnni(data_ph, weight_ph, perm_ph, kw=kw, strides=strides,
                                 padding=padding, pad_value=pad_value)
     func = te.create_prim_func([data_ph, weight_ph, start_ph, perm_ph, conv],
                                index_dtype_override="int64").without_attr("global_symbol")
-    return func.with_body(start_from(func.body, func.params[2]))
+    func = func.with_body(start_from(func.body, func.params[2], (1, 2, 4) if short else (1, 4)))
+    # what TVM infers for the window form; for the short-map form (weights indexed by the output
+    # row) it infers a plain reduction, and FuseOps would not fuse the requantization into it
+    return func.with_attr("op_pattern", OUT_ELEMWISE_FUSABLE) if short else func
 
 
 def legalize_depthwise_vnni(bb: relax.BlockBuilder, call: relax.Call, weight: np.ndarray,
@@ -136,6 +186,13 @@ def legalize_depthwise_vnni(bb: relax.BlockBuilder, call: relax.Call, weight: np
     packed = pack_depthwise_weight(weight)
     sums = weight.astype(np.int64).sum(axis=(1, 2, 3, 4))  # (O/b, b)
     start = (-offset(data_dtype) * sums).astype(np.int32)
+    height, kh = int(call.args[0].ty.shape[2]), int(weight.shape[2])
+    if height < kh:  # short map: sum over its rows (rows_weight)
+        top, _, bottom, _ = options["padding"]
+        packed, start = rows_weight(
+            packed, start, height=height, stride=int(options["strides"][0]), top=int(top),
+            bottom=int(bottom), pad_u8=int(options.get("pad_value", 0)) + offset(data_dtype),
+            taps=weight.astype(np.int64).sum(axis=(1, 3, 4)))
     func = depthwise_vnni_func(call.args[0].ty, packed, kw=int(weight.shape[3]),
                                strides=options["strides"], padding=options["padding"],
                                pad_value=options.get("pad_value", 0))
