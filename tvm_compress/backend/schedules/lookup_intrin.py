@@ -68,7 +68,7 @@ def _widen(index, lanes: int, total: int):  # noqa: ANN001, ANN202
     return index if lanes == total else T.Shuffle([index] * (total // lanes), list(range(total)))
 
 
-def _impl_bytes(dtype: str, lanes: int):  # noqa: ANN202
+def _impl(dtype: str, lanes: int):  # noqa: ANN202
     vec = "int8x64"
 
     @T.prim_func(s_tir=True)
@@ -88,7 +88,8 @@ def _impl_bytes(dtype: str, lanes: int):  # noqa: ANN202
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpermi2var.qi.512"),
                 T.reinterpret(V.vload([128], f"{dtype}x64"), dtype=vec), index,
                 T.reinterpret(V.vload([192], f"{dtype}x64"), dtype=vec), dtype=vec))
-            # indices 128-255 are negative as int8
+            # indices 128-255 are negative as int8. Y is written, not added to: the sum's
+            # decomposed init has set it to 0 (tensorize_lookups)
             both = T.bind(T.Select(index < T.broadcast(T.int8(0), 64), high, low))
             Y.vstore([0], T.reinterpret(both if lanes == 64 else T.Shuffle([both],
                                                                           list(range(lanes))),
@@ -103,7 +104,7 @@ def register_intrinsics() -> None:
         for lanes in widths:
             name = intrin_name(dtype, lanes)
             if TensorIntrin.get(name, allow_missing=True) is None:
-                TensorIntrin.register(name, _desc(dtype, lanes), _impl_bytes(dtype, lanes))
+                TensorIntrin.register(name, _desc(dtype, lanes), _impl(dtype, lanes))
 
 
 def lookup_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
