@@ -32,17 +32,26 @@ def _random(dtype: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(info.min, info.max + 1, shape).astype(dtype)
 
 
-@pytest.mark.parametrize(("q_dtype", "table_dtype", "width"),
-                         [("uint8", "uint8", 64), ("int8", "int8", 32), ("uint8", "int8", 16),
-                          ("int8", "uint8", 8), ("uint8", "uint8", 24)])
-def test_lookup_is_two_vpermi2b_and_exact(q_dtype: str, table_dtype: str, width: int) -> None:
+CASES = [("uint8", "uint8", 64), ("int8", "int8", 32), ("uint8", "int8", 16), ("int8", "uint8", 8),
+         ("uint8", "uint8", 24)]
+
+
+def _compiled(q_dtype: str, table_dtype: str, width: int) -> tvm.runtime.Module:
     sch = s_tir.Schedule(_lookup_func(q_dtype, table_dtype, width))
     assert tensorize_lookups(sch) == 1
-    lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), VBMI)
-    asm = lib.mod.inspect_source("asm")
+    return tvm.compile(sch.mod["main"].with_attr("global_symbol", "main"), VBMI)
+
+
+@pytest.mark.parametrize(("q_dtype", "table_dtype", "width"), CASES)
+def test_lookup_is_two_vpermi2b(q_dtype: str, table_dtype: str, width: int) -> None:
+    asm = _compiled(q_dtype, table_dtype, width).mod.inspect_source("asm")
     assert asm.count("vpermi2b") + asm.count("vpermt2b") >= 2, "no byte permutation"
-    if not target_has_features("avx512vbmi", _THIS_CPU):
-        pytest.skip("running vpermi2b needs an AVX512-VBMI host")
+
+
+@needs_vbmi
+@pytest.mark.parametrize(("q_dtype", "table_dtype", "width"), CASES)
+def test_lookup_in_registers_is_exact(q_dtype: str, table_dtype: str, width: int) -> None:
+    lib = _compiled(q_dtype, table_dtype, width)
     rng = np.random.default_rng(width)
     q, table = _random(q_dtype, (3, width), rng), _random(table_dtype, (256,), rng)
     out = tvm.runtime.tensor(np.zeros((3, width), table_dtype))
@@ -74,25 +83,33 @@ def _int8_act_net(tmp_path, activation: str):  # noqa: ANN001, ANN202
                     progress=False).model, rng.standard_normal((1, 8, 16, 16)).astype("float32")
 
 
+def _scheduled_scripts(model) -> dict[str, str]:  # noqa: ANN001
+    from tvm_compress.backend.schedules import default_schedule_pipeline
+
+    scheduled = default_schedule_pipeline(VBMI)(model.mod)
+    return {gv.name_hint: f.script() for gv, f in scheduled.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("activation", ["hardswish", "silu"])
+def test_int8_model_tables_go_to_registers(tmp_path, monkeypatch,  # noqa: ANN001
+                                           activation: str) -> None:
+    model, _ = _int8_act_net(tmp_path, activation)
+    tables = {n: s for n, s in _scheduled_scripts(model).items() if "lookup" in n}
+    assert tables and all("vpermi2var.qi.512" in s for s in tables.values()), list(tables)
+    monkeypatch.setattr(lookup, "has_vbmi", lambda _target: False)
+    monkeypatch.setattr(rules, "has_vbmi", lambda _target: False)
+    assert not any("vpermi2var" in s for s in _scheduled_scripts(model).values())
+
+
+@needs_vbmi
 @pytest.mark.parametrize("activation", ["hardswish", "silu"])
 def test_int8_model_tables_in_registers_match_the_gather(tmp_path, monkeypatch,  # noqa: ANN001
                                                          activation: str) -> None:
-    from tvm_compress.backend.schedules import default_schedule_pipeline
-
-    model, x = _int8_act_net(tmp_path, activation)
-    scheduled = default_schedule_pipeline(VBMI)(model.mod)
-    tables = {gv.name_hint: f.script() for gv, f in scheduled.functions_items()
-              if isinstance(f, tvm.tirx.PrimFunc) and "lookup" in gv.name_hint}
-    assert tables and all("vpermi2var.qi.512" in s for s in tables.values()), list(tables)
-    if not target_has_features("avx512vbmi", _THIS_CPU):
-        pytest.skip("running vpermi2b needs an AVX512-VBMI host")
     from tvm_compress.backend.build import build
 
+    model, x = _int8_act_net(tmp_path, activation)
     in_registers = build(model, target="x86").run(x)
     monkeypatch.setattr(lookup, "has_vbmi", lambda _target: False)
     monkeypatch.setattr(rules, "has_vbmi", lambda _target: False)
-    gathered = build(model, target="x86")
-    assert not any("vpermi2var" in f.script() for f in
-                   default_schedule_pipeline(VBMI)(model.mod).functions.values()
-                   if isinstance(f, tvm.tirx.PrimFunc))
-    np.testing.assert_array_equal(in_registers, gathered.run(x))
+    np.testing.assert_array_equal(in_registers, build(model, target="x86").run(x))
