@@ -214,9 +214,44 @@ def kernel_timer(path: Path):  # noqa: ANN201
     return measure
 
 
-def kernel_minima(path: Path, runs: int) -> dict[str, dict]:
-    """Per-call minimum time (ms) of each kernel inside the running model, and its shapes."""
-    return kernel_timer(path)(runs)
+def keep_faster(best: dict[str, dict], new: dict[str, dict]) -> None:
+    """Merge one round's kernel times into ``best``, keeping each kernel's faster reading."""
+    for name, kernel in new.items():
+        if name not in best or kernel["ms"] < best[name]["ms"]:
+            best[name] = kernel
+
+
+def interleaved_kernel_minima(paths: dict[str, Path], *, rounds: int, runs: int
+                              ) -> dict[str, dict[str, dict]]:
+    """Per build in ``paths``: the per-call minimum time (ms) of each kernel inside the running
+    model and its shapes, the builds profiled in alternating rounds of ``runs`` runs in this
+    process (a slow spell of the shared host then hits every build, not one)."""
+    timers = {key: kernel_timer(path) for key, path in paths.items()}
+    best: dict[str, dict[str, dict]] = {key: {} for key in paths}
+    for _ in range(rounds):
+        for key, measure in timers.items():
+            keep_faster(best[key], measure(runs))
+    return best
+
+
+def kernel_profile(paths: dict[str, Path], *, processes: int, rounds: int, runs: int
+                   ) -> tuple[dict[str, dict[str, dict]], list[dict[str, float]]]:
+    """:func:`interleaved_kernel_minima` in ``processes`` fresh processes one after the other,
+    each kernel's fastest reading kept, and each process's kernel sums (ms) per build. Whole
+    processes on this shared host sometimes run 1.5-2x slower throughout (every engine; the
+    memory-heavier fp32 builds more), so one process's reading alone can mislead."""
+    ctx = mp.get_context("spawn")
+    best: dict[str, dict[str, dict]] = {key: {} for key in paths}
+    sums = []
+    for _ in range(processes):
+        with ctx.Pool(1) as pool:
+            found = pool.apply(interleaved_kernel_minima, (paths,),
+                               {"rounds": rounds, "runs": runs})
+        sums.append({key: round(sum(k["ms"] for k in kernels.values()), 3)
+                     for key, kernels in found.items()})
+        for key, kernels in found.items():
+            keep_faster(best[key], kernels)
+    return best, sums
 
 
 def _kind(name: str) -> str:
@@ -269,7 +304,11 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--eval-crops", type=int, default=40)
-    parser.add_argument("--kernel-runs", type=int, default=40)
+    parser.add_argument("--kernel-processes", type=int, default=3,
+                        help="fresh processes of the per-kernel profile, fastest reading kept")
+    parser.add_argument("--kernel-rounds", type=int, default=4,
+                        help="alternating int8 / fp32 rounds of the per-kernel profile")
+    parser.add_argument("--kernel-runs", type=int, default=10, help="profiled runs per round")
     parser.add_argument("--out", default=str(RESULTS / "int8"),
                         help="path prefix of the .json / .md results (smoke runs: elsewhere)")
     args = parser.parse_args()
@@ -283,14 +322,19 @@ def main() -> None:
         load_before = machine_load()
         timings, logits = interleaved(tmp, images, rounds=args.rounds, per_round=args.per_round)
         load_after = machine_load()
-        int8_k = kernel_minima(tmp / "int8.json", args.kernel_runs)
-        fp32_k = kernel_minima(tmp / "fp32.json", args.kernel_runs)
+        kernels, process_sums = kernel_profile(
+            {"int8": tmp / "int8.json", "fp32": tmp / "fp32.json"},
+            processes=args.kernel_processes, rounds=args.kernel_rounds, runs=args.kernel_runs)
+        int8_k, fp32_k = kernels["int8"], kernels["fp32"]
     result = {"model": "zoo:mobilenet_v2 (ImageNet weights), batch 1", "target": str(_target()),
               "int8_kernels": int8_path(_target()),
               "threads": THREADS, "quantization": quant, "timings": _ratios(timings),
               "accuracy": accuracy(logits, labels), "evaluation_images": len(images),
               "load_before": load_before, "load_after_engines": load_after,
               "kernels": compare_kernels(int8_k, fp32_k),
+              "kernel_profile": {"processes": args.kernel_processes, "rounds": args.kernel_rounds,
+                           "runs_per_round": args.kernel_runs,
+                           "kernel_sums_ms_per_process": process_sums},
               "kernel_totals_ms": {"int8": sum(k["ms"] for k in int8_k.values()),
                                    "fp32": sum(k["ms"] for k in fp32_k.values())}}
     out = Path(args.out)
@@ -346,7 +390,17 @@ def markdown(result: dict) -> str:
 
 def _kernel_lines(result: dict) -> list[str]:
     totals = result["kernel_totals_ms"]
+    profile = result.get("kernel_profile")
+    how = "int8 then fp32, in the benchmark's process"
+    if profile:
+        spread = "; ".join(f"int8 {s['int8']:.2f}, fp32 {s['fp32']:.2f}"
+                           for s in profile.get("kernel_sums_ms_per_process", []))
+        how = (f"in {profile.get('processes', 1)} fresh process(es) one after the other, each "
+               f"{profile['rounds']} alternating int8 / fp32 rounds of "
+               f"{profile['runs_per_round']} runs; each kernel's fastest reading kept. "
+               f"Kernel sums per process (ms): {spread or '-'}")
     lines = ["", "## Kernels (per-call minimum inside the running model, summed over calls)", "",
+             f"Profiled {how}.", "",
              f"Sum: int8 {totals['int8']:.2f} ms, fp32 {totals['fp32']:.2f} ms.", "",
              "Per layer shape (kernels of the same kind, output shape and input channels summed "
              "on each side).", "",

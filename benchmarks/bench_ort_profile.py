@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import THREADS, _layer_key, _target, kernel_timer, machine_load, prepare  # noqa: E402
+from bench_int8 import (  # noqa: E402
+    THREADS,
+    _layer_key,
+    _target,
+    keep_faster,
+    kernel_timer,
+    machine_load,
+    prepare,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAIRS = {"fp32": ("fp32.onnx", "fp32.json"), "int8": ("int8.onnx", "int8_w7.json")}
@@ -158,11 +166,8 @@ def main() -> None:
                 if precision not in kinds:  # the same optimized graph every round
                     kinds[precision] = node_kinds(optimized)
                 kernels = timers[precision](args.runs)
-                for best, new in ((best_ort, profile), (best_tvm, kernels)):
-                    old = best.setdefault(precision, new)
-                    for k, v in new.items():
-                        if v["ms"] < old[k]["ms"]:
-                            old[k] = v
+                keep_faster(best_ort.setdefault(precision, {}), profile)
+                keep_faster(best_tvm.setdefault(precision, {}), kernels)
         result["load_after"] = machine_load()
     for precision in PAIRS:
         rows = match(best_ort[precision], kinds[precision], best_tvm[precision])
