@@ -76,3 +76,13 @@ def test_every_layer_meets_its_counterpart_and_the_rest_is_other() -> None:
         sum(n["ms"] for n in ORT.values()))
     assert sum(r["tvm_ms"] for r in rows.values()) == pytest.approx(
         sum(k["ms"] for k in TVM.values()))
+
+
+def test_keep_faster_keeps_each_kernels_fastest_reading() -> None:
+    from bench_int8 import keep_faster
+
+    best: dict[str, dict] = {}
+    keep_faster(best, {"a": {"ms": 0.30, "calls": 1}, "b": {"ms": 0.10, "calls": 2}})
+    keep_faster(best, {"a": {"ms": 0.20, "calls": 1}, "b": {"ms": 0.15, "calls": 2},
+                       "c": {"ms": 0.05, "calls": 1}})
+    assert {name: k["ms"] for name, k in best.items()} == {"a": 0.20, "b": 0.10, "c": 0.05}
