@@ -82,17 +82,17 @@ def _fp32_reasons(qmodel: Any) -> dict[str, str]:
     return reasons
 
 
-def _quality(entry: corpus.CorpusEntry, fp32: Any, int8: Any, shapes: corpus.Shapes,
-             n: int) -> dict[str, Any]:
-    """int8 vs fp32 TVM outputs on ``n`` images not used for calibration."""
+def _quality(entry: corpus.CorpusEntry, reference: Any, candidate: Any,
+             data: dict[str, np.ndarray], n: int) -> dict[str, Any]:
+    """Agreement of ``candidate``'s outputs with ``reference``'s (both: feed -> list of arrays)
+    on ``n`` held-out samples ``data``: SQNR per output, and top-1 agreement for classifiers."""
     from tvm_compress.runtime.metrics import sqnr_db, top1_agreement
 
-    data = corpus.inputs(entry, shapes, n=n, seed=1)
     ref, out = [], []
     for i in range(n):
         feed = {k: v[i:i + 1] for k, v in data.items()}
-        ref.append(fp32.run_outputs(feed))
-        out.append(int8.run_outputs(feed))
+        ref.append([np.asarray(o) for o in reference(feed)])
+        out.append([np.asarray(o) for o in candidate(feed)])
     per_output = [float(sqnr_db(np.stack([o[j] for o in out]), np.stack([r[j] for r in ref])))
                   for j in range(len(ref[0]))]
     result: dict[str, Any] = {"sqnr_db": per_output, "samples": n}
@@ -101,6 +101,14 @@ def _quality(entry: corpus.CorpusEntry, fp32: Any, int8: Any, shapes: corpus.Sha
         b = np.concatenate([r[0].reshape(-1, r[0].shape[-1]) for r in ref])
         result["top1_agreement"] = top1_agreement(a, b)
     return result
+
+
+def _quality_cell(q: dict) -> str:
+    """Top-1 agreement where the outputs are classes, and the lowest SQNR over the outputs."""
+    if not q or not q.get("sqnr_db"):
+        return "-"
+    top1 = f"top-1 {q['top1_agreement']:.2f}, " if "top1_agreement" in q else ""
+    return top1 + f"SQNR {min(q['sqnr_db']):.1f} dB"
 
 
 def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dict[str, Any]:
@@ -150,10 +158,20 @@ def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, q
             first = calib[model.inputs[0].name]
             int8 = onnxruntime_session(ort_quantize_static(_opset13(original), first),
                                        threads=threads)
-            engines["ort_int8"] = lambda: int8.run(None, feed)
+            engines["ort_int8"] = _SessionRun(int8, feed)
         except Exception as err:  # noqa: BLE001 - recorded
             result["ort_int8"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
     return engines
+
+
+class _SessionRun:
+    """``()`` runs an ONNX Runtime session on a fixed feed; ``.session`` is the session."""
+
+    def __init__(self, session: Any, feed: dict[str, np.ndarray]) -> None:
+        self.session, self.feed = session, feed
+
+    def __call__(self) -> Any:
+        return self.session.run(None, self.feed)
 
 
 def _opset13(model: Any) -> Any:
@@ -209,6 +227,7 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
         result["vs_onnxruntime"] = corpus.compare(entry, ours,
                                                   corpus.onnxruntime_outputs(path, feed))
         calib = corpus.inputs(entry, shapes, n=args.calib, seed=0)
+        eval_data = corpus.inputs(entry, shapes, n=args.eval, seed=1)  # not for calibration
         qcompiled = qmodel = None
         try:
             config = QuantConfig(calib_samples=args.calib)
@@ -218,7 +237,8 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
             result["quantize"] = {"status": "ok", "quantized_layers": len(qres.graph.layers),
                                   "fp32_layers": _fp32_reasons(qres)}
             qcompiled = _stage("build_x86_int8", entry, build, qmodel, target="x86")
-            result["quantize"]["vs_fp32"] = _quality(entry, compiled, qcompiled, shapes,
+            result["quantize"]["vs_fp32"] = _quality(entry, compiled.run_outputs,
+                                                     qcompiled.run_outputs, eval_data,
                                                      args.eval)
         except StageError as err:
             result["quantize"] = {"status": f"failed: {err}"}
@@ -235,12 +255,20 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
                                progress=False)
                 w7compiled = _stage("build_x86_int8_w7", entry, build, w7res.model,
                                     target="x86")
-                result["quantize"]["w7_vs_fp32"] = _quality(entry, compiled, w7compiled, shapes,
-                                                            args.eval)
+                result["quantize"]["w7_vs_fp32"] = _quality(
+                    entry, compiled.run_outputs, w7compiled.run_outputs, eval_data, args.eval)
             except StageError as err:
                 result["quantize"]["w7"] = f"failed: {err}"
         engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result,
                            w7compiled)
+        if "ort_int8" in engines:  # ONNX Runtime's int8 against the same TVM fp32 outputs
+            session = engines["ort_int8"].session
+            try:
+                result["ort_int8_vs_fp32"] = _quality(
+                    entry, compiled.run_outputs, lambda f: session.run(None, f), eval_data,
+                    args.eval)
+            except Exception as err:  # noqa: BLE001 - recorded
+                result["ort_int8_vs_fp32"] = {"failed": f"{type(err).__name__}: {err}"[:200]}
         result["latency"] = _interleaved(engines, rounds=args.rounds, per_round=args.per_round)
         if not args.host_only:
             result["cross_builds"] = _cross_builds(entry, model, qmodel)
@@ -316,22 +344,38 @@ def ratio_summary(results: list[dict]) -> list[str]:
 
 
 def _w7_quality(results: list[dict]) -> str:
-    """Agreement with fp32 (top-1 where the outputs are classes, else the lowest SQNR) of the
-    8-bit and the 7-bit weight builds, side by side."""
-    def cell(q: dict) -> str:
-        if not q:
-            return "-"
-        top1 = f"top-1 {q['top1_agreement']:.2f}, " if "top1_agreement" in q else ""
-        return top1 + f"SQNR {min(q['sqnr_db']):.1f} dB"
-
+    """Agreement with fp32 of the 8-bit and the 7-bit weight builds, side by side."""
     lines = ["### 8-bit vs 7-bit weights: agreement with TVM fp32", "",
              "| model | 8-bit weights | 7-bit weights |", "|---|---|---|"]
     for r in results:
         q = r.get("quantize", {})
         if "w7_vs_fp32" in q:
-            lines.append(f"| {r['name']} | {cell(q.get('vs_fp32', {}))} | "
-                         f"{cell(q['w7_vs_fp32'])} |")
+            lines.append(f"| {r['name']} | {_quality_cell(q.get('vs_fp32', {}))} | "
+                         f"{_quality_cell(q['w7_vs_fp32'])} |")
     return "\n".join(lines)
+
+
+def accuracy_summary(results: list[dict]) -> list[str]:
+    """TVM int8's and ONNX Runtime int8's agreement with fp32 over the models that have both."""
+    both = [(r["quantize"]["vs_fp32"], r["ort_int8_vs_fp32"]) for r in results
+            if r.get("quantize", {}).get("vs_fp32", {}).get("sqnr_db")
+            and r.get("ort_int8_vs_fp32", {}).get("sqnr_db")]
+    if not both:
+        return []
+    ours = [min(a["sqnr_db"]) for a, _ in both]
+    theirs = [min(b["sqnr_db"]) for _, b in both]
+    top1 = [(a["top1_agreement"], b["top1_agreement"]) for a, b in both
+            if "top1_agreement" in a and "top1_agreement" in b]
+    line = (f"Accuracy next to it, over the {len(both)} models with both int8 builds (agreement "
+            f"with TVM fp32 on held-out samples): median lowest SQNR TVM int8 "
+            f"{np.median(ours):.1f} dB, ONNX Runtime int8 {np.median(theirs):.1f} dB; TVM int8 "
+            f"the higher on {sum(a >= b for a, b in zip(ours, theirs, strict=True))} of "
+            f"{len(both)}.")
+    if top1:
+        line += (f" Top-1 agreement over the {len(top1)} classifiers: TVM int8 "
+                 f"{np.mean([a for a, _ in top1]):.2f}, ONNX Runtime int8 "
+                 f"{np.mean([b for _, b in top1]):.2f} (mean).")
+    return ["", line]
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -344,32 +388,31 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"{meta['load_after']}."
         + ("" if meta.get("cross_builds", True) else " Host only: no aarch64 / CUDA builds "
            "(`--host-only`)."), "",
-        "| model | import | x86 | matches ORT (max rel diff) | W8A8 | int8 vs fp32 | fp32 layers "
-        "left | TVM fp32 ms | TVM int8 ms | TVM int8 7-bit w ms | ORT fp32 ms | ORT int8 ms | "
-        "aarch64 fp32/int8 | cuda fp32/int8 |", "|---" * 14 + "|"]
+        "| model | import | x86 | matches ORT (max rel diff) | W8A8 | int8 vs fp32 | ORT int8 vs "
+        "fp32 | fp32 layers left | TVM fp32 ms | TVM int8 ms | TVM int8 7-bit w ms | ORT fp32 ms "
+        "| ORT int8 ms | aarch64 fp32/int8 | cuda fp32/int8 |", "|---" * 15 + "|"]
     for r in results:
         if "failed" in r and "import" not in r:
-            lines.append(f"| {r['name']} | **{r['failed']}** |" + " |" * 12)
+            lines.append(f"| {r['name']} | **{r['failed']}** |" + " |" * 13)
             continue
         vs = r.get("vs_onnxruntime", {})
         q = r.get("quantize", {})
         lat = {k: v.get("typical_ms") for k, v in r.get("latency", {}).items()}
-        qv = q.get("vs_fp32", {})
-        qual = (f"top-1 {qv['top1_agreement']:.2f}, " if "top1_agreement" in qv else "") + \
-            (f"SQNR {min(qv['sqnr_db']):.1f} dB" if qv.get("sqnr_db") else "")
         cb = r.get("cross_builds", {})
         match = ("yes" if vs.get("match") else "**no**") + \
             f" ({_cell(vs.get('max_rel_diff'), '{:.1e}')})" if vs else r.get("failed", "-")
         lines.append(
             f"| {r['name']} | {r.get('import', '-')} | {r.get('compile_x86', 'FAIL')} | {match} | "
-            f"{'ok' if q.get('status') == 'ok' else 'FAIL' if q else '-'} | {qual or '-'} | "
+            f"{'ok' if q.get('status') == 'ok' else 'FAIL' if q else '-'} | "
+            f"{_quality_cell(q.get('vs_fp32', {}))} | "
+            f"{_quality_cell(r.get('ort_int8_vs_fp32', {}))} | "
             f"{len(q.get('fp32_layers', {})) if q.get('status') == 'ok' else '-'} | "
             f"{_cell(lat.get('tvm_fp32'))} | {_cell(lat.get('tvm_int8'))} | "
             f"{_cell(lat.get('tvm_int8_w7'))} | "
             f"{_cell(lat.get('ort_fp32'))} | {_cell(lat.get('ort_int8'))} | "
             f"{_ok(cb, 'aarch64_fp32')}/{_ok(cb, 'aarch64_int8')} | "
             f"{_ok(cb, 'cuda-sm80_fp32')}/{_ok(cb, 'cuda-sm80_int8')} |")
-    lines += ["", *ratio_summary(results), "", "## Per model", ""]
+    lines += ["", *ratio_summary(results), *accuracy_summary(results), "", "## Per model", ""]
     for r in results:
         lines.append(f"### {r['name']}\n\n{r['description']}. Source: {r['source']}. Shapes: "
                      f"{r['shapes']}. Outputs: {r['outputs']}.\n")
@@ -383,6 +426,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         for key in ("failed", "ort_int8"):
             if key in r:
                 lines.append(f"- {key}: {r[key]}")
+        if "failed" in r.get("ort_int8_vs_fp32", {}):
+            lines.append(f"- ORT int8 accuracy: failed: {r['ort_int8_vs_fp32']['failed']}")
         q = r.get("quantize", {})
         if q.get("status", "ok") != "ok":
             lines.append(f"- quantize: {q['status']}")
