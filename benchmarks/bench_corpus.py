@@ -82,20 +82,22 @@ def _fp32_reasons(qmodel: Any) -> dict[str, str]:
     return reasons
 
 
-def _quality(entry: corpus.CorpusEntry, reference: Any, candidate: Any,
-             data: dict[str, np.ndarray], n: int) -> dict[str, Any]:
-    """Agreement of ``candidate``'s outputs with ``reference``'s (both: feed -> list of arrays)
-    on ``n`` held-out samples ``data``: SQNR per output, and top-1 agreement for classifiers."""
+def _outputs(run: Any, data: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+    """``run(feed)``'s outputs (a list of arrays) for each sample of ``data``, one at a time."""
+    count = len(next(iter(data.values())))
+    return [[np.asarray(o) for o in run({k: v[i:i + 1] for k, v in data.items()})]
+            for i in range(count)]
+
+
+def _quality(entry: corpus.CorpusEntry, ref: list[list[np.ndarray]],
+             out: list[list[np.ndarray]]) -> dict[str, Any]:
+    """Agreement of the outputs ``out`` with ``ref`` (:func:`_outputs` of the same samples):
+    SQNR per output, and top-1 agreement for classifiers."""
     from tvm_compress.runtime.metrics import sqnr_db, top1_agreement
 
-    ref, out = [], []
-    for i in range(n):
-        feed = {k: v[i:i + 1] for k, v in data.items()}
-        ref.append([np.asarray(o) for o in reference(feed)])
-        out.append([np.asarray(o) for o in candidate(feed)])
     per_output = [float(sqnr_db(np.stack([o[j] for o in out]), np.stack([r[j] for r in ref])))
                   for j in range(len(ref[0]))]
-    result: dict[str, Any] = {"sqnr_db": per_output, "samples": n}
+    result: dict[str, Any] = {"sqnr_db": per_output, "samples": len(ref)}
     if entry.outputs in ("classes", "text"):
         a = np.concatenate([o[0].reshape(-1, o[0].shape[-1]) for o in out])
         b = np.concatenate([r[0].reshape(-1, r[0].shape[-1]) for r in ref])
@@ -132,7 +134,9 @@ def _interleaved(engines: dict[str, Any], *, rounds: int, per_round: int) -> dic
 
 def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, qcompiled: Any,
              calib: dict[str, np.ndarray], feed: dict[str, np.ndarray], result: dict,
-             w7compiled: Any = None) -> dict:
+             w7compiled: Any, held_out: tuple[dict[str, np.ndarray], list]) -> dict:
+    """The engines to time; ONNX Runtime int8's agreement with fp32 on ``held_out`` (samples,
+    TVM fp32's outputs on them) goes to ``result``."""
     import onnx
     import tvm
 
@@ -158,20 +162,17 @@ def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, q
             first = calib[model.inputs[0].name]
             int8 = onnxruntime_session(ort_quantize_static(_opset13(original), first),
                                        threads=threads)
-            engines["ort_int8"] = _SessionRun(int8, feed)
+            engines["ort_int8"] = lambda: int8.run(None, feed)
         except Exception as err:  # noqa: BLE001 - recorded
             result["ort_int8"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+        else:
+            data, reference = held_out
+            try:
+                result["ort_int8_vs_fp32"] = _quality(
+                    entry, reference, _outputs(lambda f: int8.run(None, f), data))
+            except Exception as err:  # noqa: BLE001 - recorded
+                result["ort_int8_vs_fp32"] = {"failed": f"{type(err).__name__}: {err}"[:200]}
     return engines
-
-
-class _SessionRun:
-    """``()`` runs an ONNX Runtime session on a fixed feed; ``.session`` is the session."""
-
-    def __init__(self, session: Any, feed: dict[str, np.ndarray]) -> None:
-        self.session, self.feed = session, feed
-
-    def __call__(self) -> Any:
-        return self.session.run(None, self.feed)
 
 
 def _opset13(model: Any) -> Any:
@@ -227,7 +228,10 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
         result["vs_onnxruntime"] = corpus.compare(entry, ours,
                                                   corpus.onnxruntime_outputs(path, feed))
         calib = corpus.inputs(entry, shapes, n=args.calib, seed=0)
-        eval_data = corpus.inputs(entry, shapes, n=args.eval, seed=1)  # not for calibration
+        # held-out samples (not for calibration) and TVM fp32's outputs on them: the reference
+        # of every int8 build's agreement, ours and ONNX Runtime's
+        eval_data = corpus.inputs(entry, shapes, n=args.eval, seed=1)
+        reference = _outputs(compiled.run_outputs, eval_data)
         qcompiled = qmodel = None
         try:
             config = QuantConfig(calib_samples=args.calib)
@@ -237,9 +241,8 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
             result["quantize"] = {"status": "ok", "quantized_layers": len(qres.graph.layers),
                                   "fp32_layers": _fp32_reasons(qres)}
             qcompiled = _stage("build_x86_int8", entry, build, qmodel, target="x86")
-            result["quantize"]["vs_fp32"] = _quality(entry, compiled.run_outputs,
-                                                     qcompiled.run_outputs, eval_data,
-                                                     args.eval)
+            result["quantize"]["vs_fp32"] = _quality(
+                entry, reference, _outputs(qcompiled.run_outputs, eval_data))
         except StageError as err:
             result["quantize"] = {"status": f"failed: {err}"}
         w7compiled = None
@@ -256,19 +259,11 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
                 w7compiled = _stage("build_x86_int8_w7", entry, build, w7res.model,
                                     target="x86")
                 result["quantize"]["w7_vs_fp32"] = _quality(
-                    entry, compiled.run_outputs, w7compiled.run_outputs, eval_data, args.eval)
+                    entry, reference, _outputs(w7compiled.run_outputs, eval_data))
             except StageError as err:
                 result["quantize"]["w7"] = f"failed: {err}"
         engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result,
-                           w7compiled)
-        if "ort_int8" in engines:  # ONNX Runtime's int8 against the same TVM fp32 outputs
-            session = engines["ort_int8"].session
-            try:
-                result["ort_int8_vs_fp32"] = _quality(
-                    entry, compiled.run_outputs, lambda f: session.run(None, f), eval_data,
-                    args.eval)
-            except Exception as err:  # noqa: BLE001 - recorded
-                result["ort_int8_vs_fp32"] = {"failed": f"{type(err).__name__}: {err}"[:200]}
+                           w7compiled, (eval_data, reference))
         result["latency"] = _interleaved(engines, rounds=args.rounds, per_round=args.per_round)
         if not args.host_only:
             result["cross_builds"] = _cross_builds(entry, model, qmodel)

@@ -9,7 +9,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import corpus  # noqa: E402
-from bench_corpus import _quality, _quality_cell, accuracy_summary  # noqa: E402
+from bench_corpus import _outputs, _quality, _quality_cell, accuracy_summary  # noqa: E402
 
 
 def _entry(outputs: str) -> corpus.CorpusEntry:
@@ -29,12 +29,13 @@ def test_quality_scores_a_noisier_candidate_lower() -> None:
         return run
 
     entry = _entry("classes")
-    close = _quality(entry, reference, noisy(0.01), data, 6)
-    far = _quality(entry, reference, noisy(1.0), data, 6)
+    ref = _outputs(reference, data)
+    close = _quality(entry, ref, _outputs(noisy(0.01), data))
+    far = _quality(entry, ref, _outputs(noisy(1.0), data))
     assert close["samples"] == 6 and len(close["sqnr_db"]) == 1
     assert close["sqnr_db"][0] > far["sqnr_db"][0] + 20
     assert close["top1_agreement"] == 1.0
-    same = _quality(entry, reference, reference, data, 6)
+    same = _quality(entry, ref, _outputs(reference, data))
     assert same["top1_agreement"] == 1.0 and same["sqnr_db"][0] > 100
 
 
