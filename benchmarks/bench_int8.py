@@ -390,15 +390,12 @@ def markdown(result: dict) -> str:
 
 def _kernel_lines(result: dict) -> list[str]:
     totals = result["kernel_totals_ms"]
-    profile = result.get("kernel_profile")
-    how = "int8 then fp32, in the benchmark's process"
-    if profile:
-        spread = "; ".join(f"int8 {s['int8']:.2f}, fp32 {s['fp32']:.2f}"
-                           for s in profile.get("kernel_sums_ms_per_process", []))
-        how = (f"in {profile.get('processes', 1)} fresh process(es) one after the other, each "
-               f"{profile['rounds']} alternating int8 / fp32 rounds of "
-               f"{profile['runs_per_round']} runs; each kernel's fastest reading kept. "
-               f"Kernel sums per process (ms): {spread or '-'}")
+    profile = result["kernel_profile"]
+    spread = "; ".join(f"int8 {s['int8']:.2f}, fp32 {s['fp32']:.2f}"
+                       for s in profile["kernel_sums_ms_per_process"])
+    how = (f"in {profile['processes']} fresh process(es) one after the other, each "
+           f"{profile['rounds']} alternating int8 / fp32 rounds of {profile['runs_per_round']} "
+           f"runs; each kernel's fastest reading kept. Kernel sums per process (ms): {spread}")
     lines = ["", "## Kernels (per-call minimum inside the running model, summed over calls)", "",
              f"Profiled {how}.", "",
              f"Sum: int8 {totals['int8']:.2f} ms, fp32 {totals['fp32']:.2f} ms.", "",
