@@ -71,17 +71,46 @@ def as_dequantize(view: DataflowView, expr: relax.Expr) -> QTensor | None:
                    int(value.attrs.axis), str(value.args[0].ty.dtype))
 
 
-def fixed_point(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``multiplier ~= m * 2**-shift`` with int32 mantissas ``m`` in [2**30, 2**31)."""
+def fixed_point(multiplier: np.ndarray, bits: int | np.ndarray = 31
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``multiplier ~= m * 2**-shift`` with mantissas ``m`` in [2**(bits-1), 2**bits)
+    (``bits`` per channel or one for all; 31: int32 mantissas)."""
     multiplier = np.asarray(multiplier, np.float64)
+    bits = np.asarray(bits, np.int64)
     mantissa, exponent = np.frexp(multiplier)  # multiplier = mantissa * 2**exponent
-    m = np.round(mantissa * 2.0**31).astype(np.int64)
-    shift = 31 - exponent.astype(np.int64)
-    carry = m == 2**31
+    m = np.round(mantissa * 2.0**bits).astype(np.int64)
+    shift = bits - exponent.astype(np.int64)
+    carry = m == np.int64(1) << bits
     m = np.where(carry, m // 2, m)
     shift = np.where(carry, shift - 1, shift)
     tiny = shift > 62  # below the representable range: the result rounds to 0
     return np.where(tiny, 0, m), np.clip(shift, 1, 62)
+
+
+MIN_MANTISSA_BITS = 12  # relative multiplier error <= 2**-12: under 0.07 LSB of any int8 output
+
+
+def mantissa_bits(multiplier: np.ndarray, acc_bound: np.ndarray | None) -> np.ndarray | int:
+    """Mantissa bits of the requantization multipliers: 31, or, where the accumulators are
+    small enough (``acc_bound``: per channel, the largest ``|acc + bias|``), per channel the
+    most that keep ``|acc + bias| * m + round`` within int32, so that the requantization runs
+    as one 32-bit multiply (``LowerRequantize``'s 32-bit form) instead of 64-bit products.
+    3x3 and 5x5 depthwise convs get 12-16 bits this way; layers where a channel would get
+    fewer than ``MIN_MANTISSA_BITS`` keep 31 bits."""
+    if acc_bound is None:
+        return 31
+    bound = np.asarray(acc_bound, np.int64)
+    lengths = np.array([int(b).bit_length() for b in np.ravel(bound)]).reshape(bound.shape)
+    bits = np.minimum(31 - lengths, 31)  # bound * m < 2**31
+    for _ in range(2):  # one bit less where the rounding term does not fit beside it
+        if bits.min() < MIN_MANTISSA_BITS:
+            return 31
+        m, shift = fixed_point(multiplier, bits)
+        over = bound * m + (np.int64(1) << (np.minimum(shift, 32) - 1)) >= 2**31
+        if not over.any():
+            return bits
+        bits = bits - over
+    return 31
 
 
 def _channel_shape(ndim: int, channels: int, axis: int | None = None) -> tuple[int, ...]:
@@ -100,10 +129,12 @@ def _const(arr: np.ndarray, dtype: str) -> relax.Expr:
 
 def requantize_int32(bb: relax.BlockBuilder, acc: relax.Expr, multiplier: np.ndarray,
                      zero_point: int, lo: int, hi: int, out_dtype: str, ndim: int,
-                     axis: int | None = None) -> relax.Expr:
+                     axis: int | None = None, acc_bound: np.ndarray | None = None
+                     ) -> relax.Expr:
     """``clip(round(acc * multiplier) + zero_point, lo, hi)`` in integer arithmetic
-    (a per-channel ``multiplier`` runs along ``axis``; see ``_channel_shape``)."""
-    m, shift = fixed_point(multiplier)
+    (a per-channel ``multiplier`` runs along ``axis``; see ``_channel_shape``); ``acc_bound``:
+    see :func:`mantissa_bits`."""
+    m, shift = fixed_point(multiplier, mantissa_bits(multiplier, acc_bound))
     shape = _channel_shape(ndim, m.size, axis) if m.ndim else ()
     x = bb.emit(relax.op.astype(acc, "int64"))
     x = bb.emit(relax.op.multiply(x, _const(m.reshape(shape), "int64")))
@@ -206,6 +237,16 @@ def emit_accumulator(bb: relax.BlockBuilder, layer: _Layer, x: relax.Expr, name:
         padding = [0, 0, 0, 0]
     acc = emit_named(bb, _layer_call(layer, x, layer.w.expr, padding), name)
     return acc, correction.astype(np.int64)
+
+
+def _acc_bound(layer: _Layer, bias: np.ndarray) -> np.ndarray | None:
+    """Per output channel, the largest ``|acc + bias|`` of a conv with symmetric weights over
+    its input dtype's whole range (as ``LowerRequantize`` bounds it), or None."""
+    if not layer.is_conv or np.any(layer.weight_zero() != 0):
+        return None
+    info = np.iinfo(layer.x.dtype)
+    sums = np.abs(layer.weight.astype(np.int64)).sum(axis=(1, 2, 3))
+    return sums * max(abs(int(info.min)), int(info.max)) + np.abs(bias)
 
 
 def _bias_values(view: DataflowView, expr: relax.Expr, channels: int) -> np.ndarray | None:
@@ -320,7 +361,7 @@ class _Realizer(relax.PyExprMutator):
         out_scale, out_zp = float(_const_array(q.args[1])), int(_const_array(q.args[2]))
         lo, hi = _out_range(q, block.act, out_scale, out_zp)
         return requantize_int32(bb, acc, in_scale / out_scale, out_zp, lo, hi,
-                                str(q.attrs.out_dtype), ndim, axis)
+                                str(q.attrs.out_dtype), ndim, axis, _acc_bound(layer, bias))
 
     def dequantized_layer(self, layer: _Layer, name: str) -> relax.Expr:
         bb = self.builder_

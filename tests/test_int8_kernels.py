@@ -18,7 +18,7 @@ from tvm_compress.backend.schedules import default_schedule_pipeline
 from tvm_compress.backend.schedules.hardware import host_cpu
 from tvm_compress.backend.schedules.int8 import pick_kind
 from tvm_compress.backend.schedules.requantize import lower_requantize
-from tvm_compress.passes.realize_integer import requantize_int32
+from tvm_compress.passes.realize_integer import mantissa_bits, requantize_int32
 
 # The AVX2 kernels (8 float lanes, the vpmaddubsw int8 micro-kernel), run here: any AVX2 host
 # executes them, including AVX-512 ones, whose own default would pick 16 lanes / VNNI instead.
@@ -245,6 +245,46 @@ def test_multipliers_of_a_half_and_more_and_zero_are_lowered_exactly(groups: int
                if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint}
     assert kernels and all(f.attrs.get("tirx.is_scheduled", False) for f in kernels.values())
     assert all("int64" not in name and "right_shift" not in name for name in kernels)
+
+
+def short_mantissa_module(depthwise: bool, dtype: str = "uint8"
+                          ) -> tuple[tvm.IRModule, np.ndarray]:
+    """A 3x3 depthwise or a 1x1 conv of 4 input channels, requantized with the short mantissas
+    ``RealizeInteger`` gives such small accumulators, and an input that reaches their bound:
+    weights of +-127, plateaus of the dtype's extremes, biases of +-10**5."""
+    channels, k = (16, 3) if depthwise else (4, 1)
+    weight = _weights((16, 1 if depthwise else channels, k, k), seed=5)
+    weight[0], weight[1] = 127, -127
+    bias = np.random.default_rng(6).integers(-10**5, 10**5, 16)
+    info = np.iinfo(dtype)
+    x = _activations((1, channels, 12, 12), dtype)
+    x[..., :5, :5], x[..., 6:, 6:] = info.max, info.min
+    bound = np.abs(weight.astype(np.int64)).sum(axis=(1, 2, 3)) * max(-info.min, info.max) \
+        + np.abs(bias)
+    multiplier = np.geomspace(2e-5, 3e-2, 16)
+
+    def body(bb: relax.BlockBuilder, v: relax.Expr) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(v, relax.const(weight), padding=k // 2,
+                                         groups=channels if depthwise else 1,
+                                         out_dtype="int32"))
+        acc = bb.emit(relax.op.add(acc, relax.const(bias.reshape(1, 16, 1, 1).astype("int32"))))
+        return requantize_int32(bb, acc, multiplier, 3, 0, 255, "uint8", 4, acc_bound=bound)
+
+    assert np.all(mantissa_bits(multiplier, bound) < 31)
+    return _module(relax.TensorType(x.shape, dtype), body), x
+
+
+@needs_avx2
+@pytest.mark.parametrize("depthwise", [True, False])
+def test_short_mantissas_are_requantized_in_int32_exactly(depthwise: bool) -> None:
+    """Short mantissas take the all-int32 form (``requantize._low_form``): no 64-bit value in
+    the graph or in the scheduled kernels, and the same integers as the int64 chain."""
+    mod, x = short_mantissa_module(depthwise)
+    assert _int64_ops(mod) == 0
+    scheduled = _compare(mod, x)
+    kernels = [f.script() for gv, f in scheduled.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert kernels and all("int64(32)" not in k and "high" not in k for k in kernels)
 
 
 def test_integer_add_requantization_is_exact() -> None:

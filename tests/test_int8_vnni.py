@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tvm
 from conftest import relax_main
-from test_int8_kernels import _activations, _conv_block, _weights
+from test_int8_kernels import _activations, _conv_block, _weights, short_mantissa_module
 from tvm import relax, tirx
 from tvm.target.codegen import target_has_features
 
@@ -252,6 +252,19 @@ def test_vnni_depthwise_exact(case: str, dtype: str) -> None:
         "depthwise" in name and "requantize" in name for name in rules)
     # the zero-point padding is the kernel's own (fold_zero_point_pads): no pad kernel
     assert not any(name.startswith("pad") for name in rules), rules
+
+
+@needs_vnni
+@pytest.mark.parametrize("depthwise", [True, False])
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_vnni_short_mantissas_exact(depthwise: bool, dtype: str) -> None:
+    """The all-int32 requantization of short mantissas in the VNNI kernels' epilogues: one
+    32-bit multiply (``vpmulld``) per 16 outputs, no 64-bit product (``vpmuldq``)."""
+    mod, x = short_mantissa_module(depthwise, dtype)
+    asm, scheduled = _check(mod, x)
+    assert "vpdpbusd" in asm and "vpmulld" in asm and "vpmuldq" not in asm
+    kernel = "depthwise_nchwc_vnni" if depthwise else "conv2d_nchwc_u8s8"
+    assert kernel in _rules(scheduled).values()
 
 
 @needs_vbmi

@@ -17,7 +17,12 @@ from tvm_compress.graph.dataflow import bindings, op_name
 from tvm_compress.passes.expose_tensors import ExposeTensors, binding_positions
 from tvm_compress.passes.fold_batch_norm import FoldBatchNorm
 from tvm_compress.passes.insert_qdq import InsertQDQ
-from tvm_compress.passes.realize_integer import RealizeInteger, fixed_point
+from tvm_compress.passes.realize_integer import (
+    MIN_MANTISSA_BITS,
+    RealizeInteger,
+    fixed_point,
+    mantissa_bits,
+)
 from tvm_compress.quant.config import LayerOverride, QuantConfig, QuantSpec
 from tvm_compress.quant.qparams import range_qparams
 from tvm_compress.quant.quantize import quantize
@@ -139,7 +144,13 @@ def _qdq_block(bb, x):  # noqa: ANN001, ANN202
 
 
 def test_realize_integer_structure():
-    m, shift = fixed_point(np.float32(SX) * np.float64(np.float32(SW)) / np.float32(SO))
+    multiplier = np.float32(SX) * np.float64(np.float32(SW)) / np.float32(SO)
+    # the accumulators' bound (|weights| summed per channel times 128) allows short mantissas
+    bound = np.abs(WQ.astype(np.int64)).sum(axis=(1, 2, 3)) * 128
+    bits = mantissa_bits(multiplier, bound)
+    assert np.all(bits < 31)
+    m, shift = fixed_point(multiplier, bits)
+    m, shift = m.reshape(1, 3, 1, 1), shift.reshape(1, 3, 1, 1)
 
     def expected(bb, x):  # noqa: ANN001, ANN202
         q = bb.emit(relax.op.quantize(x, _const(SX, "float32"), _const(0, "int8"), -1, "int8"))
@@ -148,7 +159,7 @@ def test_realize_integer_structure():
             acc, bb.normalize(relax.op.nn.conv2d(q, relax.const(WQ), out_dtype="int32"))))
         y = bb.emit(relax.op.astype(acc, "int64"))
         y = bb.emit(relax.op.multiply(y, _const(m, "int64")))
-        y = bb.emit(relax.op.add(y, _const(1 << (int(shift) - 1), "int64")))
+        y = bb.emit(relax.op.add(y, _const(np.int64(1) << (shift - 1), "int64")))
         y = bb.emit(relax.op.right_shift(y, _const(shift, "int64")))
         y = bb.emit(relax.op.add(y, _const(0, "int64")))
         y = bb.emit(relax.op.clip(y, 0, 127))  # ReLU fused: the lower bound is the zero point
@@ -164,6 +175,30 @@ def test_fixed_point_multiplier(multiplier):
     m, shift = fixed_point(np.array(multiplier))
     assert 2**30 <= int(m) < 2**31
     assert float(m) * 2.0 ** -float(shift) == pytest.approx(multiplier, rel=2**-30)
+
+
+@given(st.floats(1e-6, 10.0), st.lists(st.integers(0, 2**26), min_size=1, max_size=8))
+def test_short_mantissas_keep_the_requantization_within_int32(multiplier, bounds):
+    bound = np.array(bounds, np.int64)
+    bits = mantissa_bits(multiplier, bound)
+    m, shift = fixed_point(multiplier, bits)
+    if np.ndim(bits) == 0:  # too large a bound for MIN_MANTISSA_BITS: int32 mantissas
+        assert bits == 31 and 2**30 <= int(m) < 2**31
+        return
+    assert bits.min() >= MIN_MANTISSA_BITS
+    # what LowerRequantize's 32-bit form needs: |acc + bias| * m + round < 2**31
+    assert np.all(bound * m + (np.int64(1) << (shift - 1)) < 2**31)
+    assert np.all(m < np.int64(1) << bits) and np.all(m >= np.int64(1) << (bits - 1))
+    error = np.abs(m * 2.0 ** -shift.astype(np.float64) - multiplier) / multiplier
+    assert np.all(error <= 2.0**-bits)
+
+
+def test_mantissa_bits_of_a_depthwise_conv():
+    # 3x3 taps of up to 127 on u8 input: bound 9 * 127 * 255 < 2**19, so 12 bits or more
+    bound = np.full(16, 9 * 127 * 255)
+    assert np.all(mantissa_bits(np.full(16, 1e-3), bound) >= 12)
+    assert mantissa_bits(np.full(16, 1e-3), None) == 31
+    assert mantissa_bits(1e-3, np.array([2**21])) == 31  # would be 9 bits: too coarse
 
 
 def test_realize_integer_numerics_of_one_block():

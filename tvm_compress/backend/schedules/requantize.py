@@ -10,6 +10,9 @@ recognised here and replaced by one ``call_te`` with the same result and 32-bit 
   ``s >= 32``, ``((acc + b)*m + r) >> s == ((acc*m + (b*m + r)) >> 32) >> (s - 32)``: a
   32 x 32 -> 64 multiply (``vpmuldq``) plus a per-channel 64-bit constant, of which only the
   high half is kept, then an int32 shift;
+* the same with ``|acc| * m + |b*m + r| < 2**31`` (the short mantissas ``RealizeInteger``
+  gives layers with small accumulators, e.g. depthwise convs): ``(acc*m + (b*m + r)) >> s``
+  entirely in int32 (``_low_form``), one 32-bit multiply per output;
 * several 8/16-bit inputs (integer add, concat): the multipliers are split in 16-bit halves
   so that both partial sums stay within int32 (``_narrow_sum_fits``), no 64-bit lane at all.
 
@@ -52,7 +55,9 @@ class _Chain:
     lo: int
     hi: int
     out_dtype: str
-    acc_bound: int | None = None  # largest |accumulator| of a single int32 term, when known
+    # largest |accumulator| of a single int32 term per output channel (broadcasting with it),
+    # when known
+    acc_bound: np.ndarray | None = None
 
 
 def _name(expr: relax.Expr) -> str | None:
@@ -138,25 +143,26 @@ class _Lowerer(PyExprMutator):
         if not terms or any([int(d) for d in t.source.ty.shape] != shape for t in terms):
             return None
         zero_point, shift, round_add = consts
-        # the bound (every weight read as int64) is only needed to pre-shift shifts below 32
-        needed = len(terms) == 1 and int(np.min(shift)) < 32
-        bound = self._conv_bound(terms[0].source) if needed else None
+        bound = self._conv_bound(terms[0].source) if len(terms) == 1 else None
         return _Chain(terms, round_add, shift, zero_point, int(clip.args[1].value),
                       int(clip.args[2].value), _dtype(call), bound)
 
-    def _conv_bound(self, source: relax.Expr) -> int | None:
-        """Largest |output| of an 8-bit conv2d with constant weights: the largest sum of
-        |weights| of an output channel times the largest |activation|."""
+    def _conv_bound(self, source: relax.Expr) -> np.ndarray | None:
+        """Largest |output| per channel of an 8-bit conv2d with constant weights (NCHW or
+        NCHW[b]c, shaped to broadcast with it): the sum of |weights| of the output channel
+        times the largest |activation|."""
         conv = self._call(source, "relax.nn.conv2d")
         if conv is None or _dtype(conv.args[0]) not in ("uint8", "int8"):
             return None
         weight = self._const(conv.args[1])
         # OIHW, or the packed OIHW[ib]i[ob]o: the output channel is axis 0 (and 5)
-        if weight is None or weight.ndim not in (4, 6):
+        if weight is None or weight.ndim not in (4, 6) or \
+                len(conv.ty.shape) != (4 if weight.ndim == 4 else 5):
             return None
         sums = np.abs(weight).sum(axis=(1, 2, 3) if weight.ndim == 4 else (1, 2, 3, 4))
         lo, hi = _range(_dtype(conv.args[0]))
-        return int(sums.max()) * max(abs(lo), abs(hi))
+        shape = (1, -1, 1, 1) if weight.ndim == 4 else (1, sums.shape[0], 1, 1, -1)
+        return sums.reshape(shape) * max(abs(lo), abs(hi))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
@@ -206,7 +212,7 @@ def _pre_shift(chain: _Chain) -> int | None:
     k = max(0, 32 - int(chain.shift.min()))
     if k == 0:
         return 0
-    if chain.acc_bound is None or k > 16 or (chain.acc_bound << k) >= _INT32:
+    if chain.acc_bound is None or k > 16 or (int(chain.acc_bound.max()) << k) >= _INT32:
         return None
     return k
 
@@ -229,6 +235,22 @@ def _high_mul_form(chain: _Chain, pre_shift: int = 0) -> bool:
     shift = int(chain.shift.min()) + pre_shift
     return -(2**63) <= wide[0] and wide[1] < 2**63 and \
         max(abs(wide[0] >> shift), abs(wide[1] >> shift)) + zp < _INT32
+
+
+def _low_form(chain: _Chain) -> bool:
+    """One int32 accumulator whose products with the multipliers stay within int32: with
+    ``o = b*m + r``, ``((acc + b) * m + r) >> s == (acc * m + o) >> s`` in int32 arithmetic
+    when ``|acc| * m + |o| < 2**31`` and ``s <= 31``. ``RealizeInteger`` gives the layers whose
+    accumulators allow it mantissas of fewer bits (``mantissa_bits``) for this form: one
+    ``vpmulld`` per 16 outputs instead of two ``vpmuldq`` and the shuffles around them."""
+    if len(chain.terms) != 1 or _dtype(chain.terms[0].source) != "int32" \
+            or chain.acc_bound is None:
+        return False
+    term = chain.terms[0]
+    if np.any(term.zero != 0) or chain.shift.min() < 0 or chain.shift.max() > 31:
+        return False
+    offset = np.abs(_high_offset(chain))
+    return int((chain.acc_bound * term.multiplier + offset).max()) < _INT32
 
 
 def _term_span(term: _Term) -> int:
@@ -267,6 +289,10 @@ def _forms(chain: _Chain) -> tuple[str, dict[str, np.ndarray]] | None:
     """The form of ``chain``'s 32-bit lowering and its constants, or None."""
     if not _multipliers_fit(chain):
         return None
+    if _low_form(chain):
+        term = chain.terms[0]
+        return "low", {"multiplier": term.multiplier, "offset": _high_offset(chain),
+                       "shift": chain.shift, "zero_point": chain.zero_point}
     normalized = _normalized(chain)
     pre_shift = _pre_shift(normalized)
     if pre_shift is not None and _high_mul_form(normalized, pre_shift):
@@ -302,7 +328,7 @@ def lower_chain(bb: relax.BlockBuilder, chain: _Chain) -> relax.Expr | None:
     form, consts = found
     tensors = {k: v for k, v in consts.items() if v.ndim}
     scalars = {k: int(v) for k, v in consts.items() if not v.ndim}
-    wide = set() if form == "narrow" else {"offset"}
+    wide = {"offset"} if form.startswith("high") else set()
     dtypes = {k: "int64" if k in wide else "int32" for k in tensors}
     # relax.const narrows int64 arrays to int32 unless the dtype is given
     args = [*(t.source for t in chain.terms),
@@ -344,8 +370,14 @@ def _requantize_te(*inputs: te.Tensor, names: list[str], scalars: dict[str, int]
             low = low + centered * at(f"low{i}", index, "int32")
         return (high + (low >> tirx.const(16, "int32"))) >> at("shift", index, "int32")
 
+    def low(*index):
+        return (inputs[0][index] * at("multiplier", index, "int32")
+                + at("offset", index, "int32")) >> at("shift", index, "int32")
+
     if form == "narrow":
         shifted = narrow
+    elif form == "low":
+        shifted = low
     else:
         stage = te.compute(shape, high, name="requantize_high",
                            attrs={STAGE_ATTR: HIGH_MUL, PRE_SHIFT_ATTR: pre_shift}
