@@ -268,12 +268,22 @@ def test_vnni_short_mantissas_exact(depthwise: bool, dtype: str) -> None:
 
 
 @needs_vbmi
-@pytest.mark.parametrize("case", ["3x3", "5x5_s2", "24_channels_8_lane_blocks"])
-def test_vnni_depthwise_vbmi_exact(case: str) -> None:
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_vnni_depthwise_vbmi_exact(case: str, dtype: str) -> None:
+    """With VBMI the quads are permuted in registers (one vpermb before each vpdpbusd), not
+    staged; without it (the cascadelake target above) they are staged per band of rows."""
     channels, size, k, stride, zp = DEPTHWISE_CASES[case]
-    x = _activations((1, channels, *_hw(size)), "int8")
-    asm, _ = _check(_depthwise_module(channels, size, k, stride, zp, "int8"), x, VBMI)
-    assert "vpdpbusd" in asm and "vpermb" in asm  # the quads: one byte permutation each
+    x = _activations((1, channels, *_hw(size)), dtype)
+    mod = _depthwise_module(channels, size, k, stride, zp, dtype)
+    asm, scheduled = _check(mod, x, VBMI)
+    assert "vpdpbusd" in asm and "vpermb" in asm
+    kernel = next(f.script() for gv, f in scheduled.functions_items() if "depthwise" in
+                  gv.name_hint and isinstance(f, tirx.PrimFunc))
+    assert "permvar" in kernel and "data_quads" not in kernel
+    staged = next(f.script() for gv, f in default_schedule_pipeline(VNNI)(mod).functions_items()
+                  if "depthwise" in gv.name_hint and isinstance(f, tirx.PrimFunc))
+    assert "data_quads" in staged and "permvar" not in staged
 
 
 def _host_flags() -> set[str]:

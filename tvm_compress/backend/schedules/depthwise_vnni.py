@@ -1,17 +1,21 @@
 """int8 depthwise conv2d on VNNI: 4 taps of a row per ``vpdpbusd``, exact.
 
 A depthwise output lane (one channel) sums taps of its own channel, so ``vpdpbusd`` needs the
-4 bytes of each 32-bit lane to be 4 taps of one channel: the kernel stages, per channel block,
-a copy of the input in which pixel ``x`` holds the 4 horizontally consecutive input pixels its
-window starts with, channels x taps (one byte permutation of 64 consecutive bytes per pixel,
-``int8_vnni.quads_name``). A 3x3 window is then 3 ``vpdpbusd`` per 16 outputs (the fourth tap
-of each row weighs 0) and a 5x5 window 10, where fp32 needs 9 and 25 FMAs. Products and sums
-are exact int32 arithmetic. s8 activations are staged as u8 (``x + 128``, padding too) and the
-sums start at ``-128 * sum(w)``, as in ``int8.py``.
+4 bytes of each 32-bit lane to be 4 taps of one channel: 4 horizontally consecutive pixels x
+16 channels (64 consecutive bytes of the NCHW16c input) permuted into channels x taps. A 3x3
+window is then 3 ``vpdpbusd`` per 16 outputs (the fourth tap of each row weighs 0) and a 5x5
+window 10, where fp32 needs 9 and 25 FMAs. Products and sums are exact int32 arithmetic. s8
+activations are staged as u8 (``x + 128``, padding too) and the sums start at
+``-128 * sum(w)``, as in ``int8.py``.
 
-Stages per channel block: the padded, offset u8 plane (1 byte per input element); per band of
-output rows (``band_rows``) the quads of its input rows (4 bytes per element and group of 4
-taps), then the convolution of the band with its epilogue per row tile.
+Stages per channel block: the padded, offset u8 plane (1 byte per input element), then the
+convolution with its epilogue per row tile. With AVX512-VBMI the permutation is one
+``vpermb`` in registers before each ``vpdpbusd`` (``int8_vnni.permuted_lanewise_name``).
+Without it, the permutation is LLVM's generic shuffle (8 unpacks and 3 inserts per 64 bytes),
+so the kernel stages the permuted quads once per band of output rows (``band_rows``) and
+reuses them across the rows of the window (``staged``). On MobileNetV2 (Zen 4, VBMI) the
+staged quads cost more than permuting in registers: every depthwise layer ran 0.78-1.21x
+fp32 staged, 0.57-0.96x permuting each time (benchmarks/results/int8_vnni_s21.md).
 Dilated windows keep ``depthwise_int8``'s fp32-arithmetic kernel.
 """
 
@@ -35,6 +39,7 @@ from tvm_compress.backend.schedules.int8_intrin import start_from
 from tvm_compress.backend.schedules.int8_vnni import (
     lanewise_name,
     offset,
+    permuted_lanewise_name,
     quads_name,
     quads_order,
     register_intrinsics,
@@ -73,10 +78,11 @@ def pack_depthwise_weight(weight: np.ndarray) -> np.ndarray:
 
 def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *, kw: int,
                          strides: tuple[int, int], padding: tuple[int, int, int, int],
-                         pad_value: int = 0) -> te.Tensor:
+                         pad_value: int = 0, staged: bool = False) -> te.Tensor:
     """Depthwise conv2d, data u8/s8 NCHW[b]c, weight (O/b, kh, G, b, 4) s8 -> int32 (without
     the ``-offset * sum(w)`` start, which :func:`depthwise_vnni_func` adds); ``perm``: the
-    byte order of a quad (``int8_vnni.quads_order``), which the staging only reads ``& 0``.
+    byte order of a quad (``int8_vnni.quads_order``), which the kernel only reads ``& 0``;
+    ``staged``: permuted quads staged per band of rows (see the module docstring).
 
     Weights (O/b, OH, H, G, b, 4), one row of taps per output row and input row
     (:func:`rows_weight`), make it the short-map form: the sum runs over the input's rows
@@ -102,17 +108,7 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
         return tirx.if_then_else(inside, value, tirx.const(pad_value + add, "uint8"))
 
     plane = te.compute((n, chunks, height + top + bottom, padded_w, block), pad, name="data_u8")
-    if short:
-        rows, span, taps = oh, height, height
-    else:
-        rows = band_rows(oh, ow, kh, sh, groups * block * 4)
-        span, taps = (rows - 1) * sh + kh, kh  # input rows of a band; rows of the window
-    quads = te.compute((n, chunks, oh // rows, span, ow, groups, block, 4),
-                       lambda b, c, band, r, x, g, ci, k: tirx.bitwise_or(
-                           plane[b, c, band * rows * sh + r, x * sw + 4 * g + k, ci],
-                           tirx.bitwise_and(perm[ci * 4 + k], tirx.const(0, "uint8"))),
-                       name="data_quads")
-    ry = te.reduce_axis((0, taps), name="ry")
+    ry = te.reduce_axis((0, height if short else int(weight.shape[1])), name="ry")
     rg = te.reduce_axis((0, groups), name="rg")
     rk = te.reduce_axis((0, 4), name="rk")
 
@@ -120,6 +116,25 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
         if short:
             return weight[c, y, ry, rg, ci, rk]
         return weight[c, ry, rg, ci, rk]
+
+    if not staged:
+        return te.compute(
+            (n, chunks, oh, ow, block),
+            lambda b, c, y, x, ci: te.sum(tirx.bitwise_or(
+                plane[b, c, ry if short else y * sh + ry, x * sw + 4 * rg + rk, ci],
+                tirx.bitwise_and(perm[ci * 4 + rk], tirx.const(0, "uint8"))).astype("int32")
+                * tap(c, y, ci).astype("int32"), axis=[ry, rg, rk]),
+            name="depthwise_conv2d_NCHWc_vnni", attrs={KERNEL_ATTR: DEPTHWISE_NCHWC_VNNI})
+    if short:
+        rows, span = oh, height
+    else:
+        rows = band_rows(oh, ow, kh, sh, groups * block * 4)
+        span = (rows - 1) * sh + kh  # input rows of a band
+    quads = te.compute((n, chunks, oh // rows, span, ow, groups, block, 4),
+                       lambda b, c, band, r, x, g, ci, k: tirx.bitwise_or(
+                           plane[b, c, band * rows * sh + r, x * sw + 4 * g + k, ci],
+                           tirx.bitwise_and(perm[ci * 4 + k], tirx.const(0, "uint8"))),
+                       name="data_quads")
 
     def row(y):  # noqa: ANN001, ANN202
         return ry if short else y % rows * sh + ry
@@ -158,7 +173,7 @@ def rows_weight(packed: np.ndarray, start: np.ndarray, *, height: int, stride: i
 
 def depthwise_vnni_func(data: relax.TensorType, weight: np.ndarray, *, kw: int,
                         strides: tuple[int, int], padding: tuple[int, int, int, int],
-                        pad_value: int = 0) -> tirx.PrimFunc:
+                        pad_value: int = 0, staged: bool = False) -> tirx.PrimFunc:
     """PrimFunc ``(data, packed weight, start, quad order) -> int32 depthwise conv``."""
     short = weight.ndim == 6
     block = weight.shape[-2]
@@ -168,7 +183,7 @@ def depthwise_vnni_func(data: relax.TensorType, weight: np.ndarray, *, kw: int,
     start_ph = te.placeholder(start_shape, "int32", name="start")
     perm_ph = te.placeholder((block * 4,), "uint8", name="perm")
     conv = depthwise_nchwc_vnni(data_ph, weight_ph, perm_ph, kw=kw, strides=strides,
-                                padding=padding, pad_value=pad_value)
+                                padding=padding, pad_value=pad_value, staged=staged)
     func = te.create_prim_func([data_ph, weight_ph, start_ph, perm_ph, conv],
                                index_dtype_override="int64").without_attr("global_symbol")
     func = func.with_body(start_from(func.body, func.params[2], (1, 2, 4) if short else (1, 4)))
@@ -193,9 +208,11 @@ def legalize_depthwise_vnni(bb: relax.BlockBuilder, call: relax.Call, weight: np
             packed, start, height=height, stride=int(options["strides"][0]), top=int(top),
             bottom=int(bottom), pad_u8=int(options.get("pad_value", 0)) + offset(data_dtype),
             taps=weight.astype(np.int64).sum(axis=(1, 3, 4)))
+    target = tvm.target.Target.current(allow_none=True)
     func = depthwise_vnni_func(call.args[0].ty, packed, kw=int(weight.shape[3]),
                                strides=options["strides"], padding=options["padding"],
-                               pad_value=options.get("pad_value", 0))
+                               pad_value=options.get("pad_value", 0),
+                               staged=target is None or not has_vbmi(target))
     gv = bb.add_func(func, "depthwise_conv2d_int8")
     order = np.array(quads_order(int(weight.shape[5])), np.uint8)
     return relax.call_tir(gv, [call.args[0], relax.const(packed, "int8"),
@@ -210,21 +227,25 @@ def schedule_depthwise_nchwc_vnni(sch: s_tir.Schedule, block: s_tir.schedule.SBl
     producers, _ = producers_and_consumers(sch, block)
     n, c, y, x, ci, ry, rg, rk = sch.get_loops(block)
     block_lanes = extent(sch, ci)
-    y_o, y_i = sch.split(y, [None, int(sch.get(block).annotations[BAND_ATTR])])
+    band = sch.get(block).annotations.get(BAND_ATTR)  # staged quads (module docstring)
+    y_o, y_i = sch.split(y, [None, int(band)]) if band is not None else (y, None)
     x_o, x_i = sch.split(x, [None, row_tile(extent(sch, x), registers)])
-    sch.reorder(n, c, y_o, y_i, x_o, ry, rg, x_i, ci, rk)
+    sch.reorder(*(loop for loop in (n, c, y_o, y_i, x_o, ry, rg, x_i, ci, rk) if loop))
     tail = fuse_epilogue(sch, block, x_o)
-    plane, quads = producers[-2], producers[-1]
-    sch.compute_at(quads, y_o, preserve_unit_loops=True)
+    if band is not None:
+        plane, quads = producers[-2], producers[-1]
+        sch.compute_at(quads, y_o, preserve_unit_loops=True)
+    else:
+        plane = producers[-1]
     sch.compute_at(plane, c, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(plane)[-1])
-    target = tvm.target.Target.current(allow_none=True)
-    vbmi = target is not None and has_vbmi(target)
-    sch.tensorize(sch.get_loops(quads)[-2], quads_name(block_lanes, vbmi))
+    if band is not None:
+        sch.tensorize(sch.get_loops(quads)[-2], quads_name(block_lanes))
     parallelize(sch, [n, c], cores)
     sch.unroll(x_i)
     init = sch.decompose_reduction(block, ry)
-    sch.tensorize(ci, lanewise_name(block_lanes))
+    sch.tensorize(ci, lanewise_name(block_lanes) if band is not None
+                  else permuted_lanewise_name(block_lanes))
     tensorize_high_mul(sch)
     inner = sch.get_loops(init)[-1]
     if extent(sch, inner) <= 4 * lanes:

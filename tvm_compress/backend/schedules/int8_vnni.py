@@ -73,10 +73,11 @@ def lanewise_name(lanes: int) -> str:
     return f"tvm_compress.vnni_lanewise_{lanes}x4"
 
 
-def quads_name(lanes: int, vbmi: bool) -> str:
+def quads_name(lanes: int) -> str:
     """The transposition that feeds it: 4 pixels x ``lanes`` channels -> channels x 4 taps
-    (one ``vpermb`` with AVX512-VBMI; LLVM's own shuffle lowering otherwise, 8 unpacks)."""
-    return f"tvm_compress.quads_{lanes}x4" + ("_vbmi" if vbmi else "")
+    (LLVM's own shuffle lowering, 8 unpacks; with AVX512-VBMI kernels permute in registers
+    instead, ``permuted_lanewise_name``)."""
+    return f"tvm_compress.quads_{lanes}x4"
 
 
 def _lanewise(lanes: int) -> tuple:
@@ -111,20 +112,63 @@ def _lanewise(lanes: int) -> tuple:
     return desc, impl
 
 
+def permuted_lanewise_name(lanes: int) -> str:
+    """The per-lane step reading 4 pixels x ``lanes`` channels as they lie in memory: one
+    ``vpermb`` (AVX512-VBMI) into channels x 4 taps, then ``vpdpbusd``."""
+    return f"tvm_compress.vnni_permuted_lanewise_{lanes}x4"
+
+
+def _permuted_lanewise(lanes: int) -> tuple:
+    acc_type, byte_type, u8_type = f"int32x{lanes}", f"int8x{lanes * 4}", f"uint8x{lanes * 4}"
+    llvm, permute = _LLVM[lanes], f"llvm.x86.avx512.permvar.qi.{lanes * 32}"
+
+    # Q: the permutation (``quads_order``), read ``& 0`` as in ``_quads``
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4, lanes), "uint8", offset_factor=1),
+             Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4, 0:lanes], Q[0:lanes * 4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(T.bitwise_or(
+                        A[vk, vi], T.bitwise_and(Q[vi * 4 + vk], T.uint8(0))), "int32") \
+                        * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4, lanes), "uint8", offset_factor=1),
+             Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4, 0:lanes], Q[0:lanes * 4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            quad = T.bind(T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(permute),
+                T.reinterpret(A.vload([0, 0], dtype=u8_type), dtype=byte_type),
+                T.reinterpret(Q.vload([0], dtype=u8_type), dtype=byte_type), dtype=byte_type))
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm), C.vload([0], acc_type), quad,
+                B.vload([0, 0], dtype=byte_type), dtype=acc_type)
+
+    return desc, impl
+
+
 def quads_order(lanes: int) -> list[int]:
     """Byte ``v`` of a quad vector is byte ``order[v]`` of its 4 pixels x ``lanes`` channels."""
     return [k * lanes + i for i in range(lanes) for k in range(4)]
 
 
-def _quads(lanes: int, vbmi: bool) -> tuple:
-    byte_type, signed_type = f"uint8x{lanes * 4}", f"int8x{lanes * 4}"
+def _quads(lanes: int) -> tuple:
+    byte_type = f"uint8x{lanes * 4}"
     order = quads_order(lanes)
-    permute = f"llvm.x86.avx512.permvar.qi.{lanes * 32}"
 
-    # Q: the permutation as data (``order``). The kernel reads it as ``| (Q & 0)``, which
-    # changes nothing; it is there so that vpermb gets its indices from memory: from a
-    # constant, LLVM turns the permutation back into a generic shuffle and lowers that to 8
-    # unpacks and 3 inserts per 64 bytes.
+    # Q: the permutation as data (``order``), read ``| (Q & 0)``, which changes nothing: with
+    # AVX512-VBMI it is what vpermb takes its indices from (``_permuted_lanewise``); from a
+    # constant, LLVM would turn that permutation back into a generic shuffle.
     @T.prim_func(s_tir=True)
     def desc(P: T.Buffer((4, lanes), "uint8", offset_factor=1),
              Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
@@ -146,20 +190,7 @@ def _quads(lanes: int, vbmi: bool) -> tuple:
             T.writes(S[0:lanes, 0:4])
             S.vstore([0, 0], T.Shuffle([P.vload([0, 0], dtype=byte_type)], order))
 
-    @T.prim_func(s_tir=True)
-    def impl_vbmi(P: T.Buffer((4, lanes), "uint8", offset_factor=1),
-                  Q: T.Buffer((lanes * 4,), "uint8", offset_factor=1),
-                  S: T.Buffer((lanes, 4), "uint8", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(P[0:4, 0:lanes], Q[0:lanes * 4])
-            T.writes(S[0:lanes, 0:4])
-            S.vstore([0, 0], T.reinterpret(T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(permute),
-                T.reinterpret(P.vload([0, 0], dtype=byte_type), dtype=signed_type),
-                T.reinterpret(Q.vload([0], dtype=byte_type), dtype=signed_type),
-                dtype=signed_type), dtype=byte_type))
-
-    return desc, impl_vbmi if vbmi else impl
+    return desc, impl
 
 
 def register_intrinsics() -> None:
@@ -171,6 +202,7 @@ def register_intrinsics() -> None:
                 TensorIntrin.register(name, _desc(lanes, dtype), _impl(lanes, dtype))
         if TensorIntrin.get(lanewise_name(lanes), allow_missing=True) is None:
             TensorIntrin.register(lanewise_name(lanes), *_lanewise(lanes))
-        for vbmi in (False, True):
-            if TensorIntrin.get(quads_name(lanes, vbmi), allow_missing=True) is None:
-                TensorIntrin.register(quads_name(lanes, vbmi), *_quads(lanes, vbmi))
+        if TensorIntrin.get(permuted_lanewise_name(lanes), allow_missing=True) is None:
+            TensorIntrin.register(permuted_lanewise_name(lanes), *_permuted_lanewise(lanes))
+        if TensorIntrin.get(quads_name(lanes), allow_missing=True) is None:
+            TensorIntrin.register(quads_name(lanes), *_quads(lanes))
