@@ -14,8 +14,8 @@ convolution with its epilogue per row tile. With AVX512-VBMI the permutation is 
 Without it, the permutation is LLVM's generic shuffle (8 unpacks and 3 inserts per 64 bytes),
 so the kernel stages the permuted quads once per band of output rows (``band_rows``) and
 reuses them across the rows of the window (``staged``). On MobileNetV2 (Zen 4, VBMI) the
-staged quads cost more than permuting in registers: every depthwise layer ran 0.78-1.21x
-fp32 staged, 0.57-0.96x permuting each time (benchmarks/results/int8_vnni_s21.md).
+staged quads cost more than permuting in registers: its depthwise layers ran 0.70-1.21x fp32
+staged, 0.57-0.96x permuting each time (fresh-process profiles, docs/int8.md).
 Dilated windows keep ``depthwise_int8``'s fp32-arithmetic kernel.
 """
 
@@ -117,35 +117,34 @@ def depthwise_nchwc_vnni(data: te.Tensor, weight: te.Tensor, perm: te.Tensor, *,
             return weight[c, y, ry, rg, ci, rk]
         return weight[c, ry, rg, ci, rk]
 
-    if not staged:
-        return te.compute(
-            (n, chunks, oh, ow, block),
-            lambda b, c, y, x, ci: te.sum(tirx.bitwise_or(
-                plane[b, c, ry if short else y * sh + ry, x * sw + 4 * rg + rk, ci],
-                tirx.bitwise_and(perm[ci * 4 + rk], tirx.const(0, "uint8"))).astype("int32")
-                * tap(c, y, ci).astype("int32"), axis=[ry, rg, rk]),
-            name="depthwise_conv2d_NCHWc_vnni", attrs={KERNEL_ATTR: DEPTHWISE_NCHWC_VNNI})
-    if short:
-        rows, span = oh, height
-    else:
-        rows = band_rows(oh, ow, kh, sh, groups * block * 4)
-        span = (rows - 1) * sh + kh  # input rows of a band
-    quads = te.compute((n, chunks, oh // rows, span, ow, groups, block, 4),
-                       lambda b, c, band, r, x, g, ci, k: tirx.bitwise_or(
-                           plane[b, c, band * rows * sh + r, x * sw + 4 * g + k, ci],
-                           tirx.bitwise_and(perm[ci * 4 + k], tirx.const(0, "uint8"))),
-                       name="data_quads")
+    def quad(b, c, row, x, g, ci, k):  # noqa: ANN001, ANN202 - read ``| (perm & 0)``
+        return tirx.bitwise_or(plane[b, c, row, x * sw + 4 * g + k, ci],
+                               tirx.bitwise_and(perm[ci * 4 + k], tirx.const(0, "uint8")))
 
-    def row(y):  # noqa: ANN001, ANN202
-        return ry if short else y % rows * sh + ry
+    attrs = {KERNEL_ATTR: DEPTHWISE_NCHWC_VNNI}
+    if staged:
+        if short:
+            rows, span = oh, height
+        else:
+            rows = band_rows(oh, ow, kh, sh, groups * block * 4)
+            span = (rows - 1) * sh + kh  # input rows of a band
+        quads = te.compute((n, chunks, oh // rows, span, ow, groups, block, 4),
+                           lambda b, c, band, r, x, g, ci, k: quad(
+                               b, c, band * rows * sh + r, x, g, ci, k), name="data_quads")
+        attrs[BAND_ATTR] = rows
+
+        def source(b, c, y, x, ci):  # noqa: ANN001, ANN202
+            return quads[b, c, y // rows, ry if short else y % rows * sh + ry, x, rg, ci, rk]
+    else:
+        def source(b, c, y, x, ci):  # noqa: ANN001, ANN202
+            return quad(b, c, ry if short else y * sh + ry, x, rg, ci, rk)
 
     return te.compute(
         (n, chunks, oh, ow, block),
         lambda b, c, y, x, ci: te.sum(
-            quads[b, c, y // rows, row(y), x, rg, ci, rk].astype("int32")
-            * tap(c, y, ci).astype("int32"), axis=[ry, rg, rk]),
-        name="depthwise_conv2d_NCHWc_vnni",
-        attrs={KERNEL_ATTR: DEPTHWISE_NCHWC_VNNI, BAND_ATTR: rows})
+            source(b, c, y, x, ci).astype("int32") * tap(c, y, ci).astype("int32"),
+            axis=[ry, rg, rk]),
+        name="depthwise_conv2d_NCHWc_vnni", attrs=attrs)
 
 
 def rows_weight(packed: np.ndarray, start: np.ndarray, *, height: int, stride: int, top: int,
