@@ -314,9 +314,10 @@ def _finish_rescaled(bb: relax.BlockBuilder, total: relax.Expr, zp: int, lo: int
 
 @relax.expr_functor.mutator
 class _Realizer(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, view: DataflowView) -> None:
+    def __init__(self, mod: tvm.IRModule, view: DataflowView, short_mantissas: bool) -> None:
         super().__init__(mod)
         self.view = view
+        self.short_mantissas = short_mantissas
         self.blocks = {}
         for b in view.bindings:
             if op_name(b.value) == "relax.quantize":
@@ -361,7 +362,8 @@ class _Realizer(relax.PyExprMutator):
         out_scale, out_zp = float(_const_array(q.args[1])), int(_const_array(q.args[2]))
         lo, hi = _out_range(q, block.act, out_scale, out_zp)
         return requantize_int32(bb, acc, in_scale / out_scale, out_zp, lo, hi,
-                                str(q.attrs.out_dtype), ndim, axis, _acc_bound(layer, bias))
+                                str(q.attrs.out_dtype), ndim, axis,
+                                _acc_bound(layer, bias) if self.short_mantissas else None)
 
     def dequantized_layer(self, layer: _Layer, name: str) -> relax.Expr:
         bb = self.builder_
@@ -427,11 +429,19 @@ class _Realizer(relax.PyExprMutator):
 
 @tvm.ir.transform.module_pass(opt_level=0, name="tvmc.RealizeInteger")
 class RealizeInteger:
-    """Rewrite QDQ patterns of ``main`` into integer kernels (see the module docstring)."""
+    """Rewrite QDQ patterns of ``main`` into integer kernels (see the module docstring).
+
+    ``short_mantissas``: requantize convs whose accumulators allow it with the per-channel
+    mantissas of :func:`mantissa_bits` (one 32-bit multiply per output); False: 31 bits
+    everywhere (benchmarks/bench_mantissa.py compares the two).
+    """
+
+    def __init__(self, short_mantissas: bool = True) -> None:
+        self.short_mantissas = short_mantissas
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext
                          ) -> tvm.IRModule:
         out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-        realizer = _Realizer(out, DataflowView.of(mod["main"]))
+        realizer = _Realizer(out, DataflowView.of(mod["main"]), self.short_mantissas)
         out["main"] = realizer.visit_expr(mod["main"])
         return relax.transform.DeadCodeElimination(["main"])(out)
