@@ -89,16 +89,17 @@ def _outputs(run: Any, data: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
             for i in range(count)]
 
 
-def _quality(entry: corpus.CorpusEntry, ref: list[list[np.ndarray]],
+def _quality(outputs: str, ref: list[list[np.ndarray]],
              out: list[list[np.ndarray]]) -> dict[str, Any]:
     """Agreement of the outputs ``out`` with ``ref`` (:func:`_outputs` of the same samples):
-    SQNR per output, and top-1 agreement for classifiers."""
+    SQNR per output, and top-1 agreement where ``outputs`` (``CorpusEntry.outputs``) are
+    classes."""
     from tvm_compress.runtime.metrics import sqnr_db, top1_agreement
 
     per_output = [float(sqnr_db(np.stack([o[j] for o in out]), np.stack([r[j] for r in ref])))
                   for j in range(len(ref[0]))]
     result: dict[str, Any] = {"sqnr_db": per_output, "samples": len(ref)}
-    if entry.outputs in ("classes", "text"):
+    if outputs in ("classes", "text"):
         a = np.concatenate([o[0].reshape(-1, o[0].shape[-1]) for o in out])
         b = np.concatenate([r[0].reshape(-1, r[0].shape[-1]) for r in ref])
         result["top1_agreement"] = top1_agreement(a, b)
@@ -169,7 +170,7 @@ def _engines(entry: corpus.CorpusEntry, path: Path, model: Any, compiled: Any, q
             data, reference = held_out
             try:
                 result["ort_int8_vs_fp32"] = _quality(
-                    entry, reference, _outputs(lambda f: int8.run(None, f), data))
+                    entry.outputs, reference, _outputs(lambda f: int8.run(None, f), data))
             except Exception as err:  # noqa: BLE001 - recorded
                 result["ort_int8_vs_fp32"] = {"failed": f"{type(err).__name__}: {err}"[:200]}
     return engines
@@ -242,7 +243,7 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
                                   "fp32_layers": _fp32_reasons(qres)}
             qcompiled = _stage("build_x86_int8", entry, build, qmodel, target="x86")
             result["quantize"]["vs_fp32"] = _quality(
-                entry, reference, _outputs(qcompiled.run_outputs, eval_data))
+                entry.outputs, reference, _outputs(qcompiled.run_outputs, eval_data))
         except StageError as err:
             result["quantize"] = {"status": f"failed: {err}"}
         w7compiled = None
@@ -259,7 +260,7 @@ def run_model(entry: corpus.CorpusEntry, args: argparse.Namespace) -> dict[str, 
                 w7compiled = _stage("build_x86_int8_w7", entry, build, w7res.model,
                                     target="x86")
                 result["quantize"]["w7_vs_fp32"] = _quality(
-                    entry, reference, _outputs(w7compiled.run_outputs, eval_data))
+                    entry.outputs, reference, _outputs(w7compiled.run_outputs, eval_data))
             except StageError as err:
                 result["quantize"]["w7"] = f"failed: {err}"
         engines = _engines(entry, path, model, compiled, qcompiled, calib, feed, result,

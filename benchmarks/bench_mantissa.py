@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -77,7 +76,7 @@ def run_model(name: str, n: int) -> dict[str, Any]:
     from tvm_compress.quant.quantize import quantize
 
     model, entry, calib, held_out = _data(name, n)
-    kind = SimpleNamespace(outputs="classes") if entry is None else entry  # what _quality reads
+    outputs = "classes" if entry is None else entry.outputs
     reference = _outputs(build(model, target="x86").run_outputs, held_out)
     calib_arg = calib if len(calib) > 1 else next(iter(calib.values()))
     qres = quantize(model, QuantConfig(calib_samples=len(next(iter(calib.values())))),
@@ -92,7 +91,7 @@ def run_model(name: str, n: int) -> dict[str, Any]:
     short, total = short_layers(qres.model.mod)
     return {"model": name, "samples": len(reference), "short_layers": short,
             "requantized_layers": total, "equal_outputs": equal,
-            **{k: _quality(kind, reference, o) for k, o in outs.items()}}
+            **{k: _quality(outputs, reference, o) for k, o in outs.items()}}
 
 
 def markdown(results: list[dict], meta: dict) -> str:

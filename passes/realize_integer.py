@@ -101,12 +101,12 @@ def mantissa_bits(multiplier: np.ndarray, acc_bound: np.ndarray | None) -> np.nd
         return 31
     bound = np.asarray(acc_bound, np.int64)
     lengths = np.array([int(b).bit_length() for b in np.ravel(bound)]).reshape(bound.shape)
-    bits = np.minimum(31 - lengths, 31)  # bound * m < 2**31
+    bits = 31 - lengths  # bound * m < 2**31
     for _ in range(2):  # one bit less where the rounding term does not fit beside it
         if bits.min() < MIN_MANTISSA_BITS:
             return 31
         m, shift = fixed_point(multiplier, bits)
-        over = bound * m + (np.int64(1) << (np.minimum(shift, 32) - 1)) >= 2**31
+        over = bound * m + (np.int64(1) << (shift - 1)) >= 2**31  # shift <= 62
         if not over.any():
             return bits
         bits = bits - over

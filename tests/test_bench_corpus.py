@@ -30,12 +30,12 @@ def test_quality_scores_a_noisier_candidate_lower() -> None:
 
     entry = _entry("classes")
     ref = _outputs(reference, data)
-    close = _quality(entry, ref, _outputs(noisy(0.01), data))
-    far = _quality(entry, ref, _outputs(noisy(1.0), data))
+    close = _quality(entry.outputs, ref, _outputs(noisy(0.01), data))
+    far = _quality(entry.outputs, ref, _outputs(noisy(1.0), data))
     assert close["samples"] == 6 and len(close["sqnr_db"]) == 1
     assert close["sqnr_db"][0] > far["sqnr_db"][0] + 20
     assert close["top1_agreement"] == 1.0
-    same = _quality(entry, ref, _outputs(reference, data))
+    same = _quality(entry.outputs, ref, _outputs(reference, data))
     assert same["top1_agreement"] == 1.0 and same["sqnr_db"][0] > 100
 
 
